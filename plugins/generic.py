@@ -1,0 +1,5 @@
+"""The `generic` provider: any plain JSON API."""
+
+from plugins.base import GenericPlugin
+
+__all__ = ["GenericPlugin"]

@@ -1,0 +1,118 @@
+"""`egressd run | check | demo | schema` (also `python -m proxy`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy.observe.logs import configure_logging
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="egressd", description="A sidecar reverse proxy for outbound API calls.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="serve the proxy until SIGTERM/SIGINT")
+    run.add_argument("--policies", default=_env("EGRESSD_POLICIES", "./policies"), help="policy directory")
+    run.add_argument("--listen", default=_env("EGRESSD_LISTEN", "127.0.0.1:8080"), help="main listener HOST:PORT")
+    run.add_argument("--admin", default=_env("EGRESSD_ADMIN", "127.0.0.1:9901"), help="admin listener HOST:PORT")
+    run.add_argument("--redis", default=os.environ.get("EGRESSD_REDIS_URL"), help="Redis URL for shared state")
+    run.add_argument("--redis-prefix", default=_env("EGRESSD_REDIS_PREFIX", "egressd:"), help="Redis key prefix")
+    run.add_argument(
+        "--log-format", default=_env("EGRESSD_LOG_FORMAT", "json"), choices=("json", "text"), help="log line format"
+    )
+    run.add_argument("--log-level", default=_env("EGRESSD_LOG_LEVEL", "info").lower(), choices=LEVELS)
+    run.add_argument("--drain", default=_env("EGRESSD_DRAIN", "20"), help="seconds in-flight calls get at SIGTERM")
+
+    check = sub.add_parser("check", help="validate a policy directory (exit 0 valid, 1 not)")
+    check.add_argument("directory", nargs="?", default=_env("EGRESSD_POLICIES", "./policies"))
+
+    demo = sub.add_parser("demo", help="a self-contained demonstration with local fake providers")
+    demo.add_argument("--scale", type=float, default=1.0, help="shrink (<1) or grow (>1) the traffic")
+    demo.add_argument("--quiet", action="store_true", help="print only the report")
+
+    sub.add_parser("schema", help="print the JSON Schema of one policy document")
+    return parser
+
+
+def _check(directory: str) -> int:
+    from proxy.config.loader import load_policy_dir
+
+    result = load_policy_dir(directory, secrets="lenient")
+    for problem in result.problems:
+        print(("warning: " if problem.severity == "warning" else "") + str(problem), file=sys.stderr)
+    if result.ok and result.policy_set is not None:
+        names = ", ".join(p.upstream for p in result.policy_set.policies)
+        print(f"ok: {len(result.policy_set.policies)} upstream(s): {names}")
+        return 0
+    return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from proxy.server import Settings, parse_hostport, serve
+
+    configure_logging(args.log_format, args.log_level)
+    try:
+        drain = float(args.drain)
+        if drain < 0:
+            raise ValueError("must not be negative")
+        settings = Settings(
+            policies=Path(args.policies),
+            listen=parse_hostport(args.listen),
+            admin=parse_hostport(args.admin),
+            redis_url=args.redis or None,
+            redis_prefix=args.redis_prefix,
+            drain=drain,
+        )
+    except ValueError as exc:
+        print(f"egressd: {exc}", file=sys.stderr)
+        return 2
+    install_uvloop()
+    return asyncio.run(serve(settings))
+
+
+def install_uvloop() -> bool:
+    """Use uvloop when it is installed (it is a dependency on Linux and macOS)."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "check":
+            return _check(args.directory)
+        if args.command == "schema":
+            from proxy.config.loader import policy_json_schema
+
+            print(json.dumps(policy_json_schema(), indent=2))
+            return 0
+        if args.command == "demo":
+            from proxy.demo import run_demo
+
+            install_uvloop()
+            return asyncio.run(run_demo(scale=args.scale, quiet=args.quiet))
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

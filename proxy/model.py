@@ -1,0 +1,187 @@
+"""The values a call is made of: the request (`Call`), its body, and the answer (`Response`).
+
+Stages pass a `Call` down and get a `Response` back; no stage touches aiohttp's request
+object. A `Call` is immutable; a stage that needs a changed call makes one with
+`call.replace(...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.errors import ProxyError
+
+UNSAFE_METHODS = frozenset({"POST", "PATCH"})
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+
+
+class RequestBody:
+    """A request body that streams by default and is buffered only when a stage asks.
+
+    `max_body` is enforced both ways: buffering raises `body_too_large`, and streaming
+    raises it as soon as the running count passes the limit (the upstream then sees an
+    aborted, incomplete request, never a complete one).
+    """
+
+    __slots__ = ("_consumed", "_data", "_source", "length", "max_body")
+
+    def __init__(
+        self,
+        *,
+        data: bytes | None = None,
+        source: AsyncIterator[bytes] | None = None,
+        length: int | None = None,
+        max_body: int | None = None,
+    ) -> None:
+        self._data = data
+        self._source = source
+        self._consumed = False
+        self.length = len(data) if data is not None else length
+        self.max_body = max_body
+
+    @classmethod
+    def empty(cls) -> RequestBody:
+        return cls(data=b"")
+
+    @property
+    def buffered(self) -> bool:
+        return self._data is not None
+
+    @property
+    def data(self) -> bytes:
+        """The buffered bytes; only valid after `read()` (or for a body made from bytes)."""
+        if self._data is None:
+            raise RuntimeError("request body is not buffered")
+        return self._data
+
+    def _too_large(self) -> ProxyError:
+        return ProxyError("body_too_large", f"request body is larger than limits.max_body ({self.max_body} bytes)")
+
+    async def read(self) -> bytes:
+        """Buffer the whole body (bounded by `max_body`) and return it; idempotent."""
+        if self._data is not None:
+            return self._data
+        if self._consumed or self._source is None:
+            raise RuntimeError("request body was already streamed")
+        self._consumed = True
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self._source:
+            size += len(chunk)
+            if self.max_body is not None and size > self.max_body:
+                raise self._too_large()
+            parts.append(chunk)
+        self._data = b"".join(parts)
+        self.length = size
+        return self._data
+
+    @property
+    def replayable(self) -> bool:
+        """True when the body can be sent again (it is buffered, or there is none)."""
+        return self._data is not None or (self._source is None)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Yield the body for sending; streams once, or replays the buffered bytes."""
+        if self._data is not None:
+            if self._data:
+                yield self._data
+            return
+        if self._source is None:
+            return
+        if self._consumed:
+            raise RuntimeError("streamed request body cannot be sent twice")
+        self._consumed = True
+        size = 0
+        async for chunk in self._source:
+            size += len(chunk)
+            if self.max_body is not None and size > self.max_body:
+                raise self._too_large()
+            yield chunk
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One proxied call as the stages see it."""
+
+    method: str
+    upstream: str  # the policy (upstream name) that handles this call now
+    path: str  # the part after the route prefix, always starting with "/"
+    query: str  # the raw query string, without "?"
+    headers: CIMultiDictProxy[str]  # from the app, hop-by-hop headers already removed
+    body: RequestBody
+    deadline: float  # clock.now() value after which the whole call has run out of time
+    started: float  # clock.now() when the call arrived
+    request_id: str
+    route: str = ""  # the upstream the app addressed (differs from `upstream` after failover)
+    idempotency_key: str | None = None
+    attrs: tuple[tuple[str, Any], ...] = ()  # small immutable annotations from stages
+
+    def replace(self, **changes: Any) -> Call:
+        return dataclasses.replace(self, **changes)
+
+    def with_headers(self, headers: CIMultiDict[str]) -> Call:
+        return dataclasses.replace(self, headers=CIMultiDictProxy(headers))
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        for key, value in self.attrs:
+            if key == name:
+                return value
+        return default
+
+    def with_attr(self, name: str, value: Any) -> Call:
+        return dataclasses.replace(self, attrs=(*[(k, v) for k, v in self.attrs if k != name], (name, value)))
+
+    @property
+    def target_path(self) -> str:
+        return self.path + ("?" + self.query if self.query else "")
+
+
+@dataclass(slots=True)
+class Response:
+    """An answer travelling back up the stages.
+
+    Either `body` holds the whole answer or `stream` yields it; `release` (if set) frees
+    the upstream connection and must be called exactly once by whoever finishes with it.
+    """
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes | None = b""
+    stream: AsyncIterator[bytes] | None = None
+    release: Callable[[], Awaitable[None]] | None = None
+    upstream: str = ""
+    attempts: int = 0
+    error_code: str | None = None  # set on answers the proxy made itself
+    cache: str | None = None  # hit | miss | stale
+    failover: str | None = None  # the X-Egressd-Failover value, if any
+    notes: dict[str, Any] = field(default_factory=dict)  # extra fields for the access log
+
+    async def read(self, limit: int | None = None) -> bytes:
+        """Buffer a streamed answer (bounded by `limit`) and return the bytes."""
+        if self.stream is None:
+            return self.body or b""
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in self.stream:
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    raise ProxyError(
+                        "upstream_unreachable", f"upstream answer is larger than the {limit}-byte buffer limit"
+                    )
+                parts.append(chunk)
+        finally:
+            self.stream = None
+            await self.close()
+        self.body = b"".join(parts)
+        return self.body
+
+    async def close(self) -> None:
+        release, self.release = self.release, None
+        if release is not None:
+            await release()

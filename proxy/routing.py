@@ -1,0 +1,87 @@
+"""Request-target checks and `/<upstream>/<rest>` routing.
+
+The raw (still percent-encoded) path is forwarded unchanged, so everything that could
+make the upstream see a different path than we routed is refused here instead:
+dot-segments in any encoding, backslashes, NUL and control characters, and empty
+segments in the middle (`//`, usually a base URL configured with a trailing slash).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from proxy.errors import ProxyError
+
+_UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_DOTS = frozenset({".", ".."})
+MAX_TARGET = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    upstream: str
+    path: str  # starts with "/", still percent-encoded
+    query: str
+
+
+def _refuse(message: str) -> ProxyError:
+    return ProxyError("bad_request", message)
+
+
+def _segment_is_hostile(segment: str) -> str | None:
+    decoded = segment
+    # Decode up to three times: a double-encoded %252e%252e must not slip through a
+    # component that decodes again.
+    for _ in range(3):
+        if decoded in _DOTS:
+            return "dot-segment in path"
+        if "\\" in decoded:
+            return "backslash in path"
+        if "\x00" in decoded or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+            return "control character in path"
+        if "%" not in decoded:
+            return None
+        decoded = unquote(decoded, errors="strict") if _valid_escapes(decoded) else decoded
+        if "/" in decoded:
+            # An encoded slash is harmless unless it hides a dot-segment.
+            for part in decoded.split("/"):
+                if part in _DOTS:
+                    return "encoded dot-segment in path"
+    return None
+
+
+def _valid_escapes(text: str) -> bool:
+    return re.fullmatch(r"(?:[^%]|%[0-9A-Fa-f]{2})*", text) is not None
+
+
+def check_path(path: str) -> None:
+    """Raise `bad_request` for a path that could escape its prefix or be read differently."""
+    if not path.startswith("/"):
+        raise _refuse("request target must be a path (absolute-form and authority-form are refused)")
+    if len(path) > MAX_TARGET:
+        raise _refuse("request target too long")
+    segments = path.split("/")[1:]
+    for index, segment in enumerate(segments):
+        if segment == "":
+            if index == len(segments) - 1:
+                continue  # a trailing slash is fine
+            raise _refuse("empty path segment ('//'); is the base URL configured with a trailing slash?")
+        problem = _segment_is_hostile(segment)
+        if problem is not None:
+            raise _refuse(problem)
+
+
+def split_target(raw: str, fixed_upstream: str | None = None) -> Target:
+    """Split a raw request target into upstream name, path and query, refusing bad ones."""
+    path, _, query = raw.partition("?")
+    check_path(path)
+    if "#" in raw:
+        raise _refuse("fragment in request target")
+    if fixed_upstream is not None:
+        return Target(fixed_upstream, path, query)
+    name, sep, rest = path[1:].partition("/")
+    if not _UPSTREAM_NAME.fullmatch(name):
+        raise ProxyError("unknown_upstream", f"no upstream named {name[:64]!r}")
+    return Target(name, "/" + rest if sep else "/", query)

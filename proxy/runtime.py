@@ -1,0 +1,112 @@
+"""The loaded configuration, live: one `UpstreamRuntime` per policy, swapped whole on reload.
+
+A call takes the `UpstreamRuntime` current when it arrives and keeps it to the end, so
+in-flight calls finish under the policy they started with. State that belongs to an
+upstream (circuit, limiter, cache, idempotency records) lives in the state backend under
+keys scoped by a fingerprint of the settings it depends on: an upstream whose relevant
+settings did not change finds its state again after a reload. Pooled connections are
+kept when the transport settings did not change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from plugins.base import ProviderPlugin
+from plugins.registry import load_plugin
+from proxy.clock import Clock
+from proxy.events import EventBus
+from proxy.pipeline import Pipeline, StageContext, UpstreamHandle, build_pipeline
+from proxy.state.base import StateBackend
+from proxy.transport import Transport
+
+if TYPE_CHECKING:
+    from proxy.config.loader import PolicySet
+    from proxy.config.schema import Policy
+
+log = logging.getLogger("egressd")
+
+
+@dataclass
+class UpstreamRuntime:
+    policy: Policy
+    plugin: ProviderPlugin
+    transport: Transport
+    pipeline: Pipeline
+    extras: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.policy.upstream
+
+
+class Runtime:
+    """Holds the current set of upstreams and builds a new set on reload."""
+
+    def __init__(self, clock: Clock, events: EventBus, state: StateBackend) -> None:
+        self.clock = clock
+        self.events = events
+        self.state = state
+        self.upstreams: dict[str, UpstreamRuntime] = {}
+        self.version: str | None = None
+        self._retired: set[asyncio.Task[None]] = set()
+
+    def get(self, name: str) -> UpstreamRuntime | None:
+        return self.upstreams.get(name)
+
+    def lookup(self, name: str) -> UpstreamHandle | None:
+        rt = self.upstreams.get(name)
+        if rt is None:
+            return None
+        return UpstreamHandle(name, rt.pipeline.handle, rt.plugin, rt.policy)
+
+    def build(self, policy_set: PolicySet) -> dict[str, UpstreamRuntime]:
+        """Build runtimes for a validated set (raises on plugin problems; nothing is swapped)."""
+        built: dict[str, UpstreamRuntime] = {}
+        for policy in policy_set.policies:
+            plugin = load_plugin(policy.provider.name, policy.provider.settings)
+            old = self.upstreams.get(policy.upstream)
+            transport = Transport(policy, self.clock, self.events)
+            if old is not None and old.transport.fingerprint() == transport.fingerprint():
+                transport = old.transport
+            ctx = StageContext(
+                policy=policy,
+                clock=self.clock,
+                events=self.events,
+                state=self.state,
+                plugin=plugin,
+                lookup=self.lookup,
+            )
+            pipeline = build_pipeline(ctx, transport.send)
+            built[policy.upstream] = UpstreamRuntime(policy, plugin, transport, pipeline, ctx.extras)
+        return built
+
+    def swap(self, built: dict[str, UpstreamRuntime], version: str) -> None:
+        old = self.upstreams
+        self.upstreams = built
+        self.version = version
+        kept = {id(rt.transport) for rt in built.values()}
+        for rt in old.values():
+            if id(rt.transport) not in kept:
+                # Let calls that started under the old policy finish before closing its pool.
+                grace = rt.policy.timeouts.total + 1.0
+                task = asyncio.get_running_loop().create_task(_close_later(rt.transport, grace))
+                self._retired.add(task)
+                task.add_done_callback(self._retired.discard)
+
+    async def close(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
+        for rt in self.upstreams.values():
+            await rt.transport.close()
+        self.upstreams = {}
+
+
+async def _close_later(transport: Transport, delay: float) -> None:
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        await transport.close()

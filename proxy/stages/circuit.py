@@ -1,0 +1,102 @@
+"""Circuit breaking: fail fast while an upstream is failing, probe it, then recover.
+
+The breaker sits inside the retry loop, so it counts every attempt. Failures are
+attempts that ended in `upstream_unreachable` / `upstream_timeout` or a 5xx answer; 4xx
+and 429 are the upstream working as designed and count as successes. A call refused by
+the rate limiter below (a local 429) says nothing about the upstream and is not counted.
+The state lives in the state backend (one circuit for every replica with Redis).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from proxy.errors import ProxyError
+from proxy.events import CircuitChanged
+from proxy.model import Call, Response
+from proxy.pipeline import Handler, StageContext
+from proxy.state.base import CircuitSettings, state_key
+
+if TYPE_CHECKING:
+    from proxy.config.schema import CircuitBreaker
+
+log = logging.getLogger("egressd.circuit")
+
+FAILURE_CODES = frozenset({"upstream_unreachable", "upstream_timeout"})
+
+
+class CircuitStage:
+    name = "circuit_breaker"
+
+    def __init__(self, ctx: StageContext, cb: CircuitBreaker) -> None:
+        self.ctx = ctx
+        self.upstream = ctx.policy.upstream
+        self.key = state_key(ctx.policy.upstream, "cb", ctx.policy.fingerprint("circuit_breaker"))
+        self.settings = CircuitSettings(
+            window=cb.window,
+            min_requests=cb.min_requests,
+            failure_rate=cb.failure_rate,
+            open_for=cb.open_for,
+            half_open_requests=cb.half_open_requests,
+        )
+        # The last state this stage saw; None until the first observation, so that a
+        # rebuilt stage (reload) does not report a change it did not witness.
+        self._seen: str | None = None
+
+    async def __call__(self, call: Call, nxt: Handler) -> Response:
+        state = self.ctx.state
+        admission = await state.circuit_admit(self.key, self.settings)
+        self._observe(admission.state)
+        if not admission.allowed:
+            raise ProxyError(
+                "circuit_open",
+                f"circuit of upstream {self.upstream} is {admission.state.replace('_', '-')}",
+                retry_after=admission.retry_after,
+                detail=admission.state,
+            )
+        verdict: bool | None = None  # True: failure, False: success, None: no verdict
+        try:
+            response = await nxt(call)
+            verdict = response.status >= 500
+            return response
+        except ProxyError as exc:
+            if exc.code in FAILURE_CODES:
+                verdict = True
+            raise
+        finally:
+            if verdict is not None:
+                transition = await state.circuit_record(self.key, self.settings, failure=verdict, trial=admission.trial)
+                if transition.after != transition.before:
+                    self._changed(transition.before, transition.after)
+            elif admission.trial:
+                await state.circuit_release(self.key, self.settings)
+
+    def _observe(self, current: str) -> None:
+        if self._seen is not None and current != self._seen:
+            self._changed(self._seen, current)
+        self._seen = current
+
+    def _changed(self, before: str, after: str) -> None:
+        self._seen = after
+        self.ctx.events.emit(CircuitChanged(self.upstream, after, before))
+        log.warning("circuit of upstream %s: %s -> %s", self.upstream, before, after)
+
+    async def snapshot(self) -> dict[str, object]:
+        """Circuit state for the status page."""
+        state = await self.ctx.state.circuit_state(self.key, self.settings)
+        return {
+            "state": state,
+            "window": self.settings.window,
+            "min_requests": self.settings.min_requests,
+            "failure_rate": self.settings.failure_rate,
+            "open_for": self.settings.open_for,
+            "half_open_requests": self.settings.half_open_requests,
+        }
+
+
+def build(ctx: StageContext) -> CircuitStage | None:
+    cb = ctx.policy.circuit_breaker
+    if cb is None:
+        return None
+    return CircuitStage(ctx, cb)

@@ -1,0 +1,137 @@
+"""The one small protocol behind which shared state lives.
+
+Two backends implement it with the same semantics: `memory` (one process) and `redis`
+(every replica that uses the same Redis). Keys passed in are already scoped by the
+caller to one upstream and one configuration fingerprint (see `state_key`), so an
+upstream whose relevant settings did not change keeps its state across a reload, and
+one whose settings changed starts fresh.
+
+Every operation that must be atomic is one call here (one Lua script in Redis).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+def state_key(upstream: str, kind: str, fingerprint: str) -> str:
+    """`stripe:rl:3f2a9c...`: the scope of one stage's state."""
+    return f"{upstream}:{kind}:{fingerprint[:16]}"
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    """GCRA admission. `allowed`: a slot is reserved and the caller sleeps `wait` first.
+
+    Not allowed: nothing was reserved; `wait` is how long until a caller would be admitted
+    without queueing (the `Retry-After` to send).
+    """
+
+    allowed: bool
+    wait: float
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitAdmission:
+    allowed: bool
+    state: str  # closed | half_open | open
+    trial: bool  # this call is one of the half-open trial calls
+    retry_after: float  # when refused: seconds until a trial may be admitted
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitSettings:
+    window: float
+    min_requests: int
+    failure_rate: float
+    open_for: float
+    half_open_requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitTransition:
+    before: str
+    after: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A complete answer kept for idempotent replay or caching (bodies are bytes)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    stored_at: float  # wall-clock seconds
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """Result of claiming an idempotency key.
+
+    state: "new" (caller owns it and must complete or release it), "in_flight" (someone
+    else owns it; wait and claim again), "completed" (`response` holds the stored answer),
+    "mismatch" (the key was used with a different request fingerprint).
+    """
+
+    state: str
+    response: StoredResponse | None = None
+
+
+class StateBackend(Protocol):
+    name: str
+
+    # -- rate limiting (GCRA) and upstream back-pressure ------------------------------
+    async def rate_take(self, key: str, *, interval: float, burst: int, max_wait: float) -> RateDecision:
+        """Admit one call at one per `interval` seconds with `burst` tolerance.
+
+        A caller is admitted if it would have to wait at most `max_wait` (0: no queue).
+        """
+
+    async def pause(self, key: str, seconds: float) -> None:
+        """Pause the upstream's whole budget for `seconds` from now (never shortens a pause)."""
+
+    async def paused_for(self, key: str) -> float:
+        """Seconds left of a pause, 0 when none."""
+
+    # -- retry budget --------------------------------------------------------------------
+    async def budget_record(self, key: str, *, window: float, retry: bool) -> None:
+        """Count a request (retry=False) or a retry (retry=True) in a sliding window."""
+
+    async def budget_allows_retry(self, key: str, *, window: float, ratio: float, min_per_second: float) -> bool:
+        """True when retries in the window stay under ratio * requests + min_per_second * window."""
+
+    # -- circuit breaker -----------------------------------------------------------------
+    async def circuit_admit(self, key: str, settings: CircuitSettings) -> CircuitAdmission: ...
+
+    async def circuit_record(
+        self, key: str, settings: CircuitSettings, *, failure: bool, trial: bool
+    ) -> CircuitTransition: ...
+
+    async def circuit_release(self, key: str, settings: CircuitSettings) -> None:
+        """Give back a half-open trial slot whose call ended without a verdict.
+
+        (The call was refused by the rate limiter below the breaker, or cancelled.)
+        """
+
+    async def circuit_state(self, key: str, settings: CircuitSettings) -> str: ...
+
+    # -- idempotency ledger --------------------------------------------------------------
+    async def idem_claim(self, key: str, fingerprint: str, *, ttl: float, lock_ttl: float) -> IdempotencyClaim: ...
+
+    async def idem_complete(self, key: str, response: StoredResponse, *, ttl: float) -> None: ...
+
+    async def idem_release(self, key: str) -> None:
+        """Forget an in-flight claim whose call did not complete (so a retry may run)."""
+
+    # -- response cache ------------------------------------------------------------------
+    async def cache_get(self, key: str) -> StoredResponse | None: ...
+
+    async def cache_set(self, key: str, response: StoredResponse, *, ttl: float) -> None: ...
+
+    # -- small shared values (routing ledger, OAuth tokens) ------------------------------
+    async def kv_get(self, key: str) -> bytes | None: ...
+
+    async def kv_set(self, key: str, value: bytes, *, ttl: float) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,256 @@
+"""Rate limiting, upstream pauses, retry budgets and circuit breakers in process memory.
+
+`MemoryLimits` is a mixin: `MemoryState` sets `self.clock` and then calls
+`MemoryLimits.__init__(self)`. Each public operation below is self-contained (reads one
+key's record, decides, writes it back, never awaits in between), so each maps onto one
+Redis Lua script with the same arithmetic; `proxy/state/base.py` documents the
+semantics both backends share.
+
+Memory stays bounded: a record that carries no information any more (a GCRA TAT in the
+past, an expired pause, a window whose buckets all slid out, a closed circuit with an
+empty window) is equivalent to "no record", so a sweep drops it. The sweep runs at most
+once per `SWEEP_EVERY` seconds of clock time, from inside the operations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from proxy.clock import Clock
+from proxy.state.base import CircuitAdmission, CircuitSettings, CircuitTransition, RateDecision
+
+# Sliding windows (retry budget, circuit breaker) are kept as this many buckets of
+# window/BUCKETS seconds each: memory per key is constant whatever the request rate,
+# and a Redis hash of BUCKETS fields does the same.
+BUCKETS = 10
+SWEEP_EVERY = 60.0
+# A refused half-open caller is told to come back after this long (trial calls are
+# usually quick; the real answer comes from the trials themselves).
+HALF_OPEN_RETRY_AFTER = 1.0
+# Float slack so that "wait exactly max_wait" and "exactly on time" are admitted.
+_EPS = 1e-9
+
+
+@dataclass(slots=True)
+class _Window:
+    """Counts in buckets of `width` seconds; bucket index = floor(now / width)."""
+
+    width: float
+    buckets: dict[int, list[int]] = field(default_factory=dict)  # index -> [a, b]
+
+    def _prune(self, now: float) -> int:
+        current = math.floor(now / self.width)
+        oldest = current - BUCKETS + 1
+        for index in [i for i in self.buckets if i < oldest]:
+            del self.buckets[index]
+        return current
+
+    def add(self, now: float, a: int, b: int) -> None:
+        current = self._prune(now)
+        counts = self.buckets.setdefault(current, [0, 0])
+        counts[0] += a
+        counts[1] += b
+
+    def totals(self, now: float) -> tuple[int, int]:
+        self._prune(now)
+        return sum(c[0] for c in self.buckets.values()), sum(c[1] for c in self.buckets.values())
+
+    def empty(self, now: float) -> bool:
+        self._prune(now)
+        return not self.buckets
+
+
+@dataclass(slots=True)
+class _Circuit:
+    state: str = "closed"  # closed | open | half_open
+    open_until: float = 0.0  # open: when trials may start
+    window: _Window | None = None  # closed: [total, failures]
+    trials_admitted: int = 0  # half_open: trial slots handed out
+    trials_passed: int = 0  # half_open: trials that succeeded
+    last_trial_at: float = 0.0  # half_open: when the last slot was handed out
+
+
+class MemoryLimits:
+    """The rate/pause/budget/circuit part of `StateBackend`, in process memory."""
+
+    clock: Clock
+
+    def __init__(self) -> None:
+        self._tat: dict[str, float] = {}
+        self._pauses: dict[str, float] = {}
+        self._budgets: dict[str, _Window] = {}
+        self._circuits: dict[str, _Circuit] = {}
+        self._last_sweep = self.clock.now()
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def _maybe_sweep(self, now: float) -> None:
+        if now - self._last_sweep < SWEEP_EVERY:
+            return
+        self._last_sweep = now
+        self.sweep_limits(now)
+
+    def sweep_limits(self, now: float | None = None) -> None:
+        """Drop every record that is equivalent to having none (bounds memory)."""
+        now = self.clock.now() if now is None else now
+        for key in [k for k, tat in self._tat.items() if tat <= now]:
+            del self._tat[key]
+        for key in [k for k, until in self._pauses.items() if until <= now]:
+            del self._pauses[key]
+        for key in [k for k, w in self._budgets.items() if w.empty(now)]:
+            del self._budgets[key]
+        for key in [k for k, c in self._circuits.items() if _idle_circuit(c, now)]:
+            del self._circuits[key]
+
+    def limits_size(self) -> int:
+        """How many records are held (for tests and the status page)."""
+        return len(self._tat) + len(self._pauses) + len(self._budgets) + len(self._circuits)
+
+    # -- rate limiting (GCRA) --------------------------------------------------------------
+    async def rate_take(self, key: str, *, interval: float, burst: int, max_wait: float) -> RateDecision:
+        """GCRA with emission interval `interval` and `burst` calls allowed back to back.
+
+        TAT (theoretical arrival time) is stored per key. A call may go at
+        `allow_at = max(TAT, now) - (burst - 1) * interval`. If it would wait at most
+        `max_wait`, the slot is reserved (TAT += interval) and the wait returned; a later
+        caller therefore always gets a later slot (FIFO). Otherwise nothing changes.
+        """
+        now = self.clock.now()
+        self._maybe_sweep(now)
+        tolerance = max(burst - 1, 0) * interval
+        tat = max(self._tat.get(key, now), now)
+        wait = max(tat - tolerance - now, 0.0)
+        if wait <= max_wait + _EPS:
+            self._tat[key] = tat + interval
+            return RateDecision(True, wait)
+        return RateDecision(False, wait)
+
+    async def pause(self, key: str, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        now = self.clock.now()
+        self._maybe_sweep(now)
+        until = now + seconds
+        if until > self._pauses.get(key, 0.0):
+            self._pauses[key] = until
+
+    async def paused_for(self, key: str) -> float:
+        until = self._pauses.get(key)
+        if until is None:
+            return 0.0
+        left = until - self.clock.now()
+        if left <= 0:
+            del self._pauses[key]
+            return 0.0
+        return left
+
+    # -- retry budget ----------------------------------------------------------------------
+    def _budget(self, key: str, window: float) -> _Window:
+        width = window / BUCKETS
+        w = self._budgets.get(key)
+        if w is None or w.width != width:
+            w = self._budgets[key] = _Window(width)
+        return w
+
+    async def budget_record(self, key: str, *, window: float, retry: bool) -> None:
+        now = self.clock.now()
+        self._maybe_sweep(now)
+        # [requests, retries]
+        self._budget(key, window).add(now, 0 if retry else 1, 1 if retry else 0)
+
+    async def budget_allows_retry(self, key: str, *, window: float, ratio: float, min_per_second: float) -> bool:
+        now = self.clock.now()
+        w = self._budgets.get(key)
+        requests, retries = (0, 0) if w is None else w.totals(now)
+        return retries < ratio * requests + min_per_second * window
+
+    # -- circuit breaker -------------------------------------------------------------------
+    async def circuit_admit(self, key: str, settings: CircuitSettings) -> CircuitAdmission:
+        """closed: admit. open: refuse until `open_for` is over, then turn half-open.
+
+        half_open: hand out exactly `half_open_requests` trial slots; extra callers are
+        refused. If every slot is out and no verdict came for `open_for` (trial callers
+        vanished), the unanswered slots are handed out again.
+        """
+        now = self.clock.now()
+        self._maybe_sweep(now)
+        c = self._circuits.get(key)
+        if c is None or c.state == "closed":
+            return CircuitAdmission(True, "closed", False, 0.0)
+        if c.state == "open":
+            if now < c.open_until:
+                return CircuitAdmission(False, "open", False, c.open_until - now)
+            c.state = "half_open"
+            c.window = None
+            c.trials_admitted = c.trials_passed = 0
+        if c.trials_admitted >= settings.half_open_requests and now - c.last_trial_at >= settings.open_for:
+            c.trials_admitted = c.trials_passed  # the unanswered trials are lost
+        if c.trials_admitted < settings.half_open_requests:
+            c.trials_admitted += 1
+            c.last_trial_at = now
+            return CircuitAdmission(True, "half_open", True, 0.0)
+        return CircuitAdmission(False, "half_open", False, HALF_OPEN_RETRY_AFTER)
+
+    async def circuit_record(
+        self, key: str, settings: CircuitSettings, *, failure: bool, trial: bool
+    ) -> CircuitTransition:
+        """Count one result. Trials decide a half-open circuit; others feed the window.
+
+        Results that arrive in a state they were not admitted in (a slow call admitted
+        while closed that ends after the circuit opened, a trial that ends after another
+        trial reopened the circuit) are ignored.
+        """
+        now = self.clock.now()
+        self._maybe_sweep(now)
+        c = self._circuits.get(key)
+        if c is None:
+            c = self._circuits[key] = _Circuit()
+        before = c.state
+        if trial:
+            if c.state != "half_open":
+                return CircuitTransition(before, before)
+            if failure:
+                _open(c, now, settings)
+            else:
+                c.trials_passed += 1
+                if c.trials_passed >= settings.half_open_requests:
+                    c.state = "closed"
+                    c.window = None  # a fresh window
+                    c.trials_admitted = c.trials_passed = 0
+            return CircuitTransition(before, c.state)
+        if c.state != "closed":
+            return CircuitTransition(before, before)
+        width = settings.window / BUCKETS
+        if c.window is None or c.window.width != width:
+            c.window = _Window(width)
+        c.window.add(now, 1, 1 if failure else 0)  # [total, failures]
+        total, failures = c.window.totals(now)
+        if total >= settings.min_requests and failures >= settings.failure_rate * total - _EPS:
+            _open(c, now, settings)
+        return CircuitTransition(before, c.state)
+
+    async def circuit_release(self, key: str, settings: CircuitSettings) -> None:
+        """Give back a half-open trial slot whose call ended without a verdict."""
+        c = self._circuits.get(key)
+        if c is not None and c.state == "half_open" and c.trials_admitted > c.trials_passed:
+            c.trials_admitted -= 1
+
+    async def circuit_state(self, key: str, settings: CircuitSettings) -> str:
+        """The state a caller would meet now (an open circuit past `open_for` reads half_open)."""
+        c = self._circuits.get(key)
+        if c is None:
+            return "closed"
+        if c.state == "open" and self.clock.now() >= c.open_until:
+            return "half_open"
+        return c.state
+
+
+def _open(c: _Circuit, now: float, settings: CircuitSettings) -> None:
+    c.state = "open"
+    c.open_until = now + settings.open_for
+    c.window = None
+    c.trials_admitted = c.trials_passed = 0
+
+
+def _idle_circuit(c: _Circuit, now: float) -> bool:
+    return c.state == "closed" and (c.window is None or c.window.empty(now))

@@ -1,0 +1,270 @@
+"""The rate-limit stage: GCRA accuracy, FIFO queue, rejections, upstream back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from plugins.base import GenericPlugin
+from proxy.clock import FakeClock
+from proxy.config.schema import Policy
+from proxy.errors import ProxyError
+from proxy.events import Event, EventBus, RateLimited, RateLimitWaited, UpstreamPaused
+from proxy.model import Call, RequestBody, Response
+from proxy.pipeline import StageContext
+from proxy.stages.ratelimit import RateLimitStage, build, upstream_wait
+from proxy.state.memory import MemoryState
+
+WALL = 1_800_000_000.0
+
+
+def make_stage(
+    rate_limit: dict[str, Any], *, clock: FakeClock | None = None, retry: dict[str, Any] | None = None
+) -> tuple[RateLimitStage, list[Event], FakeClock]:
+    clock = clock or FakeClock(wall_start=WALL)
+    policy = Policy.model_validate(
+        {"upstream": "up", "target": "http://127.0.0.1:9", "rate_limit": rate_limit, "retry": retry}
+    )
+    events: list[Event] = []
+    bus = EventBus()
+    bus.subscribe(events.append)
+    ctx = StageContext(
+        policy=policy,
+        clock=clock,
+        events=bus,
+        state=MemoryState(clock),
+        plugin=GenericPlugin(),
+        lookup=lambda name: None,
+    )
+    stage = build(ctx)
+    assert stage is not None
+    return stage, events, clock
+
+
+def make_call(clock: FakeClock, *, total: float = 3600.0, rid: str = "r") -> Call:
+    return Call(
+        method="GET",
+        upstream="up",
+        path="/x",
+        query="",
+        headers=CIMultiDictProxy(CIMultiDict()),
+        body=RequestBody.empty(),
+        deadline=clock.now() + total,
+        started=clock.now(),
+        request_id=rid,
+    )
+
+
+class Upstream:
+    def __init__(self, clock: FakeClock, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        self.clock = clock
+        self.status = status
+        self.headers = headers or {}
+        self.seen: list[tuple[float, str]] = []
+
+    async def __call__(self, call: Call) -> Response:
+        self.seen.append((self.clock.now(), call.request_id))
+        return Response(self.status, CIMultiDict(self.headers))
+
+
+async def ok(call: Call) -> Response:
+    return Response(200, CIMultiDict())
+
+
+async def run_for(clock: FakeClock, seconds: float, step: float = 0.25) -> None:
+    """Move a manual clock forward in steps, letting woken tasks run at each step."""
+    for _ in range(round(seconds / step)):
+        clock.advance(step)
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+
+def rejected(events: list[Event]) -> list[str]:
+    return [e.reason for e in events if isinstance(e, RateLimited)]
+
+
+# -- accuracy and order --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rate", "workers"), [(20, 40), (500, 200)])
+async def test_admitted_rate_is_accurate_with_many_callers(rate: int, workers: int) -> None:
+    stage, events, clock = make_stage({"rate": f"{rate}/s", "burst": 1, "queue": {"max_wait": "1h"}})
+    up = Upstream(clock)
+    start = clock.now()
+    end = start + 10.0
+
+    async def worker(n: int) -> None:
+        i = 0
+        while clock.now() < end:
+            await stage(make_call(clock, rid=f"{n}-{i}"), up)
+            i += 1
+
+    await asyncio.gather(*(worker(n) for n in range(workers)))
+    admitted = [t for t, _ in up.seen if start <= t < end]
+    assert abs(len(admitted) / 10.0 - rate) <= 0.05 * rate
+    gaps = [b - a for a, b in itertools.pairwise(admitted)]
+    assert min(gaps) >= 1.0 / rate - 1e-9  # smooth: never two inside one interval
+    waited = [e.seconds for e in events if isinstance(e, RateLimitWaited)]
+    assert len(waited) == len(up.seen) and max(waited) > 0
+
+
+async def test_queue_is_fifo() -> None:
+    stage, _events, clock = make_stage({"rate": "10/s", "burst": 2, "queue": {"max_wait": "1m"}})
+    up = Upstream(clock)
+    order = [f"c{i}" for i in range(30)]
+    await asyncio.gather(*(stage(make_call(clock, rid=rid), up) for rid in order))
+    assert [rid for _, rid in up.seen] == order
+    times = [t for t, _ in up.seen]
+    assert times[0] == times[1]  # the burst of 2
+    assert times[-1] - times[0] == pytest.approx(28 * 0.1)
+
+
+# -- rejections ----------------------------------------------------------------------------
+
+
+async def test_without_queue_over_rate_is_rejected_at_once() -> None:
+    stage, events, clock = make_stage({"rate": "1/s"})
+    await stage(make_call(clock), ok)
+    with pytest.raises(ProxyError) as info:
+        await stage(make_call(clock), ok)
+    assert info.value.code == "rate_limited" and info.value.status == 429
+    assert info.value.retry_after == pytest.approx(1.0)
+    assert rejected(events) == ["max_wait"]
+
+
+async def test_max_wait_rejection_has_retry_after() -> None:
+    clock = FakeClock(auto=False, wall_start=WALL)
+    stage, events, _ = make_stage({"rate": "1/s", "queue": {"max_wait": "2s"}}, clock=clock)
+    up = Upstream(clock)
+    tasks = [asyncio.create_task(stage(make_call(clock, rid=str(i)), up)) for i in range(3)]
+    await asyncio.sleep(0)
+    with pytest.raises(ProxyError) as info:
+        await stage(make_call(clock), up)
+    assert info.value.retry_after == pytest.approx(3.0)
+    assert rejected(events) == ["max_wait"]
+    await run_for(clock, 2.0)
+    await asyncio.gather(*tasks)
+    assert [t - 1000.0 for t, _ in up.seen] == pytest.approx([0, 1, 2])
+
+
+async def test_queue_max_size_rejection() -> None:
+    clock = FakeClock(auto=False, wall_start=WALL)
+    stage, events, _ = make_stage({"rate": "1/s", "queue": {"max_wait": "1m", "max_size": 2}}, clock=clock)
+    up = Upstream(clock)
+    tasks = [asyncio.create_task(stage(make_call(clock, rid=str(i)), up)) for i in range(3)]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert stage.waiting == 2
+    with pytest.raises(ProxyError) as info:
+        await stage(make_call(clock), up)
+    assert info.value.retry_after == pytest.approx(3.0)
+    assert rejected(events) == ["queue_full"]
+    await run_for(clock, 2.0)
+    await asyncio.gather(*tasks)
+    assert stage.waiting == 0
+    assert (await stage.snapshot())["waiting"] == 0
+
+
+async def test_does_not_wait_past_call_deadline() -> None:
+    stage, _events, clock = make_stage({"rate": "1/s", "queue": {"max_wait": "5s"}})
+    await stage(make_call(clock), ok)
+    with pytest.raises(ProxyError) as info:
+        await stage(make_call(clock, total=0.5), ok)
+    assert info.value.retry_after == pytest.approx(1.0)
+    await stage(make_call(clock, total=1.5), ok)  # a caller with time enough still gets in
+
+
+# -- upstream back-pressure ------------------------------------------------------------------
+
+
+async def test_upstream_429_pauses_everyone() -> None:
+    stage, events, clock = make_stage({"rate": "100/s"})
+    answer = await stage(make_call(clock), Upstream(clock, 429, {"Retry-After": "3"}))
+    assert answer.status == 429
+    assert [e.seconds for e in events if isinstance(e, UpstreamPaused)] == [3.0]
+    clock.advance(1.0)
+    with pytest.raises(ProxyError) as info:
+        await stage(make_call(clock), ok)
+    assert info.value.retry_after == pytest.approx(2.0)
+    assert rejected(events) == ["paused"]
+    assert (await stage.snapshot())["paused_for"] == pytest.approx(2.0)
+    clock.advance(2.0)
+    await stage(make_call(clock), ok)
+
+
+async def test_queued_callers_wait_out_a_pause() -> None:
+    stage, events, clock = make_stage({"rate": "100/s", "queue": {"max_wait": "5s"}})
+    await stage(make_call(clock), Upstream(clock, 429, {"Retry-After": "3"}))
+    start = clock.now()
+    up = Upstream(clock)
+    await asyncio.gather(*(stage(make_call(clock, rid=str(i)), up) for i in range(3)))
+    assert all(t >= start + 3.0 for t, _ in up.seen)
+    waited = [e.seconds for e in events if isinstance(e, RateLimitWaited)][1:]
+    assert min(waited) >= 3.0
+
+
+async def test_pause_longer_than_max_wait_rejects() -> None:
+    stage, _events, clock = make_stage({"rate": "100/s", "queue": {"max_wait": "2s"}})
+    await stage(make_call(clock), Upstream(clock, 429, {"Retry-After": "10"}))
+    with pytest.raises(ProxyError) as info:
+        await stage(make_call(clock), ok)
+    assert info.value.retry_after == pytest.approx(10.0)
+
+
+async def test_pause_is_capped_by_max_retry_after() -> None:
+    stage, events, clock = make_stage({"rate": "100/s"}, retry={"max_retry_after": "20s"})
+    await stage(make_call(clock), Upstream(clock, 429, {"Retry-After": "86400"}))
+    assert [e.seconds for e in events if isinstance(e, UpstreamPaused)] == [20.0]
+
+
+async def test_respect_upstream_off_does_not_pause() -> None:
+    stage, events, clock = make_stage({"rate": "100/s", "burst": 5, "respect_upstream": False})
+    await stage(make_call(clock), Upstream(clock, 429, {"Retry-After": "3"}))
+    await stage(make_call(clock), ok)
+    assert not [e for e in events if isinstance(e, UpstreamPaused)]
+
+
+async def test_pause_from_ratelimit_headers() -> None:
+    stage, events, clock = make_stage({"rate": "100/s"})
+    headers = {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int(WALL + 7))}
+    await stage(make_call(clock), Upstream(clock, 200, headers))
+    assert [e.seconds for e in events if isinstance(e, UpstreamPaused)] == [pytest.approx(7.0)]
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected"),
+    [
+        (429, {"Retry-After": "4"}, 4.0),
+        (429, {"Retry-After": "Thu, 15 Jan 2027 08:00:05 GMT"}, 5.0),  # WALL is 08:00:00
+        (503, {"Retry-After": "4"}, None),  # not a rate-limit signal
+        (429, {"Retry-After": "junk"}, None),
+        (429, {}, None),
+        (429, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "12"}, 12.0),
+        (200, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(WALL + 30)}, 30.0),
+        (200, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int((WALL + 2) * 1000))}, 2.0),
+        (200, {"RateLimit-Remaining": "0", "RateLimit-Reset": "9"}, 9.0),
+        (200, {"X-RateLimit-Remaining": "5", "X-RateLimit-Reset": "12"}, None),
+        (200, {"X-RateLimit-Remaining": "0"}, None),
+        (200, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(WALL - 5)}, None),
+    ],
+)
+def test_upstream_wait(status: int, headers: dict[str, str], expected: float | None) -> None:
+    got = upstream_wait(status, CIMultiDict(headers), WALL)
+    assert got == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_build_without_rate_limit() -> None:
+    clock = FakeClock()
+    ctx = StageContext(
+        policy=Policy(upstream="up", target="http://127.0.0.1:9"),
+        clock=clock,
+        events=EventBus(),
+        state=MemoryState(clock),
+        plugin=GenericPlugin(),
+        lookup=lambda name: None,
+    )
+    assert build(ctx) is None

@@ -1,0 +1,269 @@
+"""StateBackend rate/pause/budget/circuit semantics, run against every backend.
+
+Only the protocol of proxy/state/base.py is used here, so a new backend (redis) joins
+by adding a parameter to `state_backend_factory`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from proxy.clock import Clock, FakeClock
+from proxy.state.base import CircuitSettings, StateBackend
+from proxy.state.memory import MemoryState
+
+BackendFactory = Callable[[Clock], StateBackend]
+
+
+@pytest.fixture(params=["memory"], ids=["memory"])
+def state_backend_factory(request: pytest.FixtureRequest) -> BackendFactory:
+    if request.param == "memory":
+        return lambda clock: MemoryState(clock)
+    raise AssertionError(request.param)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(auto=False)
+
+
+@pytest.fixture
+def backend(state_backend_factory: BackendFactory, clock: FakeClock) -> StateBackend:
+    return state_backend_factory(clock)
+
+
+CB = CircuitSettings(window=10.0, min_requests=4, failure_rate=0.5, open_for=5.0, half_open_requests=2)
+
+
+# -- GCRA ---------------------------------------------------------------------------------
+
+
+async def test_rate_burst_then_spacing(backend: StateBackend, clock: FakeClock) -> None:
+    for _ in range(3):
+        d = await backend.rate_take("k", interval=0.1, burst=3, max_wait=0)
+        assert d.allowed and d.wait == 0
+    d = await backend.rate_take("k", interval=0.1, burst=3, max_wait=0)
+    assert not d.allowed
+    assert d.wait == pytest.approx(0.1)
+    clock.advance(0.1)
+    d = await backend.rate_take("k", interval=0.1, burst=3, max_wait=0)
+    assert d.allowed and d.wait == pytest.approx(0)
+
+
+async def test_rate_reserves_with_wait_in_order(backend: StateBackend, clock: FakeClock) -> None:
+    waits = []
+    for _ in range(5):
+        d = await backend.rate_take("k", interval=0.5, burst=1, max_wait=10)
+        assert d.allowed
+        waits.append(d.wait)
+    assert waits == pytest.approx([0, 0.5, 1.0, 1.5, 2.0])
+
+
+async def test_rate_refusal_reserves_nothing(backend: StateBackend, clock: FakeClock) -> None:
+    assert (await backend.rate_take("k", interval=1.0, burst=1, max_wait=0)).allowed
+    for _ in range(3):
+        d = await backend.rate_take("k", interval=1.0, burst=1, max_wait=0.5)
+        assert not d.allowed and d.wait == pytest.approx(1.0)
+    d = await backend.rate_take("k", interval=1.0, burst=1, max_wait=1.0)
+    assert d.allowed and d.wait == pytest.approx(1.0)
+
+
+async def test_rate_keys_are_independent(backend: StateBackend) -> None:
+    assert (await backend.rate_take("a", interval=1.0, burst=1, max_wait=0)).allowed
+    assert (await backend.rate_take("b", interval=1.0, burst=1, max_wait=0)).allowed
+    assert not (await backend.rate_take("a", interval=1.0, burst=1, max_wait=0)).allowed
+
+
+async def test_rate_idle_key_recovers_full_burst(backend: StateBackend, clock: FakeClock) -> None:
+    for _ in range(4):
+        await backend.rate_take("k", interval=1.0, burst=2, max_wait=100)
+    clock.advance(100)
+    assert (await backend.rate_take("k", interval=1.0, burst=2, max_wait=0)).allowed
+    assert (await backend.rate_take("k", interval=1.0, burst=2, max_wait=0)).allowed
+    assert not (await backend.rate_take("k", interval=1.0, burst=2, max_wait=0)).allowed
+
+
+async def test_rate_long_run_is_exact(backend: StateBackend, clock: FakeClock) -> None:
+    admitted = 0
+    for _ in range(1000):  # 1000 ticks of 10 ms, 10 tries each, at 20/s
+        for _ in range(10):
+            if (await backend.rate_take("k", interval=0.05, burst=1, max_wait=0)).allowed:
+                admitted += 1
+        clock.advance(0.01)
+    assert 199 <= admitted <= 201
+
+
+# -- pauses -------------------------------------------------------------------------------
+
+
+async def test_pause_counts_down_and_never_shortens(backend: StateBackend, clock: FakeClock) -> None:
+    assert await backend.paused_for("k") == 0
+    await backend.pause("k", 5)
+    clock.advance(1)
+    assert await backend.paused_for("k") == pytest.approx(4)
+    await backend.pause("k", 1)  # shorter: ignored
+    assert await backend.paused_for("k") == pytest.approx(4)
+    await backend.pause("k", 10)
+    assert await backend.paused_for("k") == pytest.approx(10)
+    clock.advance(10)
+    assert await backend.paused_for("k") == 0
+    assert await backend.paused_for("other") == 0
+
+
+# -- retry budget -------------------------------------------------------------------------
+
+
+async def test_budget_ratio_and_floor(backend: StateBackend, clock: FakeClock) -> None:
+    kw = {"window": 10.0, "ratio": 0.2, "min_per_second": 0.1}  # floor: 1 retry per window
+    assert await backend.budget_allows_retry("b", **kw)
+    for _ in range(10):
+        await backend.budget_record("b", window=10.0, retry=False)
+    # 0.2 * 10 + 0.1 * 10 = 3 retries
+    for _ in range(3):
+        assert await backend.budget_allows_retry("b", **kw)
+        await backend.budget_record("b", window=10.0, retry=True)
+    assert not await backend.budget_allows_retry("b", **kw)
+
+
+async def test_budget_window_slides(backend: StateBackend, clock: FakeClock) -> None:
+    kw = {"window": 10.0, "ratio": 0.5, "min_per_second": 0.0}
+    for _ in range(2):
+        await backend.budget_record("b", window=10.0, retry=False)
+    await backend.budget_record("b", window=10.0, retry=True)
+    assert not await backend.budget_allows_retry("b", **kw)
+    clock.advance(11)
+    assert not await backend.budget_allows_retry("b", **kw)  # no requests, no floor
+    await backend.budget_record("b", window=10.0, retry=False)
+    await backend.budget_record("b", window=10.0, retry=False)
+    assert await backend.budget_allows_retry("b", **kw)  # the old retry slid out
+
+
+# -- circuit breaker ----------------------------------------------------------------------
+
+
+async def _record(backend: StateBackend, *, failure: bool, trial: bool = False) -> tuple[str, str]:
+    t = await backend.circuit_record("c", CB, failure=failure, trial=trial)
+    return t.before, t.after
+
+
+async def _open_circuit(backend: StateBackend) -> None:
+    for failure in (True, False, True, False):
+        await _record(backend, failure=failure)
+    assert await backend.circuit_state("c", CB) == "open"
+
+
+async def test_circuit_needs_min_requests(backend: StateBackend) -> None:
+    for _ in range(3):
+        assert await _record(backend, failure=True) == ("closed", "closed")
+    assert await _record(backend, failure=True) == ("closed", "open")
+
+
+async def test_circuit_opens_at_failure_rate(backend: StateBackend) -> None:
+    for failure in (False, False, False, True, False, True):
+        assert await _record(backend, failure=failure) == ("closed", "closed")  # 2/6 < 0.5
+    assert await _record(backend, failure=True) == ("closed", "closed")  # 3/7
+    assert await _record(backend, failure=True) == ("closed", "open")  # 4/8
+
+
+async def test_circuit_open_refuses_until_open_for(backend: StateBackend, clock: FakeClock) -> None:
+    await _open_circuit(backend)
+    a = await backend.circuit_admit("c", CB)
+    assert not a.allowed and a.state == "open" and a.retry_after == pytest.approx(5)
+    clock.advance(3)
+    a = await backend.circuit_admit("c", CB)
+    assert not a.allowed and a.retry_after == pytest.approx(2)
+    clock.advance(2)
+    assert await backend.circuit_state("c", CB) == "half_open"
+
+
+async def test_circuit_half_open_admits_exactly_trials(backend: StateBackend, clock: FakeClock) -> None:
+    await _open_circuit(backend)
+    clock.advance(5)
+    admissions = [await backend.circuit_admit("c", CB) for _ in range(4)]
+    assert [(a.allowed, a.trial, a.state) for a in admissions] == [
+        (True, True, "half_open"),
+        (True, True, "half_open"),
+        (False, False, "half_open"),
+        (False, False, "half_open"),
+    ]
+    assert admissions[2].retry_after > 0
+    assert await _record(backend, failure=False, trial=True) == ("half_open", "half_open")
+    assert not (await backend.circuit_admit("c", CB)).allowed  # one trial still out
+    assert await _record(backend, failure=False, trial=True) == ("half_open", "closed")
+    assert await backend.circuit_state("c", CB) == "closed"
+    # a fresh window: three failures after closing do not reopen (min_requests 4)
+    for _ in range(3):
+        assert await _record(backend, failure=True) == ("closed", "closed")
+
+
+async def test_circuit_trial_failure_reopens(backend: StateBackend, clock: FakeClock) -> None:
+    await _open_circuit(backend)
+    clock.advance(5)
+    assert (await backend.circuit_admit("c", CB)).trial
+    assert (await backend.circuit_admit("c", CB)).trial
+    assert await _record(backend, failure=True, trial=True) == ("half_open", "open")
+    # the other trial's late verdict changes nothing
+    assert await _record(backend, failure=False, trial=True) == ("open", "open")
+    a = await backend.circuit_admit("c", CB)
+    assert not a.allowed and a.retry_after == pytest.approx(5)
+
+
+async def test_circuit_release_gives_back_a_trial_slot(backend: StateBackend, clock: FakeClock) -> None:
+    await _open_circuit(backend)
+    clock.advance(5)
+    assert (await backend.circuit_admit("c", CB)).trial
+    assert (await backend.circuit_admit("c", CB)).trial
+    assert not (await backend.circuit_admit("c", CB)).allowed
+    await backend.circuit_release("c", CB)
+    again = await backend.circuit_admit("c", CB)
+    assert again.allowed and again.trial
+
+
+async def test_circuit_lost_trials_are_handed_out_again(backend: StateBackend, clock: FakeClock) -> None:
+    await _open_circuit(backend)
+    clock.advance(5)
+    await backend.circuit_admit("c", CB)
+    await backend.circuit_admit("c", CB)
+    clock.advance(5)  # no verdict for open_for: those trial callers are gone
+    assert (await backend.circuit_admit("c", CB)).trial
+
+
+async def test_circuit_ignores_stale_results_while_open(backend: StateBackend) -> None:
+    await _open_circuit(backend)
+    assert await _record(backend, failure=False) == ("open", "open")
+    assert await backend.circuit_state("c", CB) == "open"
+
+
+async def test_circuit_window_slides(backend: StateBackend, clock: FakeClock) -> None:
+    for _ in range(3):
+        await _record(backend, failure=True)
+    clock.advance(11)  # those failures slid out of the 10 s window
+    for failure in (True, False, False):
+        await _record(backend, failure=failure)
+    assert await _record(backend, failure=False) == ("closed", "closed")  # 1/4
+
+
+async def test_concurrent_half_open_admissions(backend: StateBackend, clock: FakeClock) -> None:
+    await _open_circuit(backend)
+    clock.advance(5)
+    results = await asyncio.gather(*(backend.circuit_admit("c", CB) for _ in range(20)))
+    assert sum(a.allowed for a in results) == CB.half_open_requests
+
+
+# -- memory backend: bounded -------------------------------------------------------------
+
+
+async def test_memory_drops_idle_records(clock: FakeClock) -> None:
+    state = MemoryState(clock)
+    for i in range(100):
+        await state.rate_take(f"k{i}", interval=1.0, burst=1, max_wait=0)
+        await state.pause(f"k{i}", 1)
+        await state.budget_record(f"k{i}", window=5.0, retry=False)
+        await state.circuit_record(f"k{i}", CB, failure=False, trial=False)
+    assert state.limits_size() == 400
+    clock.advance(120)
+    await state.rate_take("fresh", interval=1.0, burst=1, max_wait=0)  # triggers the sweep
+    assert state.limits_size() == 1

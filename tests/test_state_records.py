@@ -1,0 +1,178 @@
+"""Backend-parameterised suite for the idempotency ledger, response cache and kv.
+
+Tests go only through the `StateBackend` protocol, so the Redis backend (a later issue)
+adds its id to `state_backend_factory` and must pass the same suite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from proxy.clock import Clock, FakeClock
+from proxy.state.base import StateBackend, StoredResponse
+from proxy.state.memory import MemoryState
+
+BackendFactory = Callable[[Clock], StateBackend]
+
+
+@pytest.fixture(params=["memory"])
+def state_backend_factory(request: pytest.FixtureRequest) -> BackendFactory:
+    if request.param == "memory":
+        return lambda clock: MemoryState(clock)
+    raise AssertionError(request.param)  # pragma: no cover
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(auto=False)
+
+
+@pytest.fixture
+def backend(state_backend_factory: BackendFactory, clock: FakeClock) -> StateBackend:
+    return state_backend_factory(clock)
+
+
+def answer(body: bytes = b'{"id":"ch_1"}', status: int = 200) -> StoredResponse:
+    return StoredResponse(
+        status=status,
+        headers=(("Content-Type", "application/json"), ("X-Thing", "a"), ("X-Thing", "b")),
+        body=body,
+        stored_at=1_800_000_000.0,
+    )
+
+
+# -- idempotency ledger -------------------------------------------------------------------
+
+
+async def test_claim_new_then_in_flight(backend: StateBackend) -> None:
+    first = await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)
+    second = await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)
+    assert first.state == "new"
+    assert second.state == "in_flight"
+    assert second.response is None
+
+
+async def test_claim_different_fingerprint_is_mismatch(backend: StateBackend) -> None:
+    await backend.idem_claim("s|k1", "fp-a", ttl=60, lock_ttl=10)
+    assert (await backend.idem_claim("s|k1", "fp-b", ttl=60, lock_ttl=10)).state == "mismatch"
+    await backend.idem_complete("s|k1", answer(), ttl=60)
+    assert (await backend.idem_claim("s|k1", "fp-b", ttl=60, lock_ttl=10)).state == "mismatch"
+
+
+async def test_complete_then_claim_returns_stored_answer(backend: StateBackend) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)
+    await backend.idem_complete("s|k1", answer(), ttl=60)
+    claim = await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)
+    assert claim.state == "completed"
+    assert claim.response == answer()
+
+
+async def test_completed_record_expires_after_ttl(backend: StateBackend, clock: FakeClock) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)
+    await backend.idem_complete("s|k1", answer(), ttl=60)
+    clock.advance(59)
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)).state == "completed"
+    clock.advance(2)
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)).state == "new"
+
+
+async def test_in_flight_lock_lapses_after_lock_ttl(backend: StateBackend, clock: FakeClock) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)
+    clock.advance(9)
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)).state == "in_flight"
+    clock.advance(2)
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)).state == "new"
+
+
+async def test_release_frees_in_flight_but_not_completed(backend: StateBackend) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)
+    await backend.idem_release("s|k1")
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)).state == "new"
+    await backend.idem_complete("s|k1", answer(), ttl=60)
+    await backend.idem_release("s|k1")
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)).state == "completed"
+
+
+async def test_complete_without_claim_stores_nothing(backend: StateBackend) -> None:
+    await backend.idem_complete("s|k1", answer(), ttl=60)
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)).state == "new"
+
+
+async def test_release_of_unknown_key_is_harmless(backend: StateBackend) -> None:
+    await backend.idem_release("s|nothing")
+
+
+async def test_keys_are_independent(backend: StateBackend) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)
+    assert (await backend.idem_claim("s|k2", "fp", ttl=60, lock_ttl=10)).state == "new"
+
+
+# -- cache --------------------------------------------------------------------------------
+
+
+async def test_cache_roundtrip_and_expiry(backend: StateBackend, clock: FakeClock) -> None:
+    assert await backend.cache_get("c|a") is None
+    await backend.cache_set("c|a", answer(b"x"), ttl=30)
+    got = await backend.cache_get("c|a")
+    assert got == answer(b"x")
+    assert got is not None and got.headers[1:] == (("X-Thing", "a"), ("X-Thing", "b"))
+    clock.advance(29.9)
+    assert await backend.cache_get("c|a") is not None
+    clock.advance(0.2)
+    assert await backend.cache_get("c|a") is None
+
+
+async def test_cache_set_overwrites(backend: StateBackend) -> None:
+    await backend.cache_set("c|a", answer(b"1"), ttl=30)
+    await backend.cache_set("c|a", answer(b"2"), ttl=30)
+    got = await backend.cache_get("c|a")
+    assert got is not None and got.body == b"2"
+
+
+async def test_cache_binary_body(backend: StateBackend) -> None:
+    body = bytes(range(256)) * 4
+    await backend.cache_set("c|bin", answer(body), ttl=30)
+    got = await backend.cache_get("c|bin")
+    assert got is not None and got.body == body
+
+
+# -- kv -----------------------------------------------------------------------------------
+
+
+async def test_kv_roundtrip_and_expiry(backend: StateBackend, clock: FakeClock) -> None:
+    assert await backend.kv_get("kv1") is None
+    await backend.kv_set("kv1", b"value", ttl=5)
+    assert await backend.kv_get("kv1") == b"value"
+    await backend.kv_set("kv1", b"other", ttl=5)
+    assert await backend.kv_get("kv1") == b"other"
+    clock.advance(5.1)
+    assert await backend.kv_get("kv1") is None
+
+
+# -- memory-only bounds -------------------------------------------------------------------
+
+
+async def test_memory_max_records_evicts_least_recent(clock: FakeClock) -> None:
+    state = MemoryState(clock, max_records=3)
+    for i in range(5):
+        await state.cache_set(f"c|{i}", answer(), ttl=60)
+    assert await state.cache_get("c|0") is None
+    assert await state.cache_get("c|4") is not None
+    # an evicted idempotency record means the repeat is new again
+    for i in range(4):
+        await state.idem_claim(f"i|{i}", "fp", ttl=60, lock_ttl=10)
+    assert (await state.idem_claim("i|0", "fp", ttl=60, lock_ttl=10)).state == "new"
+
+
+async def test_memory_scope_limit(clock: FakeClock) -> None:
+    state = MemoryState(clock)
+    state.limit_scope("up:cache:abc", 2)
+    for i in range(4):
+        await state.cache_set(f"up:cache:abc|{i}", answer(), ttl=60)
+        await state.cache_set(f"other|{i}", answer(), ttl=60)
+    assert await state.cache_get("up:cache:abc|0") is None
+    assert await state.cache_get("up:cache:abc|1") is None
+    assert await state.cache_get("up:cache:abc|3") is not None
+    assert await state.cache_get("other|0") is not None  # unlimited scope
