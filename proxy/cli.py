@@ -39,7 +39,6 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("directory", nargs="?", default=_env("EGRESSD_POLICIES", "./policies"))
 
     demo = sub.add_parser("demo", help="a self-contained demonstration with local fake providers")
-    demo.add_argument("--scale", type=float, default=1.0, help="shrink (<1) or grow (>1) the traffic")
     demo.add_argument("--quiet", action="store_true", help="print only the report")
 
     sub.add_parser("schema", help="print the JSON Schema of one policy document")
@@ -108,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from proxy.demo import run_demo
 
             install_uvloop()
-            return asyncio.run(run_demo(scale=args.scale, quiet=args.quiet))
+            return asyncio.run(run_demo(quiet=args.quiet))
     except KeyboardInterrupt:
         return 130
     return 2

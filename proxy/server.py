@@ -311,6 +311,7 @@ class EgressServer:
                 exc, request_id=request_id, plugin=rt.plugin if rt else None, upstream=rt.name if rt else ""
             )
             response.notes["detail"] = exc.detail
+            response.attempts = getattr(exc, "attempts", 0)
         except Exception as exc:  # a bug must still give exactly one answer
             log.exception("internal error", extra={"request_id": request_id})
             response = error_response(
