@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from proxy.config.loader import _Loader as PolicyYamlLoader
+from proxy.config.loader import PolicyYamlLoader
 from proxy.fakes.server import FakeServer, start_fakes, stop_fakes
 from proxy.server import EgressServer, Settings
 

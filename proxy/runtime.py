@@ -52,6 +52,7 @@ class Runtime:
         self.state = state
         self.upstreams: dict[str, UpstreamRuntime] = {}
         self.version: str | None = None
+        self.policy_set: PolicySet | None = None
         self._retired: set[asyncio.Task[None]] = set()
 
     def get(self, name: str) -> UpstreamRuntime | None:
@@ -84,10 +85,11 @@ class Runtime:
             built[policy.upstream] = UpstreamRuntime(policy, plugin, transport, pipeline, ctx.extras)
         return built
 
-    def swap(self, built: dict[str, UpstreamRuntime], version: str) -> None:
+    def swap(self, built: dict[str, UpstreamRuntime], policy_set: PolicySet) -> None:
         old = self.upstreams
         self.upstreams = built
-        self.version = version
+        self.policy_set = policy_set
+        self.version = policy_set.version
         kept = {id(rt.transport) for rt in built.values()}
         for rt in old.values():
             if id(rt.transport) not in kept:

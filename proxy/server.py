@@ -120,7 +120,7 @@ class EgressServer:
             built = self.runtime.build(result.policy_set)
         except LookupError as exc:
             raise StartupError(str(exc)) from exc
-        self.runtime.swap(built, result.policy_set.version)
+        self.runtime.swap(built, result.policy_set)
         self._files_seen = self._scan_files()
         for name in built:
             self.metrics.declare_upstream(name)
@@ -210,16 +210,19 @@ class EgressServer:
 
     # -- reload --------------------------------------------------------------------------
     def _scan_files(self) -> dict[str, tuple[float, int]]:
+        """mtime and size of every policy file and of every crosswalk file they name."""
         seen: dict[str, tuple[float, int]] = {}
         try:
             entries = list(os.scandir(self.settings.policies))
         except OSError:
             return seen
-        for entry in entries:
-            if entry.name.endswith((".yaml", ".yml")):
-                with contextlib.suppress(OSError):
-                    st = entry.stat()
-                    seen[entry.name] = (st.st_mtime, st.st_size)
+        paths = [entry.path for entry in entries if entry.name.endswith((".yaml", ".yml"))]
+        if self.runtime.policy_set is not None:
+            paths += self.runtime.policy_set.crosswalk_files
+        for path in paths:
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                seen[path] = (st.st_mtime, st.st_size)
         return seen
 
     async def watch(self) -> None:
@@ -243,7 +246,7 @@ class EgressServer:
                 built = self.runtime.build(result.policy_set)
             except LookupError as exc:
                 return self._reload_failed(reason, (str(exc),))
-            self.runtime.swap(built, result.policy_set.version)
+            self.runtime.swap(built, result.policy_set)
             with contextlib.suppress(OSError):
                 await self._sync_upstream_listeners()
             for name in built:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -146,8 +146,9 @@ def test_retry_defaults(tmp_path: Path) -> None:
 
 
 def test_shipped_policies_load_clean() -> None:
-    for mode in ("strict", "lenient"):
-        result = load_policy_dir(REPO / "policies", secrets=mode, environ={})  # type: ignore[arg-type]
+    modes: tuple[Literal["strict", "lenient"], ...] = ("strict", "lenient")
+    for mode in modes:
+        result = load_policy_dir(REPO / "policies", secrets=mode, environ={})
         assert result.problems == (), lines(result)
         assert result.policy_set is not None
         names = result.policy_set.by_name()
@@ -305,8 +306,7 @@ def test_version_changes_with_content(tmp_path: Path) -> None:
         ),
         (
             "upstream: api\ntarget: api.example.com\n",
-            "p.yaml:2: upstream api: target: bad target 'api.example.com': "
-            "must be an absolute http:// or https:// URL",
+            "p.yaml:2: upstream api: target: bad target 'api.example.com': must be an absolute http:// or https:// URL",
         ),
         (
             "upstream: api\ntarget: https://api.example.com/?a=1\n",
@@ -355,17 +355,28 @@ def test_version_changes_with_content(tmp_path: Path) -> None:
             "upstream: api\ntarget: https://a.example\ntarget: https://b.example\n",
             "p.yaml:3: upstream api: target: duplicate key (first given at line 2)",
         ),
-        ("upstream: api\ntarget: [unclosed\n", "p.yaml:3: invalid YAML: while parsing a flow sequence, "
-         "expected ',' or ']', but got '<stream end>'"),
-        ("- upstream: api\n", "p.yaml:1: a policy document should be a mapping (upstream: NAME, target: URL, "
-         "...), got a list"),
-        ("just text\n", "p.yaml:1: a policy document should be a mapping (upstream: NAME, target: URL, "
-         "...), got a string"),
+        (
+            "upstream: api\ntarget: [unclosed\n",
+            "p.yaml:3: invalid YAML: while parsing a flow sequence, expected ',' or ']', but got '<stream end>'",
+        ),
+        (
+            "- upstream: api\n",
+            "p.yaml:1: a policy document should be a mapping (upstream: NAME, target: URL, ...), got a list",
+        ),
+        (
+            "just text\n",
+            "p.yaml:1: a policy document should be a mapping (upstream: NAME, target: URL, ...), got a string",
+        ),
         ("target: https://a.example\n", "p.yaml:1: upstream: required field missing"),
-        (MINIMAL + "tls: {verify: false}\n", "p.yaml:3: upstream api: tls.verify: warning: TLS certificate "
-         "verification is off"),
-        (MINIMAL + "x: !!python/object:os.system {}\n", "p.yaml:3: upstream api: could not determine a "
-         "constructor for the tag 'tag:yaml.org,2002:python/object:os.system'"),
+        (
+            MINIMAL + "tls: {verify: false}\n",
+            "p.yaml:3: upstream api: tls.verify: warning: TLS certificate verification is off",
+        ),
+        (
+            MINIMAL + "x: !!python/object:os.system {}\n",
+            "p.yaml:3: upstream api: could not determine a "
+            "constructor for the tag 'tag:yaml.org,2002:python/object:os.system'",
+        ),
     ],
 )
 def test_problem_lines(tmp_path: Path, text: str, expected: str) -> None:
@@ -513,8 +524,7 @@ def test_crosswalk_file_problems(tmp_path: Path) -> None:
     write(tmp_path, "list.data", "- a\n")
     got = [str(p).replace(str(tmp_path) + "/", "") for p in load(tmp_path).problems]
     assert got == [
-        "a.yaml:4: upstream api: failover[0].crosswalk_file: missing.data: cannot read file: "
-        "No such file or directory",
+        "a.yaml:4: upstream api: failover[0].crosswalk_file: missing.data: cannot read file: No such file or directory",
         "a.yaml:6: upstream api: failover[2].crosswalk_file: give crosswalk or crosswalk_file, not both",
         "a.yaml:7: upstream api: failover[3].crosswalk_file: list.data: should hold one mapping "
         "(payment_methods:, templates:)",
@@ -580,8 +590,7 @@ def test_unset_env_is_error_strict_warning_lenient(tmp_path: Path) -> None:
     assert not strict.ok and strict.policy_set is None
     lenient = load(tmp_path, secrets="lenient")
     assert lines(lenient) == [
-        f"{f}:4: upstream api: auth.bearer: warning: environment variable API_KEY is not set "
-        "(an error for egressd run)"
+        f"{f}:4: upstream api: auth.bearer: warning: environment variable API_KEY is not set (an error for egressd run)"
     ]
     assert lenient.ok and lenient.policy_set is not None
 
@@ -636,13 +645,13 @@ def test_secret_not_in_validation_error_text() -> None:
 def test_models_are_frozen_and_forbid_extras() -> None:
     policy = Policy(upstream="a", target="https://a.example")
     with pytest.raises(ValidationError):
-        policy.upstream = "b"  # type: ignore[misc]
+        policy.upstream = "b"
     with pytest.raises(ValidationError):
         Policy.model_validate({"upstream": "a", "target": "https://a.example", "nope": 1})
 
 
 def test_python_callers_may_give_plain_seconds() -> None:
-    assert Timeouts(attempt=0.5).attempt == 0.5  # type: ignore[arg-type]
+    assert Timeouts(attempt=0.5).attempt == 0.5
     with pytest.raises(ValidationError):
         Timeouts.model_validate({"attempt": 5}, context={"source": "yaml"})
 
@@ -731,9 +740,30 @@ def test_arbitrary_text_never_raises(tmp_path: Path, text: str) -> None:
 _keys = st.one_of(
     st.sampled_from(
         [
-            "upstream", "target", "provider", "listen", "auth", "retry", "rate_limit", "on", "to",
-            "failover", "cache", "ttl", "bearer", "basic", "queue", "crosswalk_file", "crosswalk",
-            "backoff", "timeouts", "attempt", "headers", "add", "remove", "name",
+            "upstream",
+            "target",
+            "provider",
+            "listen",
+            "auth",
+            "retry",
+            "rate_limit",
+            "on",
+            "to",
+            "failover",
+            "cache",
+            "ttl",
+            "bearer",
+            "basic",
+            "queue",
+            "crosswalk_file",
+            "crosswalk",
+            "backoff",
+            "timeouts",
+            "attempt",
+            "headers",
+            "add",
+            "remove",
+            "name",
         ]
     ),
     st.text(max_size=8),

@@ -62,7 +62,8 @@ def test_parse_duration_bad(value: object, fragment: str) -> None:
 
 
 def test_parse_duration_rejects_other_types() -> None:
-    for value in (None, [], {}, b"2s"):
+    values: tuple[object, ...] = (None, [], {}, b"2s")
+    for value in values:
         with pytest.raises(ValueError, match="bad duration"):
             parse_duration(value)  # type: ignore[arg-type]
 
@@ -183,7 +184,7 @@ def test_parsers_raise_only_value_error_on_any_text(text: str) -> None:
 def test_parsers_raise_only_value_error_on_any_scalar(value: object) -> None:
     for parse in (parse_duration, parse_size, parse_rate):
         try:
-            parse(value)  # type: ignore[operator]
+            parse(value)  # type: ignore[arg-type]
         except ValueError:
             pass
 

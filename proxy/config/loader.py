@@ -66,6 +66,7 @@ class PolicySet:
     policies: tuple[Policy, ...]
     version: str
     files: tuple[str, ...]
+    crosswalk_files: tuple[str, ...] = ()  # files named by failover[].crosswalk_file
 
     def by_name(self) -> dict[str, Policy]:
         return {p.upstream: p for p in self.policies}
@@ -100,7 +101,7 @@ def policy_json_schema() -> dict[str, Any]:
 # ---- YAML -------------------------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
+class PolicyYamlLoader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 scalars: `on`, `off`, `yes`, `no` are strings (so the
     `on:` key of retry and failover stays a key), and so are dates and `1:30`."""
 
@@ -119,7 +120,7 @@ for _tag, _regexp, _first in (
     ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
     ("tag:yaml.org,2002:merge", r"^(?:<<)$", "<"),
 ):
-    _Loader.add_implicit_resolver(_tag, re.compile(_regexp), list(_first))
+    PolicyYamlLoader.add_implicit_resolver(_tag, re.compile(_regexp), list(_first))
 
 
 def _line(node: Node) -> int:
@@ -307,6 +308,8 @@ def _message(err: Any, root: type[BaseModel]) -> str:
         return f"should be a string, got {_got(value)}"
     if kind in ("bool_type", "bool_parsing"):
         return f"should be true or false, got {_got(value)}"
+    if msg == "Keys should be strings":
+        return "keys should be strings"
     for prefix in ("Input ", "String ", "Value ", "List "):
         if msg.startswith(prefix):
             return msg[len(prefix) :]
@@ -337,6 +340,7 @@ class _State:
     docs: list[_Doc] = field(default_factory=list)
     policies: list[Policy] = field(default_factory=list)
     hashed: list[tuple[str, bytes]] = field(default_factory=list)
+    crosswalk_files: list[str] = field(default_factory=list)  # watched for reloads too
     secret_values: set[str] = field(default_factory=set)
 
     def add(
@@ -381,9 +385,9 @@ def _read_text(path: Path) -> tuple[bytes | None, str | None, str | None]:
 def _documents(text: str, file: str, state: _State) -> list[tuple[Node, Any]]:
     """(node, plain data) per non-empty document; YAML errors become problems."""
     nodes: list[Node] = []
-    loader: _Loader | None = None
+    loader: PolicyYamlLoader | None = None
     try:
-        loader = _Loader(text)  # the reader already rejects control characters here
+        loader = PolicyYamlLoader(text)  # the reader already rejects control characters here
         while loader.check_node():
             node = loader.get_node()
             if node is not None:
@@ -420,7 +424,7 @@ def _documents(text: str, file: str, state: _State) -> list[tuple[Node, Any]]:
         upstream = _upstream_of_node(node)
         for path, line, first in walk.duplicates:
             state.add(file, line, upstream, _dotted(path), f"duplicate key (first given at line {first})")
-        constructor = _Loader("")
+        constructor = PolicyYamlLoader("")
         try:
             data = constructor.construct_document(node)
         except yaml.YAMLError as exc:
@@ -460,6 +464,7 @@ def _load_crosswalk(
     path = Path(ref).expanduser()
     if not path.is_absolute():
         path = Path(file).parent / path
+    state.crosswalk_files.append(str(path))
     data, text, error = _read_text(path)
     if data is not None:
         state.hashed.append((str(path), data))
@@ -472,9 +477,7 @@ def _load_crosswalk(
     if len(state.problems) > problems_before:
         return
     if len(docs) != 1 or not isinstance(docs[0][1], dict):
-        state.add(
-            file, line, upstream, where, f"{ref}: should hold one mapping (payment_methods:, templates:)"
-        )
+        state.add(file, line, upstream, where, f"{ref}: should hold one mapping (payment_methods:, templates:)")
         return
     xnode, xdata = docs[0]
     try:
@@ -510,9 +513,7 @@ def _load_document(node: Node, data: Any, file: str, state: _State) -> None:
         upstream = None
     base_dir = Path(file).parent
 
-    resolved, issues = resolve_tree(
-        data, environ=state.environ, base_dir=base_dir, values=state.secret_values
-    )
+    resolved, issues = resolve_tree(data, environ=state.environ, base_dir=base_dir, values=state.secret_values)
     for issue in issues:
         severity: Severity = "error"
         message = issue.message
@@ -663,9 +664,7 @@ def load_policy_dir(
     except RecursionError:
         state.add(str(directory), None, None, None, "a policy is nested too deeply")
     except Exception as exc:  # never a traceback for the operator
-        state.add(
-            str(directory), None, None, None, f"internal error while loading: {type(exc).__name__}: {exc}"
-        )
+        state.add(str(directory), None, None, None, f"internal error while loading: {type(exc).__name__}: {exc}")
 
     rank: dict[str, int] = {}
     for p in state.problems:
@@ -681,6 +680,7 @@ def load_policy_dir(
         policies=tuple(state.policies),
         version=digest.hexdigest()[:12],
         files=tuple(files),
+        crosswalk_files=tuple(dict.fromkeys(state.crosswalk_files)),
     )
     return LoadResult(policy_set, problems)
 

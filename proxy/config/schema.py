@@ -162,6 +162,15 @@ def _v_upstream_name(v: str) -> str:
     return v
 
 
+def _v_provider_name(v: str) -> str:
+    if not PROVIDER_NAME_RE.fullmatch(v) or len(v) > 64:
+        raise ValueError(
+            f"bad provider name {v[:70]!r}: use lowercase letters, digits, '_', '.' and '-' "
+            "(a plugin name such as stripe, paypal, sendgrid, mailgun or generic)"
+        )
+    return v
+
+
 def _v_header_name(v: str) -> str:
     if not HEADER_TOKEN_RE.fullmatch(v):
         raise ValueError(f"bad header name {v[:70]!r}: use letters, digits and !#$%&'*+-.^_`|~ only")
@@ -287,16 +296,12 @@ def _v_failover_on(v: Any) -> int | str:
 RetryCondition: TypeAlias = Annotated[
     int | RetryWord,
     PlainValidator(_v_retry_on),
-    WithJsonSchema(
-        {"anyOf": [{"type": "integer", "minimum": 400, "maximum": 599}, {"enum": list(RETRY_WORDS)}]}
-    ),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 400, "maximum": 599}, {"enum": list(RETRY_WORDS)}]}),
 ]
 FailoverCondition: TypeAlias = Annotated[
     int | FailoverWord,
     PlainValidator(_v_failover_on),
-    WithJsonSchema(
-        {"anyOf": [{"type": "integer", "minimum": 400, "maximum": 599}, {"enum": list(FAILOVER_WORDS)}]}
-    ),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 400, "maximum": 599}, {"enum": list(FAILOVER_WORDS)}]}),
 ]
 
 
@@ -311,7 +316,7 @@ class _Model(BaseModel):
 class ProviderRef(_Model):
     """`stripe`, or `{name: mailgun, domain: mg.example.com}`: extra keys become settings."""
 
-    name: str = Field(pattern=PROVIDER_NAME_RE.pattern, max_length=64)
+    name: Annotated[str, AfterValidator(_v_provider_name)]
     settings: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -418,9 +423,7 @@ class Timeouts(_Model):
     def _total_covers_attempt(cls, v: float, info: ValidationInfo) -> float:
         attempt = info.data.get("attempt")
         if isinstance(attempt, float) and attempt > v:
-            raise ValueError(
-                f"total ({format_duration(v)}) must be at least attempt ({format_duration(attempt)})"
-            )
+            raise ValueError(f"total ({format_duration(v)}) must be at least attempt ({format_duration(attempt)})")
         return v
 
 
@@ -453,9 +456,7 @@ class Backoff(_Model):
     def _max_covers_initial(cls, v: float, info: ValidationInfo) -> float:
         initial = info.data.get("initial")
         if isinstance(initial, float) and initial > v:
-            raise ValueError(
-                f"max ({format_duration(v)}) must be at least initial ({format_duration(initial)})"
-            )
+            raise ValueError(f"max ({format_duration(v)}) must be at least initial ({format_duration(initial)})")
         return v
 
 

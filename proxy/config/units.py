@@ -80,9 +80,7 @@ def parse_duration(v: str | int | float) -> float:
             return 0.0
         if v < 0:
             raise ValueError(f"bad duration {v}: must not be negative")
-        raise ValueError(
-            f"bad duration {v}: a number needs a unit: ms, s, m, h, d (e.g. {_fmt_num(float(v))}s)"
-        )
+        raise ValueError(f"bad duration {v}: a number needs a unit: ms, s, m, h, d (e.g. {_fmt_num(float(v))}s)")
     if not isinstance(v, str):
         raise ValueError(f"bad duration of type {type(v).__name__}: {_DURATION_HINT}")
     text = v.strip()
