@@ -5,16 +5,29 @@ data: no I/O, no globals, no clock. Plugins are found through the entry-point gr
 `egressd.plugins` (see `plugins.registry`), so a third party can add a provider by
 shipping a package; nothing in egressd needs to change.
 
-Issue-2 scope: error shaping and retry-safety facts. Translation hooks for failover
-(`translate_request`, `translate_response`) live on the same class.
+What a plugin answers:
+
+* retry safety: `honours_idempotency`, `not_processed`;
+* proxy-made errors in the provider's own shape: `error_answer`;
+* object ownership: `references` (ids in a request that may live on another provider
+  after a failover) and `owns_id` (ids that look like this provider's own);
+* failover: `failover_to(target)` returns a `Translator` that rewrites one call of this
+  provider's shape into calls of the target's shape and the answers back;
+* ambiguity: `ambiguity_probe` / `probe_verdict` (may a timed-out call be asked about).
+
+A `Translator` is a generator function, so multi-step flows (PayPal order create, then
+capture) stay pure: it *yields* `WireRequest`s for the fallback, is *sent* the
+`WireAnswer` of each, and *returns* the final `Translated` answer for the app. It raises
+`Refused` (before its first yield) when the call cannot be expressed honestly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +42,104 @@ class ErrorAnswer:
 
 def json_bytes(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# ---- failover data ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WireRequest:
+    """One request in some provider's shape (path relative to that provider's target)."""
+
+    method: str
+    path: str
+    query: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def json(self) -> Any:
+        return json.loads(self.body or b"null")
+
+
+@dataclass(frozen=True, slots=True)
+class WireAnswer:
+    """One answer in some provider's shape. `error` is set for a proxy-made failure
+    (an egressd error code such as `circuit_open`) instead of a real upstream answer."""
+
+    status: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    error: str | None = None
+
+    def header(self, name: str) -> str | None:
+        low = name.lower()
+        for key, value in self.headers.items():
+            if key.lower() == low:
+                return value
+        return None
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body or b"null")
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class Translated:
+    """The app-shaped answer of a failed-over call, plus routing-ledger records to keep
+    (synthetic id -> record) so follow-up calls on those ids reach the fallback."""
+
+    answer: WireAnswer
+    ledger: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+
+
+class Refused(Exception):
+    """The call cannot be expressed honestly on the fallback: do not fail over."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverContext:
+    """Everything a translator may use besides the request: plain data, no handles."""
+
+    source: str  # the primary upstream's name
+    target: str  # the fallback upstream's name
+    payment_methods: Mapping[str, str] = field(default_factory=dict)  # crosswalk
+    templates: Mapping[str, str] = field(default_factory=dict)  # crosswalk
+    allow_lossy: bool = False
+    idempotency_key: str | None = None
+    request_id: str = ""
+    now: float = 0.0  # wall-clock seconds
+    records: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # ledger, by id
+    source_settings: Mapping[str, Any] = field(default_factory=dict)
+    target_settings: Mapping[str, Any] = field(default_factory=dict)
+    live: bool = False  # the fallback is a live (not sandbox) account
+
+    def derived_key(self, step: str, *, length: int = 64) -> str:
+        """A deterministic per-step idempotency key for the fallback, from the call's key.
+
+        `sha256(key)[:64] + "-" + step` (fits PayPal's 108 and Stripe's 255 characters).
+        Without a key, the request id stands in (unique per call, so no cross-call dedupe).
+        """
+        base = self.idempotency_key or ("req:" + self.request_id)
+        return hashlib.sha256(base.encode()).hexdigest()[:length] + "-" + step
+
+
+TranslatorRun = Generator[WireRequest, WireAnswer, Translated]
+
+
+class Translator(Protocol):
+    """Rewrites one call from the source provider's shape to the target's and back."""
+
+    def __call__(self, request: WireRequest, ctx: FailoverContext) -> TranslatorRun: ...
+
+
+# ---- the plugin ------------------------------------------------------------------------
 
 
 class ProviderPlugin:
@@ -58,6 +169,34 @@ class ProviderPlugin:
     def error_answer(self, code: str, status: int, message: str, *, request_id: str) -> ErrorAnswer:
         body = {"error": {"type": "egressd_error", "code": code, "message": message}}
         return ErrorAnswer(status, json_bytes(body))
+
+    # -- object ownership ----------------------------------------------------------------
+    def references(self, request: WireRequest) -> tuple[str, ...]:
+        """Ids of objects this request acts on that may have been created on a fallback
+        (synthetic ids); the failover stage looks them up in the routing ledger."""
+        return ()
+
+    def owns_id(self, object_id: str) -> bool:
+        """True when `object_id` has this provider's own id shape (not a synthetic one)."""
+        return False
+
+    # -- failover ------------------------------------------------------------------------
+    def failover_to(self, target: ProviderPlugin) -> Translator | None:
+        """A translator from this provider's shape to `target`'s, or None (no failover)."""
+        return None
+
+    def ambiguity_probe(self, request: WireRequest) -> WireRequest | None:
+        """A request to the primary that can tell whether an ambiguous call took effect.
+
+        None: the provider cannot be asked, so a call that may have been processed is
+        never failed over.
+        """
+        return None
+
+    def probe_verdict(self, answer: WireAnswer) -> str:
+        """`processed` (the answer is authoritative: give it to the app),
+        `not_processed` (safe to fail over) or `unknown`."""
+        return "unknown"
 
 
 class GenericPlugin(ProviderPlugin):

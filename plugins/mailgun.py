@@ -1,8 +1,11 @@
-"""Mailgun v3 messages: error shapes (providers.md 5). Mailgun has no idempotency key."""
+"""Mailgun v3 messages: error shapes and failover to SendGrid (providers.md 5, 6.3-6.4).
+Mailgun has no idempotency key. Settings: `domain` (the sending domain used when mail
+fails over to this upstream)."""
 
 from __future__ import annotations
 
-from plugins.base import ErrorAnswer, ProviderPlugin, json_bytes
+from plugins import mail_mailgun_to_sendgrid
+from plugins.base import ErrorAnswer, ProviderPlugin, Translator, json_bytes
 
 
 class MailgunPlugin(ProviderPlugin):
@@ -10,3 +13,8 @@ class MailgunPlugin(ProviderPlugin):
 
     def error_answer(self, code: str, status: int, message: str, *, request_id: str) -> ErrorAnswer:
         return ErrorAnswer(status, json_bytes({"message": f"egressd: {message}", "code": code}))
+
+    def failover_to(self, target: ProviderPlugin) -> Translator | None:
+        if target.name == "sendgrid":
+            return mail_mailgun_to_sendgrid.translate
+        return None

@@ -1,10 +1,12 @@
-"""PayPal REST (Orders v2, Payments v2): error shapes and retry-safety facts (providers.md 2)."""
+"""PayPal REST (Orders v2, Payments v2): error shapes, retry-safety facts, object ids and
+failover to Stripe (providers.md sections 2 and 6.6-6.7)."""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from plugins.base import ErrorAnswer, ProviderPlugin, json_bytes
+from plugins import pay_paypal_to_stripe
+from plugins.base import ErrorAnswer, ProviderPlugin, Translator, WireRequest, json_bytes
 
 _NAME_BY_STATUS = {
     400: "INVALID_REQUEST",
@@ -31,3 +33,14 @@ class PayPalPlugin(ProviderPlugin):
             "details": [{"issue": code.upper(), "description": message}],
         }
         return ErrorAnswer(status, json_bytes(body))
+
+    def references(self, request: WireRequest) -> tuple[str, ...]:
+        return pay_paypal_to_stripe.references(request)
+
+    def owns_id(self, object_id: str) -> bool:
+        return object_id.isalnum() and object_id.isupper() and not object_id.startswith(pay_paypal_to_stripe.PREFIX)
+
+    def failover_to(self, target: ProviderPlugin) -> Translator | None:
+        if target.name == "stripe":
+            return pay_paypal_to_stripe.translate
+        return None

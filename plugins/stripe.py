@@ -1,11 +1,16 @@
-"""Stripe (API v1): error shapes and retry-safety facts (providers.md section 1)."""
+"""Stripe (API v1): error shapes, retry-safety facts, object ids and failover to PayPal
+(providers.md sections 1 and 6.5-6.6)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import ClassVar
 
-from plugins.base import ErrorAnswer, ProviderPlugin, json_bytes
+from plugins import pay_stripe_to_paypal
+from plugins.base import ErrorAnswer, ProviderPlugin, Translator, WireAnswer, WireRequest, json_bytes
+
+_OWN_ID = re.compile(r"^(pi|ch|re|pm|cus|py)_[A-Za-z0-9]+$")
 
 
 class StripePlugin(ProviderPlugin):
@@ -32,3 +37,29 @@ class StripePlugin(ProviderPlugin):
             # The proxy has already retried under its policy; the SDK should not multiply it.
             headers["Stripe-Should-Retry"] = "false"
         return ErrorAnswer(status, json_bytes(body), headers=headers)
+
+    # -- objects -------------------------------------------------------------------------
+    def references(self, request: WireRequest) -> tuple[str, ...]:
+        return pay_stripe_to_paypal.references(request)
+
+    def owns_id(self, object_id: str) -> bool:
+        return bool(_OWN_ID.match(object_id)) and "_ppf_" not in object_id
+
+    # -- failover ------------------------------------------------------------------------
+    def failover_to(self, target: ProviderPlugin) -> Translator | None:
+        if target.name == "paypal":
+            return pay_stripe_to_paypal.translate
+        return None
+
+    def ambiguity_probe(self, request: WireRequest) -> WireRequest | None:
+        # Stripe replays the stored result of a key it has seen, and executes the request
+        # if it has not: resending with the same Idempotency-Key gives an authoritative
+        # answer either way (providers.md 1.8).
+        if request.method == "POST" and any(k.lower() == "idempotency-key" and v for k, v in request.headers.items()):
+            return request
+        return None
+
+    def probe_verdict(self, answer: WireAnswer) -> str:
+        if answer.status < 500 and answer.status not in (409, 429):
+            return "processed"
+        return "unknown"

@@ -19,6 +19,7 @@ from plugins.base import ProviderPlugin
 from plugins.registry import load_plugin
 from proxy.clock import Clock
 from proxy.events import EventBus
+from proxy.oauth import build_sender
 from proxy.pipeline import Pipeline, StageContext, UpstreamHandle, build_pipeline
 from proxy.state.base import StateBackend
 from proxy.transport import Transport
@@ -81,7 +82,8 @@ class Runtime:
                 plugin=plugin,
                 lookup=self.lookup,
             )
-            pipeline = build_pipeline(ctx, transport.send)
+            oauth = build_sender(policy, transport, self.state, self.clock)
+            pipeline = build_pipeline(ctx, oauth.send if oauth is not None else transport.send)
             built[policy.upstream] = UpstreamRuntime(policy, plugin, transport, pipeline, ctx.extras)
         return built
 

@@ -1,0 +1,342 @@
+"""Failover: when the primary fails in a way the policy lists, rewrite the call into the
+fallback provider's shape, send it under the fallback's own policy, translate the answer
+back, and remember which provider owns the objects created there.
+
+Honesty rules, in the order they are checked:
+
+* A call that may already have taken effect at the primary (an unsafe method whose send
+  timed out or was cut short) is never failed over, unless the primary's plugin can ask
+  the primary (`ambiguity_probe`) and the answer is authoritative.
+* A call the translator cannot express faithfully (`Refused`) is not failed over; the app
+  gets the primary's own error with `X-Egressd-Failover: refused; reason=...`.
+* A fallback without its own `auth` is never sent the app's primary credentials.
+
+Follow-up calls on objects created on the fallback (synthetic ids, see the routing ledger
+below) go to the fallback whether or not the primary is healthy: the primary does not
+know those ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from plugins.base import FailoverContext, Refused, Translated, WireAnswer, WireRequest
+from proxy.answers import error_response
+from proxy.config.schema import Failover
+from proxy.errors import ProxyError
+from proxy.events import FailoverResult
+from proxy.model import UNSAFE_METHODS, Call, RequestBody, Response
+from proxy.pipeline import Handler, StageContext, UpstreamHandle
+from proxy.stages.retry import is_exhausted
+
+log = logging.getLogger("egressd.failover")
+
+#: Attribute on a `Call` holding a list the transport appends each failed attempt's kind to
+#: (connect_error, timeout, reset, protocol_error): an ambiguous attempt may hide behind a
+#: later clean connect error.
+ATTEMPT_LOG = "egressd.attempt_log"
+#: Attribute marking a call that a failover stage sends to a fallback.
+FAILOVER_CALL = "egressd.failover_call"
+LEDGER_TTL = 400 * 86400.0  # refunds may come months later
+AMBIGUOUS_KINDS = frozenset({"timeout", "reset", "protocol_error"})
+
+
+def ledger_key(source: str, object_id: str) -> str:
+    """Routing-ledger key: which upstream owns `object_id` created for calls routed to `source`."""
+    return f"{source}:route:{object_id}"
+
+
+def _condition(result: Response | ProxyError, on_codes: frozenset[int], on_words: frozenset[str]) -> str | None:
+    """The listed condition this result meets, or None."""
+    if isinstance(result, Response):
+        if result.status in on_codes:
+            return str(result.status)
+        if "exhausted" in on_words and is_exhausted(result) and result.status >= 500:
+            return "exhausted"
+        return None
+    if result.code == "circuit_open" and "circuit_open" in on_words:
+        return "circuit_open"
+    if result.detail == "connect_error" and "connect_error" in on_words:
+        return "connect_error"
+    if result.code == "upstream_timeout" and result.detail != "connect_error" and "timeout" in on_words:
+        return "timeout"
+    if is_exhausted(result) and "exhausted" in on_words:
+        return "exhausted"
+    if result.status in on_codes:
+        return str(result.status)
+    return None
+
+
+class FailoverStage:
+    name = "failover"
+
+    def __init__(self, ctx: StageContext, rules: list[Failover]) -> None:
+        self.ctx = ctx
+        self.rules = rules
+        self.source = ctx.policy.upstream
+        self.max_body = ctx.policy.limits.max_body
+        self._on = [
+            (
+                frozenset(v for v in r.on if isinstance(v, int)),
+                frozenset(v for v in r.on if isinstance(v, str)),
+            )
+            for r in rules
+        ]
+
+    # -- the stage ---------------------------------------------------------------------------
+    async def __call__(self, call: Call, nxt: Handler) -> Response:
+        if call.attr(FAILOVER_CALL):
+            return await nxt(call)  # a call made by another upstream's failover: never chain
+        body = call.body
+        if not body.buffered and (body.length is None or body.length <= self.max_body):
+            await body.read()  # translation needs the whole body; bounded by limits.max_body
+        request = self._wire(call)
+
+        sticky = await self._sticky(call, request)
+        if sticky is not None:
+            return sticky
+
+        attempts: list[str] = []
+        primary_call = call.with_attr(ATTEMPT_LOG, attempts)
+        result: Response | ProxyError
+        try:
+            result = await nxt(primary_call)
+        except ProxyError as exc:
+            result = exc
+        matched = [
+            (rule, cond)
+            for rule, (codes, words) in zip(self.rules, self._on, strict=True)
+            if (cond := _condition(result, codes, words)) is not None
+        ]
+        if not matched or not body.buffered:
+            return self._pass(result)
+
+        if call.method.upper() in UNSAFE_METHODS and self._ambiguous(result, attempts):
+            probed = await self._probe(call, nxt, request)
+            if isinstance(probed, Response):
+                return probed
+            if probed != "not_processed":
+                return self._refused(call, result, matched[0][0].to, "ambiguous", "the primary may have processed it")
+
+        first_refusal: tuple[str, str, str] | None = None
+        for rule, _cond in matched:
+            outcome = await self._run(call, request, rule, {}, result)
+            if isinstance(outcome, Response):
+                await self._close(result)
+                return outcome
+            if first_refusal is None:
+                first_refusal = (rule.to, outcome.reason, outcome.detail)
+        assert first_refusal is not None
+        return self._refused(call, result, *first_refusal)
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _wire(self, call: Call) -> WireRequest:
+        return WireRequest(
+            call.method.upper(),
+            call.path,
+            call.query,
+            {k: v for k, v in call.headers.items()},
+            call.body.data if call.body.buffered else b"",
+        )
+
+    def _pass(self, result: Response | ProxyError) -> Response:
+        if isinstance(result, ProxyError):
+            raise result
+        return result
+
+    @staticmethod
+    async def _close(result: Response | ProxyError) -> None:
+        if isinstance(result, Response):
+            await result.close()
+
+    @staticmethod
+    def _ambiguous(result: Response | ProxyError, attempts: list[str]) -> bool:
+        if any(kind in AMBIGUOUS_KINDS for kind in attempts):
+            return True
+        return isinstance(result, ProxyError) and result.detail in AMBIGUOUS_KINDS
+
+    async def _probe(self, call: Call, nxt: Handler, request: WireRequest) -> Response | str:
+        probe = self.ctx.plugin.ambiguity_probe(request)
+        if probe is None or self.ctx.clock.now() >= call.deadline:
+            return "unknown"
+        headers = CIMultiDict(call.headers)
+        for k, v in probe.headers.items():
+            headers[k] = v
+        probe_call = call.replace(
+            method=probe.method, path=probe.path, query=probe.query, body=RequestBody(data=probe.body)
+        ).with_headers(headers)
+        attempts: list[str] = []
+        try:
+            response = await nxt(probe_call.with_attr(ATTEMPT_LOG, attempts))
+        except ProxyError:
+            return "unknown"
+        data = await response.read(self.max_body)
+        verdict = self.ctx.plugin.probe_verdict(WireAnswer(response.status, dict(response.headers), data))
+        if verdict == "processed":
+            response.failover = "skipped; reason=ambiguous; probe=answered"
+            return response
+        return verdict
+
+    async def _sticky(self, call: Call, request: WireRequest) -> Response | None:
+        ids = self.ctx.plugin.references(request)
+        if not ids:
+            return None
+        records: dict[str, Mapping[str, Any]] = {}
+        for object_id in ids:
+            raw = await self.ctx.state.kv_get(ledger_key(self.source, object_id))
+            if raw is not None:
+                try:
+                    records[object_id] = json.loads(raw)
+                except ValueError:
+                    continue
+        owners = {str(r.get("owner")) for r in records.values()}
+        if not owners:
+            return None
+        owner = sorted(owners)[0]
+        rule = next((r for r in self.rules if r.to == owner), None) or Failover(to=owner, on=["circuit_open"])
+        outcome = await self._run(call, request, rule, records, None)
+        if isinstance(outcome, Response):
+            return outcome
+        error = ProxyError("bad_request", f"{request.method} {request.path} cannot be expressed at {owner}: {outcome}")
+        return self._refused(call, error, owner, outcome.reason, outcome.detail)
+
+    def _context(
+        self, call: Call, rule: Failover, target: UpstreamHandle, records: Mapping[str, Mapping[str, Any]]
+    ) -> FailoverContext:
+        return FailoverContext(
+            source=self.source,
+            target=target.name,
+            payment_methods=dict(rule.crosswalk.payment_methods),
+            templates=dict(rule.crosswalk.templates),
+            allow_lossy=rule.allow_lossy,
+            idempotency_key=call.idempotency_key
+            or call.headers.get(self.ctx.plugin.idempotency_header or "Idempotency-Key"),
+            request_id=call.request_id,
+            now=self.ctx.clock.wall(),
+            records=records,
+            source_settings=dict(self.ctx.plugin.settings),
+            target_settings=dict(target.plugin.settings),
+            live="sandbox" not in target.policy.target and not target.policy.target.startswith("http://"),
+        )
+
+    async def _run(
+        self,
+        call: Call,
+        request: WireRequest,
+        rule: Failover,
+        records: Mapping[str, Mapping[str, Any]],
+        primary: Response | ProxyError | None,
+    ) -> Response | Refused:
+        """Fail over under `rule`: a translated Response, or the Refused reason."""
+        target = self.ctx.lookup(rule.to)
+        if target is None:
+            return Refused("fallback_unavailable", f"upstream {rule.to} is not loaded")
+        translator = self.ctx.plugin.failover_to(target.plugin)
+        if translator is None:
+            return Refused("no_translation", f"no translation from {self.ctx.plugin.name} to {target.plugin.name}")
+        if target.policy.auth is None:
+            return Refused("fallback_without_auth", f"upstream {rule.to} has no auth of its own")
+        run = translator(request, self._context(call, rule, target, records))
+        attempts = 0
+        try:
+            step = next(run)
+        except Refused as refused:
+            return refused
+        except StopIteration as stop:
+            return await self._finish(stop.value, target, attempts)
+        while True:
+            try:
+                answer, n = await self._send(call, target, step)
+            except ProxyError as exc:
+                run.close()
+                return self._failed(call, exc, target.name)
+            attempts += n
+            try:
+                step = run.send(answer)
+            except StopIteration as stop:
+                return await self._finish(stop.value, target, attempts)
+            except Refused as refused:  # after a send: the fallback may have acted
+                stopped = ProxyError("upstream_unreachable", f"failover to {target.name} stopped: {refused}")
+                return self._failed(call, stopped, target.name)
+
+    async def _send(self, call: Call, target: UpstreamHandle, step: WireRequest) -> tuple[WireAnswer, int]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        for k, v in step.headers.items():
+            headers[k] = v
+        headers["X-Request-Id"] = call.request_id
+        idem = target.plugin.idempotency_header
+        key = step.headers.get(idem) if idem else None
+        fcall = Call(
+            method=step.method,
+            upstream=target.name,
+            path=step.path,
+            query=step.query,
+            headers=CIMultiDictProxy(headers),
+            body=RequestBody(data=step.body),
+            deadline=call.deadline,
+            started=call.started,
+            request_id=call.request_id,
+            route=call.route or self.source,
+            idempotency_key=key,
+            attrs=((FAILOVER_CALL, self.source),),
+        )
+        response = await target.handle(fcall)
+        data = await response.read(target.policy.limits.max_body)
+        if response.error_code is not None and response.status >= 500:
+            raise ProxyError(
+                response.error_code, f"fallback {target.name}: {response.error_code}", status=response.status
+            )
+        return WireAnswer(response.status, {k: v for k, v in response.headers.items()}, data), max(response.attempts, 1)
+
+    async def _finish(self, translated: Translated, target: UpstreamHandle, attempts: int) -> Response:
+        for object_id, record in translated.ledger:
+            await self.ctx.state.kv_set(
+                ledger_key(self.source, object_id), json.dumps(record, default=str).encode(), ttl=LEDGER_TTL
+            )
+        answer = translated.answer
+        headers: CIMultiDict[str] = CIMultiDict()
+        for k, v in answer.headers.items():
+            headers[k] = v
+        self.ctx.events.emit(FailoverResult(self.source, target.name, "used"))
+        return Response(
+            answer.status,
+            headers,
+            body=answer.body,
+            upstream=target.name,
+            attempts=attempts,
+            failover=f"used; from={self.source}",
+            notes={"failover_to": target.name},
+        )
+
+    def _failed(self, call: Call, exc: ProxyError, target: str) -> Response:
+        self.ctx.events.emit(FailoverResult(self.source, target, "failed", exc.code))
+        shaped = ProxyError(exc.code, f"failover to {target} failed: {exc.message}", status=exc.status)
+        response = error_response(shaped, request_id=call.request_id, plugin=self.ctx.plugin, upstream=target)
+        response.failover = f"failed; to={target}; reason={exc.code}"
+        response.notes["detail"] = exc.detail
+        return response
+
+    def _refused(
+        self, call: Call, primary: Response | ProxyError, target: str, reason: str, detail: str = ""
+    ) -> Response:
+        self.ctx.events.emit(FailoverResult(self.source, target, "refused", reason))
+        log.info("failover refused", extra={"upstream": self.source, "to": target, "reason": reason, "detail": detail})
+        if isinstance(primary, Response):
+            response = primary
+        else:
+            response = error_response(primary, request_id=call.request_id, plugin=self.ctx.plugin, upstream=self.source)
+            response.notes["detail"] = primary.detail
+        response.failover = f"refused; reason={reason}"
+        return response
+
+
+def build(ctx: StageContext) -> FailoverStage | None:
+    rules = list(ctx.policy.failover)
+    if not rules:
+        return None
+    return FailoverStage(ctx, rules)
