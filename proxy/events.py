@@ -7,11 +7,10 @@ log lines and status data. Stages never import prometheus_client or logging hand
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class CallFinished:
+class CallFinished(NamedTuple):
     """One proxied call is answered (emitted once per call, by the server)."""
 
     route: str
@@ -30,8 +29,7 @@ class CallFinished:
     detail: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class AttemptFinished:
+class AttemptFinished(NamedTuple):
     """One try to an upstream ended; result is a status class or an error kind."""
 
     upstream: str
@@ -40,73 +38,62 @@ class AttemptFinished:
     duration: float
 
 
-@dataclass(frozen=True, slots=True)
-class RetryScheduled:
+class RetryScheduled(NamedTuple):
     upstream: str
     reason: str  # the status code or error kind that caused it
     delay: float
 
 
-@dataclass(frozen=True, slots=True)
-class RetrySkipped:
+class RetrySkipped(NamedTuple):
     upstream: str
     reason: str  # unsafe | budget | deadline | not_replayable | should_retry_false
 
 
-@dataclass(frozen=True, slots=True)
-class CircuitChanged:
+class CircuitChanged(NamedTuple):
     upstream: str
     state: str  # closed | half_open | open
     previous: str
 
 
-@dataclass(frozen=True, slots=True)
-class RateLimitWaited:
+class RateLimitWaited(NamedTuple):
     upstream: str
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
-class RateLimited:
+class RateLimited(NamedTuple):
     upstream: str
     reason: str  # queue_full | max_wait | paused
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamPaused:
+class UpstreamPaused(NamedTuple):
     upstream: str
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
-class CacheResult:
+class CacheResult(NamedTuple):
     upstream: str
     result: str  # hit | miss | stale | bypass | store
 
 
-@dataclass(frozen=True, slots=True)
-class FailoverResult:
+class FailoverResult(NamedTuple):
     source: str
     target: str
     result: str  # used | refused | failed
     reason: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class IdempotencyResult:
+class IdempotencyResult(NamedTuple):
     upstream: str
     result: str  # replayed | mismatch | joined | generated | fingerprint_duplicate
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigReloaded:
+class ConfigReloaded(NamedTuple):
     result: str  # success | failure
     version: str | None
     problems: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class StateBackendError:
+class StateBackendError(NamedTuple):
     backend: str
     operation: str
     error: str

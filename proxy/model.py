@@ -7,10 +7,9 @@ object. A `Call` is immutable; a stage that needs a changed call makes one with
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -104,9 +103,9 @@ class RequestBody:
             yield chunk
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One proxied call as the stages see it."""
+class Call(NamedTuple):
+    """One proxied call as the stages see it: immutable (a NamedTuple, cheap to build on
+    every call); a stage that needs a changed call makes one with `call.replace(...)`."""
 
     method: str
     upstream: str  # the policy (upstream name) that handles this call now
@@ -122,10 +121,10 @@ class Call:
     attrs: tuple[tuple[str, Any], ...] = ()  # small immutable annotations from stages
 
     def replace(self, **changes: Any) -> Call:
-        return dataclasses.replace(self, **changes)
+        return self._replace(**changes)
 
     def with_headers(self, headers: CIMultiDict[str]) -> Call:
-        return dataclasses.replace(self, headers=CIMultiDictProxy(headers))
+        return self._replace(headers=CIMultiDictProxy(headers))
 
     def attr(self, name: str, default: Any = None) -> Any:
         for key, value in self.attrs:
@@ -134,7 +133,7 @@ class Call:
         return default
 
     def with_attr(self, name: str, value: Any) -> Call:
-        return dataclasses.replace(self, attrs=(*[(k, v) for k, v in self.attrs if k != name], (name, value)))
+        return self._replace(attrs=(*[(k, v) for k, v in self.attrs if k != name], (name, value)))
 
     @property
     def target_path(self) -> str:

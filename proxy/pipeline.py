@@ -10,6 +10,7 @@ Why this order: docs/design.md, "Stage order".
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import import_module
@@ -98,10 +99,8 @@ class Pipeline:
 
 
 def _bind(stage: Stage, nxt: Handler) -> Handler:
-    async def run(call: Call) -> Response:
-        return await stage(call, nxt)
-
-    return run
+    # A partial, not a wrapper coroutine: one frame less per stage on every call.
+    return functools.partial(stage.__call__, nxt=nxt)
 
 
 def build_pipeline(ctx: StageContext, terminal: Handler) -> Pipeline:

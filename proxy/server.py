@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import signal
-import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,9 @@ from proxy.state.memory import MemoryState
 from proxy.transport import strip_hop_by_hop
 
 log = logging.getLogger("egressd")
+# Start-up lines ("... listening on HOST:PORT") are printed at any --log-level: tools and
+# operators rely on them to learn ports picked with :0. configure_logging pins this logger.
+lifecycle = logging.getLogger("egressd.lifecycle")
 
 # Small request bodies are read at once (one read, replayable for retries); larger ones stream.
 READ_WHOLE_UP_TO = 64 * 1024
@@ -96,7 +98,8 @@ class EgressServer:
         self.status = StatusBoard()
         self.events.subscribe(self.metrics)
         self.events.subscribe(self.status)
-        self.events.subscribe(AccessLog())
+        self.access_log = AccessLog()
+        self.events.subscribe(self.access_log)
         self.draining = False
         self.ready = False
         self.last_reload: dict[str, Any] | None = None
@@ -152,7 +155,7 @@ class EgressServer:
         host, port = str(bound[0]), int(bound[1])
         self._runners[key] = runner
         self.addresses[key] = (host, port)
-        log.info(
+        lifecycle.info(
             f"{key} listening on {_fmt_addr(host, port)}", extra={"listener": key, "address": _fmt_addr(host, port)}
         )
         if key == "admin" and host not in ("127.0.0.1", "::1", "localhost"):
@@ -207,6 +210,7 @@ class EgressServer:
             await runner.cleanup()
         await self.runtime.close()
         await self.state.close()
+        self.access_log.flush()
 
     # -- reload --------------------------------------------------------------------------
     def _scan_files(self) -> dict[str, tuple[float, int]]:
@@ -291,7 +295,7 @@ class EgressServer:
 
     async def _handle(self, request: web.BaseRequest, fixed: str | None, started: float) -> web.StreamResponse:
         incoming = request.headers.get("X-Request-Id")
-        request_id = incoming if incoming and _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        request_id = incoming if incoming and _REQUEST_ID.fullmatch(incoming) else os.urandom(16).hex()
         rt: UpstreamRuntime | None = None
         route = fixed or ""
         path = request.raw_path
@@ -339,7 +343,7 @@ class EgressServer:
             body = RequestBody(data=await request.read())
         else:
             body = RequestBody(source=request.content.iter_chunked(64 * 1024), length=length, max_body=max_body)
-        headers = strip_hop_by_hop(request.headers.items(), drop=_DROP_REQUEST_HEADERS)
+        headers = strip_hop_by_hop(request.headers, drop=_DROP_REQUEST_HEADERS)
         headers["X-Request-Id"] = request_id
         return Call(
             method=request.method,
@@ -498,11 +502,13 @@ class EgressServer:
 async def serve(settings: Settings, *, stop_event: asyncio.Event | None = None) -> int:
     """`egressd run`: serve until SIGTERM/SIGINT, reload on SIGHUP and on file changes."""
     state: StateBackend | None = None
+    events = EventBus()
     if settings.redis_url:
-        from proxy.state.redis import RedisState  # type: ignore[import-not-found,unused-ignore]
+        # Redis wrapped with a time budget and a local fallback: Redis trouble never fails a call.
+        from proxy.state.resilient import open_shared_state
 
-        state = RedisState(settings.redis_url, prefix=settings.redis_prefix)
-    server = EgressServer(settings, state=state)
+        state = open_shared_state(settings.redis_url, prefix=settings.redis_prefix, events=events)
+    server = EgressServer(settings, state=state, events=events)
     try:
         await server.start()
     except StartupError as exc:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 import aiohttp
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from proxy.clock import Clock
@@ -49,12 +49,19 @@ BUFFER_ANSWERS_UP_TO = 256 * 1024
 STREAM_CHUNK = 64 * 1024
 
 
-def strip_hop_by_hop(headers: Iterable[tuple[str, str]], *, drop: Iterable[str] = ()) -> CIMultiDict[str]:
+def strip_hop_by_hop(headers: MultiMapping[str], *, drop: Iterable[str] = ()) -> CIMultiDict[str]:
     """Copy headers without hop-by-hop fields and without those named in `Connection`."""
-    pairs = list(headers)
-    named = {h.strip().lower() for k, v in pairs if k.lower() == "connection" for h in v.split(",") if h.strip()}
-    skip = HOP_BY_HOP | named | {d.lower() for d in drop}
-    return CIMultiDict((k, v) for k, v in pairs if k.lower() not in skip)
+    out = CIMultiDict(headers)
+    named = out.getall("Connection", ())
+    for name in HOP_BY_HOP:
+        out.popall(name, None)
+    for name in drop:
+        out.popall(name, None)
+    for value in named:  # the rare slow path: fields the sender declared connection-specific
+        for token in value.split(","):
+            if token.strip():
+                out.popall(token.strip(), None)
+    return out
 
 
 def _auth_headers(policy: Policy) -> dict[str, str]:
@@ -169,19 +176,24 @@ class Transport:
         if data is not None and not isinstance(data, bytes):
             data = _watch(data, sent_body_error)
         resp: aiohttp.ClientResponse | None = None
+        # aiohttp's own timers bound the try: `sock_read` (the attempt timeout) fires when the
+        # upstream sends nothing for that long, before or between answer bytes; `total` is
+        # what is left of the call's deadline and also bounds a streamed answer.
+        timeout = aiohttp.ClientTimeout(
+            total=call.deadline - started, connect=self._connect_timeout, sock_read=budget
+        )
         try:
-            async with asyncio.timeout(budget):
-                resp = await self.session().request(
-                    call.method, url, headers=headers, data=data, allow_redirects=False, compress=False
-                )
-                length = resp.content_length
-                if call.method == "HEAD" or resp.status in (204, 304):
-                    payload: bytes | None = b""
-                    resp.release()
-                elif length is not None and length <= BUFFER_ANSWERS_UP_TO:
-                    payload = await resp.read()
-                else:
-                    payload = None
+            resp = await self.session().request(
+                call.method, url, headers=headers, data=data, allow_redirects=False, compress=False, timeout=timeout
+            )
+            length = resp.content_length
+            if call.method == "HEAD" or resp.status in (204, 304):
+                payload: bytes | None = b""
+                resp.release()
+            elif length is not None and length <= BUFFER_ANSWERS_UP_TO:
+                payload = await resp.read()
+            else:
+                payload = None
         except ProxyError:
             raise
         except BaseException as exc:
@@ -193,10 +205,13 @@ class Transport:
                 raise
             err = self._map_error(exc, budget)
             self._attempt_event(err.detail or "error", None, started)
+            attempt_log = call.attr("egressd.attempt_log")  # read by the failover stage
+            if isinstance(attempt_log, list):
+                attempt_log.append(err.detail or "error")
             raise err from exc
         assert resp is not None
         self._attempt_event(_status_class(resp.status), resp.status, started)
-        out_headers = strip_hop_by_hop(resp.headers.items(), drop=("content-length",) if payload is not None else ())
+        out_headers = strip_hop_by_hop(resp.headers, drop=("content-length",) if payload is not None else ())
         if payload is not None:
             return Response(resp.status, out_headers, body=payload, upstream=self.name, attempts=1)
         return Response(
@@ -210,14 +225,12 @@ class Transport:
         )
 
     async def _stream(self, resp: aiohttp.ClientResponse, deadline: float) -> AsyncIterator[bytes]:
+        # The request's timers (idle `sock_read`, `total` = the call's deadline) keep running
+        # while the answer streams, so a stalled or drip-fed answer ends by the deadline.
         try:
             while True:
-                remaining = deadline - self.clock.now()
-                if remaining <= 0:
-                    raise ProxyError("upstream_timeout", "the call's total time ran out while streaming the answer")
                 try:
-                    async with asyncio.timeout(remaining):
-                        chunk = await resp.content.readany()
+                    chunk = await resp.content.readany()
                 except TimeoutError as exc:
                     raise ProxyError("upstream_timeout", "the answer stalled", detail="timeout") from exc
                 except aiohttp.ClientError as exc:
