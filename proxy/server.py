@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import re
 import signal
 from collections.abc import Callable, Coroutine
@@ -295,7 +296,7 @@ class EgressServer:
 
     async def _handle(self, request: web.BaseRequest, fixed: str | None, started: float) -> web.StreamResponse:
         incoming = request.headers.get("X-Request-Id")
-        request_id = incoming if incoming and _REQUEST_ID.fullmatch(incoming) else os.urandom(16).hex()
+        request_id = incoming if incoming and _REQUEST_ID.fullmatch(incoming) else f"{random.getrandbits(128):032x}"
         rt: UpstreamRuntime | None = None
         route = fixed or ""
         path = request.raw_path

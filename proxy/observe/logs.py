@@ -114,33 +114,32 @@ class AccessLog:
         target = self._target()
         if target is None:
             return
-        fmt = target[1]
         path, _, query = event.path.partition("?")
+        if query:
+            path += "?" + redact_query(query)
         stamp = _now_iso()
-        fields: dict[str, object] = {
-            "time": stamp,
-            "level": "info",
-            "logger": "egressd.access",
-            "msg": "call",
-            "request_id": event.request_id,
-            "upstream": event.upstream,
-            "route": event.route,
-            "method": event.method,
-            "path": path + ("?" + redact_query(query) if query else ""),
-            "status": event.status,
-            "outcome": event.outcome,
-            "attempts": event.attempts,
-            "duration_ms": round(event.duration * 1000, 3),
-            "cache": event.cache,
-            "failover": event.failover,
-            "error_code": event.error_code,
-            "detail": event.detail,
-        }
-        if fmt == "json":
-            line = json.dumps(fields, separators=(",", ":"), default=str)
+        if target[1] == "json":
+            # Hand-built: names, ids and codes are plain tokens by construction (routing and
+            # request-id validation); anything that may hold arbitrary text goes through json.dumps.
+            line = (
+                f'{{"time":"{stamp}","level":"info","logger":"egressd.access","msg":"call",'
+                f'"request_id":"{event.request_id}","upstream":"{event.upstream}","route":"{event.route}",'
+                f'"method":{_js(event.method)},"path":{_js(path)},"status":{event.status},'
+                f'"outcome":"{event.outcome}","attempts":{event.attempts},'
+                f'"duration_ms":{round(event.duration * 1000, 3)},"cache":{_js(event.cache)},'
+                f'"failover":{_js(event.failover)},"error_code":{_js(event.error_code)},"detail":{_js(event.detail)}}}'
+            )
         else:
-            head = f"{stamp[11:19]} INFO    egressd.access: call "
-            line = head + " ".join(f"{k}={v}" for k, v in list(fields.items())[4:] if v is not None)
+            pairs = (
+                ("request_id", event.request_id), ("upstream", event.upstream), ("route", event.route),
+                ("method", event.method), ("path", path), ("status", event.status), ("outcome", event.outcome),
+                ("attempts", event.attempts), ("duration_ms", round(event.duration * 1000, 3)),
+                ("cache", event.cache), ("failover", event.failover), ("error_code", event.error_code),
+                ("detail", event.detail),
+            )
+            line = f"{stamp[11:19]} INFO    egressd.access: call " + " ".join(
+                f"{k}={v}" for k, v in pairs if v is not None
+            )
         self._buffer.append(line)
         self._size += len(line) + 1
         if self._size >= 65536:
@@ -170,6 +169,10 @@ class AccessLog:
             target[0].flush()
         except (OSError, ValueError):
             pass  # a closed or broken log stream must not break calls
+
+
+def _js(value: object) -> str:
+    return "null" if value is None else json.dumps(value)
 
 
 _second: list[Any] = [0, ""]  # the last whole second formatted, reused within that second
