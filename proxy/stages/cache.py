@@ -1,6 +1,6 @@
 """Response cache: fresh answers from the state backend, coalesced misses, stale-if-error.
 
-Rules (docs/stages-records.md, "Cache"):
+Rules (docs/resilience.md, "Cache"):
 
 * Only methods in `cache.methods`. The key is sha256 over the method, the full target
   URL (`policy.target` + path + query), the credentials hash (proxy.credentials) and the

@@ -8,7 +8,7 @@ this process already waiting, gets 429 `rate_limited` with a `Retry-After`.
 
 With `respect_upstream`, an upstream answer that names a wait (429 + `Retry-After`, or
 `X-RateLimit-Remaining: 0` + a reset) pauses the whole budget of this upstream (every
-replica with Redis) until then; docs/stages-limits.md lists the headers understood.
+replica with Redis) until then; docs/resilience.md ("rate_limit") lists the headers understood.
 """
 
 from __future__ import annotations
