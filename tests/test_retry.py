@@ -482,3 +482,38 @@ async def test_retry_circuit_ratelimit_chain_honours_upstream_pause() -> None:
     limiter = pipeline.stages[2]
     assert isinstance(limiter, RateLimitStage)
     assert (await limiter.snapshot())["paused_for"] == 0
+
+
+@pytest.mark.parametrize(("dedupes", "sends"), [(True, 2), (False, 1), (None, 1)])
+async def test_policy_can_declare_that_a_generic_upstream_dedupes_by_key(dedupes: bool | None, sends: int) -> None:
+    """A timed-out keyed POST to a generic upstream is resent only when the policy says it dedupes."""
+    clock = FakeClock()
+    idem: dict[str, Any] = {"replay_ttl": "0s"}
+    if dedupes is not None:
+        idem["upstream_dedupes"] = dedupes
+    policy = Policy.model_validate(
+        {
+            "upstream": "up",
+            "target": "http://127.0.0.1:9",
+            "idempotency": idem,
+            "retry": {"attempts": 3, "backoff": {"initial": 0.01, "jitter": "none"}, "on": ["timeout"]},
+        }
+    )
+    ctx = StageContext(
+        policy=policy,
+        clock=clock,
+        events=EventBus(),
+        state=MemoryState(clock),
+        plugin=GenericPlugin(),
+        lookup=lambda name: None,
+    )
+    stage = build(ctx)
+    assert stage is not None
+    up = Upstream(clock, [timeout(), resp(200)])
+    call = make_call(clock, "POST", headers={"Idempotency-Key": "k-1"}, body=RequestBody(data=b"a=1"))
+    if sends == 2:
+        assert (await stage(call, up)).status == 200
+    else:
+        with pytest.raises(ProxyError):
+            await stage(call, up)
+    assert len(up.calls) == sends

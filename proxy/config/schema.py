@@ -486,6 +486,10 @@ class Idempotency(_Model):
     replay_ttl: Duration = Field(default="24h", validate_default=True)
     fingerprint_window: Duration = Field(default="0s", validate_default=True)
     max_entries: int = Field(default=100000, ge=1)
+    # Does the upstream itself deduplicate requests carrying `header`? Then an unsafe call
+    # with a key may be retried even after it may have reached the upstream. None: the
+    # provider plugin knows (Stripe and PayPal yes; SendGrid, Mailgun and generic no).
+    upstream_dedupes: bool | None = None
 
 
 CacheMethod = Literal["GET", "HEAD"]

@@ -130,7 +130,11 @@ class RetryStage:
     def _safe(self, call: Call, result: Response | ProxyError) -> bool:
         if call.method.upper() not in UNSAFE_METHODS:
             return True
-        if self.ctx.plugin.honours_idempotency(call.method, call.path, call.headers):
+        idem = self.ctx.policy.idempotency
+        if idem is not None and idem.upstream_dedupes is not None:
+            if idem.upstream_dedupes and call.headers.get(idem.header):
+                return True
+        elif self.ctx.plugin.honours_idempotency(call.method, call.path, call.headers):
             return True
         return self._never_reached(result)
 
