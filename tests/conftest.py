@@ -84,3 +84,52 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[E
 def proxy_url(server: EgressServer, key: str = "main") -> str:
     host, port = server.addresses[key]
     return f"http://{host}:{port}"
+
+
+# ==== Redis (issue 4): real redis-server fixtures and the backend-parameterised factory ====
+# Owned by the shared-state work; kept in one block so other edits above do not collide.
+# `state_backend_factory` serves tests/test_state_limits.py and tests/test_state_records.py.
+
+from collections.abc import Iterator  # noqa: E402
+
+from proxy.clock import Clock  # noqa: E402
+from proxy.state.base import StateBackend  # noqa: E402
+from tests.redis_server import RedisCluster, RedisServer, running_cluster, running_redis  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the session (tests isolate themselves with a unique prefix)."""
+    with running_redis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A 3-master Redis Cluster for the session, started on first use."""
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+async def state_backend_factory(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[Clock], StateBackend]]:
+    import uuid
+
+    from proxy.state.memory import MemoryState
+    from proxy.state.redis import RedisState
+
+    if request.param == "memory":
+        yield lambda clock: MemoryState(clock)
+        return
+    fixture = "redis_server" if request.param == "redis" else "redis_cluster"
+    url = request.getfixturevalue(fixture).url
+    made: list[RedisState] = []
+
+    def factory(clock: Clock) -> StateBackend:
+        state = RedisState(url, prefix=f"test-{uuid.uuid4().hex[:8]}:", clock=clock)
+        made.append(state)
+        return state
+
+    yield factory
+    for state in made:
+        await state.close()

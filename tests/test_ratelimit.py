@@ -6,6 +6,7 @@ import asyncio
 import itertools
 from typing import Any
 
+import aiohttp
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -268,3 +269,38 @@ def test_build_without_rate_limit() -> None:
         lookup=lambda name: None,
     )
     assert build(ctx) is None
+
+
+# -- shared vs per-replica budgets with a real Redis ------------------------------------------
+
+
+@pytest.mark.parametrize(("shared", "second_status"), [(True, 429), (False, 200)])
+async def test_shared_flag_decides_whether_replicas_split_one_budget(
+    redis_server: Any, run_app: Any, start_proxy: Any, shared: bool, second_status: int
+) -> None:
+    """Two replicas on one Redis: `shared: true` is one budget, `shared: false` one each."""
+    import uuid
+
+    from aiohttp import web
+
+    from proxy.state.resilient import open_shared_state
+    from tests.conftest import proxy_url
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/x", ok)
+    up = await run_app(app)
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    policy = [{"upstream": "up", "target": up.url, "rate_limit": {"rate": "1/m", "burst": 1, "shared": shared}}]
+    replicas = []
+    for _ in range(2):
+        state = open_shared_state(redis_server.url, prefix=prefix)
+        await state.connect()
+        replicas.append(await start_proxy(policy, state=state))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy_url(replicas[0]) + "/up/x") as resp:
+            assert resp.status == 200
+        async with session.get(proxy_url(replicas[1]) + "/up/x") as resp:
+            assert resp.status == second_status

@@ -16,13 +16,7 @@ from proxy.state.base import CircuitSettings, StateBackend
 from proxy.state.memory import MemoryState
 
 BackendFactory = Callable[[Clock], StateBackend]
-
-
-@pytest.fixture(params=["memory"], ids=["memory"])
-def state_backend_factory(request: pytest.FixtureRequest) -> BackendFactory:
-    if request.param == "memory":
-        return lambda clock: MemoryState(clock)
-    raise AssertionError(request.param)
+# `state_backend_factory` (memory, redis, redis-cluster) lives in tests/conftest.py.
 
 
 @pytest.fixture

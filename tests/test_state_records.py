@@ -15,13 +15,7 @@ from proxy.state.base import StateBackend, StoredResponse
 from proxy.state.memory import MemoryState
 
 BackendFactory = Callable[[Clock], StateBackend]
-
-
-@pytest.fixture(params=["memory"])
-def state_backend_factory(request: pytest.FixtureRequest) -> BackendFactory:
-    if request.param == "memory":
-        return lambda clock: MemoryState(clock)
-    raise AssertionError(request.param)  # pragma: no cover
+# `state_backend_factory` (memory, redis, redis-cluster) lives in tests/conftest.py.
 
 
 @pytest.fixture

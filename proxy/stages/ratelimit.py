@@ -85,6 +85,9 @@ class RateLimitStage:
         retry = ctx.policy.retry
         self.max_pause = retry.max_retry_after if retry is not None else DEFAULT_MAX_PAUSE
         self.waiting = 0  # callers of this process sleeping in the queue now
+        # `shared: false` keeps the budget in this process even when --redis is on; an
+        # upstream's pause (respect_upstream) is still shared through ctx.state.
+        self.limiter = ctx.state if rl.shared else getattr(ctx.state, "local", ctx.state)
 
     async def __call__(self, call: Call, nxt: Handler) -> Response:
         await self._admit(call)
@@ -113,7 +116,9 @@ class RateLimitStage:
                 continue
             full = self.max_wait > 0 and self.waiting >= self.max_size
             room = 0.0 if full else max(give_up - clock.now(), 0.0)
-            decision = await state.rate_take(self.key, interval=self.interval, burst=self.burst, max_wait=room)
+            decision = await self.limiter.rate_take(
+                self.key, interval=self.interval, burst=self.burst, max_wait=room
+            )
             if not decision.allowed:
                 self._reject("queue_full" if full else "max_wait", decision.wait)
             if decision.wait <= 0:
@@ -146,6 +151,8 @@ class RateLimitStage:
             "rate_per_second": 1.0 / self.interval,
             "burst": self.burst,
             "waiting": self.waiting,
+            "queue_max_size": self.max_size,
+            "queue_max_wait": self.max_wait,
             "paused_for": await self.ctx.state.paused_for(self.key),
         }
 

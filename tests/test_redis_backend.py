@@ -1,0 +1,348 @@
+"""The Redis backend against real redis-server processes, and the fallback around it.
+
+The protocol semantics are in tests/test_state_limits.py and tests/test_state_records.py
+(parameterised over memory, redis and a 3-node redis-cluster). Here: what only Redis
+has (scripts, TTLs, URL forms, server time) and what happens when Redis misbehaves
+(killed and restarted, frozen, scripts flushed) underneath `ResilientState`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.events import Event, EventBus, StateBackendError
+from proxy.fakes.server import FakeServer
+from proxy.server import EgressServer
+from proxy.state.base import CircuitSettings, StoredResponse
+from proxy.state.memory import MemoryState
+from proxy.state.redis import RedisState, connect, decode_response, encode_response
+from proxy.state.resilient import ResilientState, open_shared_state
+from tests.conftest import proxy_url
+from tests.redis_server import RedisSentinel, RedisServer, require_redis
+
+CB = CircuitSettings(window=10.0, min_requests=4, failure_rate=0.5, open_for=30.0, half_open_requests=1)
+
+
+def _prefix() -> str:
+    return f"t-{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test alone (it gets killed, frozen or restarted)."""
+    require_redis()
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+async def resilient() -> AsyncIterator[Callable[..., Awaitable[ResilientState]]]:
+    made: list[ResilientState] = []
+
+    async def make(url: str, *, prefix: str, events: EventBus | None = None, **kwargs: Any) -> ResilientState:
+        kwargs.setdefault("probe_interval", 0.05)
+        kwargs.setdefault("heartbeat_interval", 0.05)
+        state = ResilientState(RedisState(url, prefix=prefix), MemoryState(), events, **kwargs)
+        made.append(state)
+        assert await state.connect()
+        return state
+
+    yield make
+    for state in made:
+        await state.close()
+
+
+async def _wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def answer(body: bytes = b"{}") -> StoredResponse:
+    return StoredResponse(200, (("Content-Type", "application/json"),), body, 1_800_000_000.0)
+
+
+# -- the backend itself ------------------------------------------------------------------
+
+
+async def test_key_layout_uses_the_scope_as_hash_tag() -> None:
+    state = RedisState("redis://127.0.0.1:1/0", prefix="egressd:")
+    assert state.key("stripe:idem:3f2a|abc", "idem") == "egressd:{stripe:idem:3f2a}|abc:idem"
+    assert state.key("stripe:rl:3f2a", "gcra") == "egressd:{stripe:rl:3f2a}:gcra"
+    await state.close()
+
+
+def test_stored_response_encoding_roundtrip() -> None:
+    stored = StoredResponse(201, (("A", "1"), ("A", "2\n3")), bytes(range(256)), 1.5)
+    assert decode_response(encode_response(stored)) == stored
+
+
+async def test_url_forms() -> None:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+    plain = connect("rediss://:pw@cache.internal:6380/2?ssl_cert_reqs=none")
+    assert isinstance(plain, Redis)
+    kwargs = plain.connection_pool.connection_kwargs
+    assert kwargs["password"] == "pw" and kwargs["db"] == 2 and kwargs["host"] == "cache.internal"
+    assert isinstance(connect("redis+cluster://a:7000,b:7001"), RedisCluster)
+    assert isinstance(connect("redis://a:7000/0?cluster=true"), RedisCluster)
+    sentinel = connect("redis+sentinel://:pw@s1:26379,s2:26379/mymaster/3")
+    assert isinstance(sentinel, Redis)
+    assert sentinel.connection_pool.connection_kwargs["db"] == 3
+    with pytest.raises(ValueError, match="service"):
+        connect("redis+sentinel://s1:26379")
+    for client in (plain, sentinel):
+        await client.aclose()
+
+
+async def test_server_time_is_used_without_a_clock(redis_server: RedisServer) -> None:
+    state = RedisState(redis_server.url, prefix=_prefix())
+    try:
+        first = await state.rate_take("k", interval=0.2, burst=1, max_wait=5)
+        second = await state.rate_take("k", interval=0.2, burst=1, max_wait=5)
+        assert first.allowed and first.wait == 0
+        assert second.allowed and 0.05 < second.wait <= 0.2  # server time moved on a little
+        await state.pause("k", 2)
+        assert 1.5 < await state.paused_for("k") <= 2
+    finally:
+        await state.close()
+
+
+async def test_noscript_after_script_flush_is_handled(redis_server: RedisServer) -> None:
+    state = RedisState(redis_server.url, prefix=_prefix())
+    try:
+        assert (await state.rate_take("k", interval=1, burst=2, max_wait=0)).allowed
+        await state.client.script_flush()
+        assert (await state.rate_take("k", interval=1, burst=2, max_wait=0)).allowed
+        assert not (await state.rate_take("k", interval=1, burst=2, max_wait=0)).allowed
+        assert state.health() == "ok"
+    finally:
+        await state.close()
+
+
+async def test_every_key_has_a_ttl(redis_server: RedisServer) -> None:
+    prefix = _prefix()
+    state = RedisState(redis_server.url, prefix=prefix)
+    try:
+        await state.rate_take("up:rl:1", interval=0.1, burst=5, max_wait=1)
+        await state.pause("up:rl:1", 3)
+        await state.budget_record("up:budget:1", window=10, retry=False)
+        await state.budget_record("up:budget:1", window=10, retry=True)
+        for _ in range(4):
+            await state.circuit_record("up:cb:1", CB, failure=True, trial=False)  # opens
+        await state.circuit_record("up:cb:2", CB, failure=False, trial=False)  # closed, with a window
+        await state.idem_claim("up:idem:1|a", "fp", ttl=60, lock_ttl=10)
+        await state.idem_claim("up:idem:1|b", "fp", ttl=60, lock_ttl=10)
+        await state.idem_complete("up:idem:1|b", answer(), ttl=60)
+        await state.cache_set("up:cache:1|x", answer(), ttl=30)
+        await state.kv_set("routing|obj_1", b"paypal", ttl=300)
+        await state.heartbeat()
+        keys = [k async for k in state.client.scan_iter(match=prefix + "*")]
+        assert len(keys) == 10
+        for key in keys:
+            ttl = await state.client.pttl(key)
+            assert ttl > 0, key
+    finally:
+        await state.close()
+
+
+async def test_sentinel_url(redis_server: RedisServer) -> None:
+    sentinel = RedisSentinel(redis_server).start()
+    state = RedisState(sentinel.url, prefix=_prefix())
+    try:
+        await state.kv_set("k", b"v", ttl=5)
+        assert await state.kv_get("k") == b"v"
+    finally:
+        await state.close()
+        sentinel.cleanup()
+
+
+async def test_tls_with_password_in_url() -> None:
+    require_redis()
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    server = RedisServer(tls=True).start()
+    state = RedisState(server.url, prefix=_prefix())
+    try:
+        await state.kv_set("k", b"v", ttl=5)
+        assert await state.kv_get("k") == b"v"
+    finally:
+        await state.close()
+        server.cleanup()
+
+
+# -- when Redis misbehaves ---------------------------------------------------------------
+
+
+async def test_killed_redis_falls_back_and_sharing_resumes(
+    own_redis: RedisServer, resilient: Callable[..., Awaitable[ResilientState]], caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[Event] = []
+    bus = EventBus()
+    bus.subscribe(events.append)
+    prefix = _prefix()
+    a = await resilient(own_redis.url, prefix=prefix, events=bus)
+    b = await resilient(own_redis.url, prefix=prefix)
+    for _ in range(4):
+        await a.circuit_record("up:cb:1", CB, failure=True, trial=False)
+    assert not (await b.circuit_admit("up:cb:1", CB)).allowed  # one circuit for both
+
+    own_redis.kill()
+    caplog.set_level(logging.WARNING, logger="egressd.state")
+    started = time.monotonic()
+    for i in range(50):  # every operation answers, from local state
+        assert (await a.circuit_admit(f"up:cb:{i + 2}", CB)).allowed
+        assert (await a.idem_claim(f"up:idem:1|{i}", "fp", ttl=60, lock_ttl=10)).state == "new"
+        await a.idem_complete(f"up:idem:1|{i}", answer(), ttl=60)
+        assert (await a.idem_claim(f"up:idem:1|{i}", "fp", ttl=60, lock_ttl=10)).state == "completed"
+        await a.cache_set("up:cache:1|x", answer(), ttl=30)
+        assert await a.cache_get("up:cache:1|x") is not None
+    assert time.monotonic() - started < 2.0
+    assert a.health().startswith("degraded:")
+    assert any(isinstance(e, StateBackendError) and e.backend == "redis" for e in events)
+    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 1  # rate-limited logging
+
+    own_redis.start()  # same port, empty
+    await _wait_for(lambda: a.up and b.up)
+    assert a.health() == "ok"
+    for _ in range(4):
+        await a.circuit_record("up:cb:9", CB, failure=True, trial=False)
+    assert (await b.circuit_state("up:cb:9", CB)) == "open"  # shared again
+    # a key claimed locally during the outage stays local (Redis never saw it)
+    assert (await a.idem_claim("up:idem:1|0", "fp", ttl=60, lock_ttl=10)).state == "completed"
+
+
+async def test_frozen_redis_falls_back_within_the_budget(
+    own_redis: RedisServer, resilient: Callable[..., Awaitable[ResilientState]]
+) -> None:
+    state = await resilient(own_redis.url, prefix=_prefix(), budget=0.05)
+    await state.kv_set("k", b"before", ttl=60)
+    assert await state.kv_get("k") == b"before"
+    own_redis.suspend()  # SIGSTOP: connections stay open, nothing answers
+    try:
+        for _ in range(state.down_after_timeouts):  # each one answered within the budget
+            started = time.monotonic()
+            assert (await state.rate_take("k", interval=0.01, burst=1, max_wait=0)).allowed
+            assert time.monotonic() - started < 0.05 + 0.15  # the budget, plus slack for a busy CI box
+        assert not state.up and "no answer within 50 ms" in state.health()
+        started = time.monotonic()
+        for i in range(20):  # down: straight to memory, nobody pays the budget again
+            await state.kv_set(f"k{i}", b"local", ttl=60)
+        assert time.monotonic() - started < 0.2  # 20 x 50 ms would be 1 s
+    finally:
+        own_redis.resume()
+    await _wait_for(lambda: state.up)
+    # answers are not mixed up with replies to commands that were cut off
+    for i in range(20):
+        await state.kv_set(f"r{i}", str(i).encode(), ttl=60)
+    assert [await state.kv_get(f"r{i}") for i in range(20)] == [str(i).encode() for i in range(20)]
+    assert await state.kv_get("k") == b"before"
+
+
+async def test_local_rate_share_while_redis_is_away(
+    own_redis: RedisServer, resilient: Callable[..., Awaitable[ResilientState]]
+) -> None:
+    prefix = _prefix()
+    replicas = [await resilient(own_redis.url, prefix=prefix) for _ in range(4)]
+    for r in replicas:
+        await r.paused_for("warm-up")  # starts the probe / heartbeat task
+    await _wait_for(lambda: all(r.replicas == 4 for r in replicas))
+    own_redis.kill()
+    one = replicas[0]
+    first = await one.rate_take("up:rl:1", interval=0.1, burst=1, max_wait=10)
+    second = await one.rate_take("up:rl:1", interval=0.1, burst=1, max_wait=10)
+    assert first.allowed and second.allowed
+    assert second.wait == pytest.approx(0.4, abs=0.02)  # a quarter of the rate
+    assert "rate share 1/4" in one.health()
+
+
+async def test_open_shared_state_reads_the_budget_from_the_url(redis_server: RedisServer) -> None:
+    state = open_shared_state(redis_server.url + "?budget_ms=20", prefix=_prefix())
+    try:
+        assert state.budget == pytest.approx(0.02)
+        assert await state.connect()
+        await state.kv_set("k", b"v", ttl=5)
+        assert await state.kv_get("k") == b"v" and state.up
+    finally:
+        await state.close()
+
+
+# -- end to end: a proxy whose Redis dies and comes back -----------------------------------
+
+
+async def test_proxy_calls_never_fail_while_redis_restarts(
+    own_redis: RedisServer,
+    start_proxy: Callable[..., Awaitable[EgressServer]],
+    resilient: Callable[..., Awaitable[ResilientState]],
+) -> None:
+    bus = EventBus()
+    state = await resilient(own_redis.url, prefix=_prefix(), events=bus)
+    async with FakeServer("echo") as fake:
+        server = await start_proxy(
+            [
+                {
+                    "upstream": "echo",
+                    "target": fake.url,
+                    "rate_limit": {"rate": "200/s", "burst": 20, "shared": True, "queue": {"max_wait": "5s"}},
+                    "circuit_breaker": {"window": "10s", "min_requests": 5, "failure_rate": 0.5, "open_for": "5s"},
+                    "retry": {"attempts": 2},
+                    "idempotency": {"replay_ttl": "1h"},
+                    "cache": {"ttl": "1s"},
+                }
+            ],
+            state=state,
+            events=bus,
+        )
+        base = proxy_url(server) + "/echo"
+        statuses: list[int] = []
+        async with aiohttp.ClientSession() as http:
+
+            async def traffic(seconds: float) -> None:
+                end = time.monotonic() + seconds
+                i = 0
+                while time.monotonic() < end:
+                    i += 1
+                    async with http.post(
+                        f"{base}/pay", json={"i": i}, headers={"Idempotency-Key": uuid.uuid4().hex}
+                    ) as r:
+                        statuses.append(r.status)
+                    async with http.get(f"{base}/items/{i % 5}") as r:
+                        statuses.append(r.status)
+
+            task = asyncio.ensure_future(traffic(2.0))
+            await asyncio.sleep(0.4)
+            assert state.up and state.errors == 0  # shared state was in use
+            own_redis.kill()
+            await asyncio.sleep(0.5)
+            async with http.get(proxy_url(server, "admin") + "/status.json") as r:
+                down = (await r.json())["state_backend"]
+            own_redis.start()
+            await task
+            await _wait_for(lambda: state.up)
+            async with http.get(proxy_url(server, "admin") + "/status.json") as r:
+                up = (await r.json())["state_backend"]
+            async with http.get(proxy_url(server, "admin") + "/metrics") as r:
+                metrics = await r.text()
+    assert len(statuses) > 50
+    assert set(statuses) == {200}
+    assert down["name"] == "redis" and down["health"].startswith("degraded")
+    assert up["health"] == "ok"
+    errors = [
+        line for line in metrics.splitlines() if line.startswith('egressd_state_backend_errors_total{backend="redis"}')
+    ]
+    assert errors and float(errors[0].split()[-1]) >= 1
