@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a self-contained demonstration with local fake providers")
     demo.add_argument("--quiet", action="store_true", help="print only the report")
+    demo.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="shrink or grow the Black-Friday simulation's counts and durations (0.01..20; 1: about 40 s)",
+    )
+    demo.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report with charts")
 
     sub.add_parser("schema", help="print the JSON Schema of one policy document")
     return parser
@@ -106,8 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from proxy.demo import run_demo
 
+            if not 0.01 <= args.scale <= 20:
+                print("egressd: --scale must be within 0.01..20", file=sys.stderr)
+                return 2
             install_uvloop()
-            return asyncio.run(run_demo(quiet=args.quiet))
+            return asyncio.run(run_demo(quiet=args.quiet, scale=args.scale, html=args.html))
     except KeyboardInterrupt:
         return 130
     return 2

@@ -1,0 +1,706 @@
+"""The Black-Friday simulation behind `egressd demo` (part 2).
+
+Packaged fakes of Stripe, PayPal, SendGrid and Mailgun get real-looking limits and
+outages; the same shop traffic (payments and e-mails) is sent twice: once straight to
+the fakes by a naive retrying client, once through egressd running the shipped example
+policies re-pointed at the fakes. The fakes' ledgers count what really happened (charges,
+e-mails sent) per payment and per e-mail, so duplicates and losses are facts, not guesses.
+
+Simulated time runs `TIME_FACTOR` times faster than the clock: every duration in the
+scenario, in the client and in the policies is divided by it and every rate multiplied
+by it, so a provider limit of 100 requests per simulated second is enforced as 800 real
+requests/s and the 20 s Stripe outage lasts 2.5 s of wall-clock time. Latencies are
+reported in simulated time (measured x TIME_FACTOR).
+
+Everything listens on and talks to 127.0.0.1 only, and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import gc
+import json
+import math
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+import yaml
+
+from proxy.config.units import parse_duration, parse_rate
+from proxy.fakes.server import FakeServer, start_fakes, stop_fakes
+from proxy.server import EgressServer, Settings
+
+Mode = Literal["direct", "egressd"]
+
+TIME_FACTOR = 8.0  # simulated seconds per wall-clock second
+PROVIDER_LIMIT = 100.0  # requests per simulated second, at every fake provider
+PROVIDER_BURST = 100  # one simulated second of traffic
+FALLBACK_SLOWNESS = 0.3  # s (simulated): PayPal and Mailgun answer every call this late
+SLOW_ANSWER = 12.0  # s (simulated): the slow spells' answers
+NAIVE_RETRIES = 3  # the Mailgun SDK's default: 3 retries, POST included
+NAIVE_BACKOFF = 1.0  # s (simulated), fixed; Retry-After ignored
+NAIVE_TIMEOUT = 10.0  # s (simulated) per attempt
+APP_TIMEOUT_BEHIND_EGRESSD = 60.0  # s (simulated): above every policy's timeouts.total
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+PAY_WORKERS = 64
+MAIL_WORKERS = 100
+STRIPE_KEY = "sk_test_blackfriday_not_a_secret"
+SENDGRID_KEY = "SG.blackfriday-not-a-secret"
+MAILGUN_KEY = "key-demo-not-a-secret"
+MAIL_DOMAIN = "mg.example.com"
+REFUSED_PAYMENT_METHOD = "pm_card_mastercard"  # not in the shipped crosswalk: failover must refuse
+
+PROVIDER_PATHS = {"stripe": "/v1/", "paypal": "/v2/", "sendgrid": "/v3/", "mailgun": "/v3/"}
+PROVIDERS = ("stripe", "paypal", "sendgrid", "mailgun")
+
+
+# --------------------------------------------------------------------------------------------
+# the scenario
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What happens when, in simulated seconds from the start of a run."""
+
+    scale: float
+    payments: int
+    emails: int
+    pay_window: float
+    mail_window: float
+    stripe_slow_at: float
+    stripe_slow_count: int
+    stripe_outage_at: float
+    stripe_outage_len: float
+    sendgrid_slow_at: float
+    sendgrid_slow_count: int
+    sendgrid_burst_at: float
+    sendgrid_burst_len: float
+    refused_index: int
+    k: float = TIME_FACTOR
+
+    @classmethod
+    def build(cls, scale: float = 1.0) -> Scenario:
+        """Scale 1: 2,000 payments over 60 s and 10,000 e-mails over 80 s (simulated).
+
+        Counts and the traffic windows scale linearly (so rates stay Black-Friday rates);
+        the outages scale too but never below a few seconds, so that they outlast egressd's
+        retries and the failover shows at any scale.
+        """
+        if not 0.01 <= scale <= 20:
+            raise ValueError("scale must be within 0.01..20")
+        payments = max(20, round(2000 * scale))
+        emails = max(50, round(10000 * scale))
+        pay_window = 60.0 * scale
+        mail_window = 80.0 * scale
+        outage_at = pay_window / 3
+        outage_len = max(20.0 * scale, 5.0)
+        refused_at = outage_at + min(outage_len, pay_window) / 2
+        return cls(
+            scale=scale,
+            payments=payments,
+            emails=emails,
+            pay_window=pay_window,
+            mail_window=mail_window,
+            stripe_slow_at=pay_window / 6,
+            stripe_slow_count=max(3, round(20 * scale)),
+            stripe_outage_at=outage_at,
+            stripe_outage_len=outage_len,
+            sendgrid_slow_at=mail_window * 0.15,
+            sendgrid_slow_count=max(3, round(30 * scale)),
+            sendgrid_burst_at=mail_window * 0.55,
+            sendgrid_burst_len=max(8.0 * scale, 4.0),
+            refused_index=min(payments - 1, math.floor(refused_at / pay_window * payments)),
+        )
+
+    def real(self, sim_seconds: float) -> float:
+        return sim_seconds / self.k
+
+    def pay_at(self, i: int) -> float:
+        return self.pay_window * i / self.payments
+
+    def mail_at(self, i: int) -> float:
+        return self.mail_window * i / self.emails
+
+    def windows(self) -> list[tuple[str, float, float]]:
+        """The fault windows, for the charts: (label, start, end) in simulated seconds."""
+        return [
+            ("Stripe down (503)", self.stripe_outage_at, self.stripe_outage_at + self.stripe_outage_len),
+            ("SendGrid 503 burst", self.sendgrid_burst_at, self.sendgrid_burst_at + self.sendgrid_burst_len),
+        ]
+
+    def describe(self) -> list[str]:
+        k = self.k
+        return [
+            f"{self.payments} payments over {self.pay_window:g} s and {self.emails} e-mails over "
+            f"{self.mail_window:g} s of simulated time (scale {self.scale:g}); simulated time runs {k:g}x "
+            f"faster than the clock (every duration / {k:g}, every rate x {k:g})",
+            f"every provider allows {PROVIDER_LIMIT:g} requests/s (burst {PROVIDER_BURST}), then answers 429 "
+            f"with Retry-After in its own shape",
+            f"Stripe: {self.stripe_slow_count} answers take {SLOW_ANSWER:g} s from t={self.stripe_slow_at:g} s; "
+            f"down (503) from t={self.stripe_outage_at:g} s for {self.stripe_outage_len:g} s",
+            f"SendGrid: {self.sendgrid_slow_count} answers take {SLOW_ANSWER:g} s from "
+            f"t={self.sendgrid_slow_at:g} s; 503 burst from t={self.sendgrid_burst_at:g} s for "
+            f"{self.sendgrid_burst_len:g} s",
+            f"PayPal and Mailgun answer every call {FALLBACK_SLOWNESS * 1000:g} ms late",
+            f"payment #{self.refused_index} (during the Stripe outage) uses {REFUSED_PAYMENT_METHOD}, "
+            f"which has no PayPal vault entry in the crosswalk",
+            f"naive client: {NAIVE_RETRIES} retries on 429/5xx/errors/timeouts, fixed {NAIVE_BACKOFF:g} s "
+            f"backoff, Retry-After ignored, {NAIVE_TIMEOUT:g} s timeout; an Idempotency-Key per payment "
+            f"(as Stripe's SDK sends), none for e-mail (SendGrid has none)",
+            f"through egressd: the same client with its own retries off and a {APP_TIMEOUT_BEHIND_EGRESSD:g} s "
+            f"timeout (docs/operations.md: let egressd retry)",
+        ]
+
+
+# --------------------------------------------------------------------------------------------
+# policies for the egressd run
+
+
+DURATION_PATHS = (
+    ("timeouts", "connect"),
+    ("timeouts", "attempt"),
+    ("timeouts", "total"),
+    ("retry", "backoff", "initial"),
+    ("retry", "backoff", "max"),
+    ("retry", "max_retry_after"),
+    ("circuit_breaker", "window"),
+    ("circuit_breaker", "open_for"),
+    ("rate_limit", "queue", "max_wait"),
+)
+
+
+def _get_path(doc: dict[str, Any], path: tuple[str, ...]) -> tuple[dict[str, Any], str] | None:
+    node: Any = doc
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and path[-1] in node:
+        return node, path[-1]
+    return None
+
+
+def compress_time(doc: dict[str, Any], k: float) -> dict[str, Any]:
+    """A policy with every duration / k and every rate x k (simulated -> wall-clock time)."""
+    out = copy.deepcopy(doc)
+    for path in DURATION_PATHS:
+        found = _get_path(out, path)
+        if found is not None:
+            node, key = found
+            node[key] = f"{parse_duration(node[key]) * 1000 / k:.6g}ms"
+    found = _get_path(out, ("rate_limit", "rate"))
+    if found is not None:
+        node, key = found
+        node[key] = f"{parse_rate(node[key]).per_second * k:.6g}/s"
+    found = _get_path(out, ("retry", "budget", "min_per_second"))
+    if found is not None:
+        node, key = found
+        node[key] = float(node[key]) * k
+    return out
+
+
+def simulation_policies(
+    examples: Mapping[str, dict[str, Any]], fakes: Mapping[str, FakeServer], k: float
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The shipped example policies re-pointed at the fakes; returns the changes made, too."""
+    docs = {name: copy.deepcopy(examples[name]) for name in PROVIDERS}
+    for name, doc in docs.items():
+        doc["target"] = fakes[name].url
+        doc.pop("listen", None)
+    changes = ["targets point at the local fakes; failover blocks kept as shipped"]
+    paypal = fakes["paypal"].url
+    docs["paypal"]["auth"] = {
+        "oauth_client_credentials": {
+            "token_url": paypal + "/v1/oauth2/token",
+            "client_id": "demo-client-id",
+            "client_secret": "demo-client-secret",
+        }
+    }
+    changes.append("paypal: the commented-out oauth_client_credentials block, with the fake PayPal's demo client")
+    docs["mailgun"]["auth"] = {"basic": {"username": "api", "password": MAILGUN_KEY}}
+    changes.append("mailgun: the commented-out basic auth block, with a demo key")
+    for name in ("sendgrid", "mailgun"):
+        docs[name].setdefault("rate_limit", {})["rate"] = "90/s"
+    changes.append(
+        f"sendgrid, mailgun: rate_limit 90/s (examples: 600/m, 300/m) because the fakes allow {PROVIDER_LIMIT:g}/s"
+    )
+    changes.append(f"every duration / {k:g} and every rate x {k:g} (simulated time runs {k:g}x faster)")
+    return [compress_time(doc, k) for doc in docs.values()], changes
+
+
+# --------------------------------------------------------------------------------------------
+# one run
+
+
+@dataclass
+class Outcome:
+    """What the app saw for one payment or e-mail."""
+
+    kind: Literal["pay", "mail"]
+    index: int
+    status: int | None = None  # the last answer's status; None: no answer (error, timeout)
+    error: str | None = None
+    attempts: int = 0
+    latency: float = 0.0  # simulated seconds, first try to final answer
+    upstream: str | None = None  # X-Egressd-Upstream
+    failover: str | None = None  # X-Egressd-Failover
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+@dataclass
+class Tally:
+    total: int
+    delivered: int  # happened at least once at some provider
+    duplicated: int  # happened more than once
+    extra: int  # side effects beyond the first
+    lost: int  # never happened
+    refused: int  # lost, and egressd refused the failover (a documented honesty rule)
+    savable: int  # lost, and not refused
+    failovers: int
+    app_errors: int  # the app was told it failed (it may still have happened)
+    app_errors_but_done: int
+    p50: float
+    p99: float
+
+
+@dataclass
+class RunResult:
+    mode: Mode
+    pay: Tally
+    mail: Tally
+    provider_429: int
+    provider_requests: dict[str, int]
+    effects: dict[str, int]
+    refusals: list[str]
+    wall: float
+    sim_length: float
+    timed_out: bool
+    timeline: dict[str, list[int]] = field(default_factory=dict)  # per simulated second
+
+    @property
+    def duplicates(self) -> int:
+        return self.pay.duplicated + self.mail.duplicated
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
+
+
+def payment_form(i: int, sc: Scenario) -> dict[str, str]:
+    # Every payment has its own amount (10.00 USD + i cents): the fakes' ledgers record
+    # amounts on both Stripe and PayPal, so a charge can be traced to its order anywhere.
+    method = REFUSED_PAYMENT_METHOD if i == sc.refused_index else "pm_card_visa"
+    return {
+        "amount": str(1000 + i),
+        "currency": "usd",
+        "payment_method": method,
+        "confirm": "true",
+        "description": f"Black Friday order {i}",
+        "metadata[order_id]": str(i),
+    }
+
+
+def mail_body(i: int) -> dict[str, Any]:
+    return {
+        "personalizations": [{"to": [{"email": f"customer{i}@example.org", "name": f"Customer {i}"}]}],
+        "from": {"email": "shop@example.com", "name": "Shop"},
+        "subject": f"Black Friday: your order {i}",
+        "content": [
+            {"type": "text/plain", "value": f"Thanks for order {i}."},
+            {"type": "text/html", "value": f"<p>Thanks for order <b>{i}</b>.</p>"},
+        ],
+        "categories": ["black-friday"],
+        "custom_args": {"email_id": str(i)},
+    }
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    out: Outcome,
+    url: str,
+    *,
+    headers: dict[str, str],
+    retries: int,
+    attempt_timeout: float,
+    backoff: float,
+    k: float,
+    data: Any = None,
+    json_body: Any = None,
+) -> None:
+    """The naive client: resend on 429/5xx/errors/timeouts after a fixed pause."""
+    began = time.monotonic()
+    client_timeout = aiohttp.ClientTimeout(total=attempt_timeout)
+    for attempt in range(retries + 1):
+        out.attempts = attempt + 1
+        try:
+            async with session.post(url, headers=headers, data=data, json=json_body, timeout=client_timeout) as resp:
+                await resp.read()
+                out.status, out.error = resp.status, None
+                out.upstream = resp.headers.get("X-Egressd-Upstream")
+                out.failover = resp.headers.get("X-Egressd-Failover")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            out.status, out.error = None, type(exc).__name__
+        if out.status is not None and out.status not in RETRY_STATUSES:
+            break
+        if attempt < retries:
+            await asyncio.sleep(backoff)
+    out.latency = (time.monotonic() - began) * k
+
+
+async def _feed(
+    queue: asyncio.Queue[int | None], count: int, at: Callable[[int], float], t0: float, workers: int
+) -> None:
+    for i in range(count):
+        delay = t0 + at(i) - time.monotonic()
+        if delay > 0.001:
+            await asyncio.sleep(delay)
+        queue.put_nowait(i)
+    for _ in range(workers):
+        queue.put_nowait(None)
+
+
+async def _scenario(sc: Scenario, fakes: Mapping[str, FakeServer], t0: float) -> None:
+    events: list[tuple[float, Callable[[], object]]] = [
+        (
+            sc.stripe_slow_at,
+            lambda: fakes["stripe"].faults.delay(
+                sc.real(SLOW_ANSWER), phase="after", count=sc.stripe_slow_count, path="/v1/"
+            ),
+        ),
+        (sc.stripe_outage_at, lambda: fakes["stripe"].faults.outage(sc.real(sc.stripe_outage_len), path="/v1/")),
+        (
+            sc.sendgrid_slow_at,
+            lambda: fakes["sendgrid"].faults.delay(
+                sc.real(SLOW_ANSWER), phase="after", count=sc.sendgrid_slow_count, path="/v3/"
+            ),
+        ),
+        (
+            sc.sendgrid_burst_at,
+            lambda: fakes["sendgrid"].faults.outage(sc.real(sc.sendgrid_burst_len), status=503, path="/v3/"),
+        ),
+    ]
+    for at, action in sorted(events, key=lambda e: e[0]):
+        delay = t0 + sc.real(at) - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        action()
+
+
+def _base_faults(sc: Scenario, fakes: Mapping[str, FakeServer]) -> None:
+    for name, prefix in PROVIDER_PATHS.items():
+        fakes[name].faults.rate_limit(PROVIDER_LIMIT * sc.k, burst=PROVIDER_BURST, path=prefix)
+    for name in ("paypal", "mailgun"):
+        fakes[name].faults.delay(sc.real(FALLBACK_SLOWNESS), phase="before", path=PROVIDER_PATHS[name])
+
+
+def _tally(outcomes: list[Outcome], effects: Counter[int], failover_from: str, fallback: str) -> Tally:
+    lost = [o for o in outcomes if effects[o.index] == 0]
+    refused = [o for o in lost if (o.failover or "").startswith("refused")]
+    errors = [o for o in outcomes if not o.ok]
+    return Tally(
+        total=len(outcomes),
+        delivered=sum(1 for o in outcomes if effects[o.index] > 0),
+        duplicated=sum(1 for o in outcomes if effects[o.index] > 1),
+        extra=sum(max(0, effects[o.index] - 1) for o in outcomes),
+        lost=len(lost),
+        refused=len(refused),
+        savable=len(lost) - len(refused),
+        failovers=sum(
+            1
+            for o in outcomes
+            if o.ok and o.upstream == fallback and (o.failover or "").startswith(f"used; from={failover_from}")
+        ),
+        app_errors=len(errors),
+        app_errors_but_done=sum(1 for o in errors if effects[o.index] > 0),
+        p50=percentile([o.latency for o in outcomes], 0.50),
+        p99=percentile([o.latency for o in outcomes], 0.99),
+    )
+
+
+def _ledger_facts(
+    fakes: Mapping[str, FakeServer], t0_wall: float, k: float
+) -> tuple[Counter[int], Counter[int], dict[str, int], dict[str, list[int]]]:
+    """Side effects per payment and per e-mail, effects per provider, and a per-second timeline."""
+    pay: Counter[int] = Counter()
+    mail: Counter[int] = Counter()
+    per_provider: dict[str, int] = {}
+    timeline: dict[str, Counter[int]] = {name: Counter() for name in (*PROVIDERS, "429")}
+
+    def second(t: float) -> int:
+        return max(0, int((t - t0_wall) * k))
+
+    kinds = {
+        "stripe": "charge.succeeded",
+        "paypal": "order.captured",
+        "sendgrid": "mail.sent",
+        "mailgun": "message.queued",
+    }
+    for name, kind in kinds.items():
+        effects = fakes[name].ledger.effects(kind)
+        per_provider[name] = len(effects)
+        for e in effects:
+            timeline[name][second(e.t)] += 1
+            if name == "stripe":
+                pay[int(e.data["amount"]) - 1000] += 1
+            elif name == "paypal":
+                pay[round(float(e.data["amount"]) * 100) - 1000] += 1
+            elif name == "sendgrid":
+                mail[int((e.data.get("custom_args") or {}).get("email_id", -1))] += 1
+            else:
+                values = (e.data.get("fields") or {}).get("v:email_id") or ["-1"]
+                mail[int(values[0])] += 1
+        for r in fakes[name].ledger.requests:
+            if r.status == 429:
+                timeline["429"][second(r.t)] += 1
+    length = max([0, *(s + 1 for c in timeline.values() for s in c)])
+    series = {name: [c[s] for s in range(length)] for name, c in timeline.items()}
+    return pay, mail, per_provider, series
+
+
+async def run_once(mode: Mode, sc: Scenario, examples: Mapping[str, dict[str, Any]]) -> tuple[RunResult, list[str]]:
+    """One run of the whole shop traffic, straight to the fakes or through egressd."""
+    fakes = await start_fakes(PROVIDERS, options={"sendgrid": {"rate_limit": int(PROVIDER_LIMIT * sc.k * 60)}})
+    server: EgressServer | None = None
+    changes: list[str] = []
+    tmp = tempfile.TemporaryDirectory(prefix="egressd-blackfriday-")
+    try:
+        if mode == "egressd":
+            policies, changes = simulation_policies(examples, fakes, sc.k)
+            (Path(tmp.name) / "shop.yaml").write_text(yaml.safe_dump_all(policies, sort_keys=False))
+            server = EgressServer(
+                Settings(policies=Path(tmp.name), listen=("127.0.0.1", 0), admin=("127.0.0.1", 0), drain=0.0)
+            )
+            await server.start()
+            host, port = server.addresses["main"]
+            stripe_url = f"http://{host}:{port}/stripe"
+            sendgrid_url = f"http://{host}:{port}/sendgrid"
+            retries, timeout = 0, sc.real(APP_TIMEOUT_BEHIND_EGRESSD)
+        else:
+            stripe_url, sendgrid_url = fakes["stripe"].url, fakes["sendgrid"].url
+            retries, timeout = NAIVE_RETRIES, sc.real(NAIVE_TIMEOUT)
+        _base_faults(sc, fakes)
+
+        pays = [Outcome("pay", i) for i in range(sc.payments)]
+        mails = [Outcome("mail", i) for i in range(sc.emails)]
+        pay_q: asyncio.Queue[int | None] = asyncio.Queue()
+        mail_q: asyncio.Queue[int | None] = asyncio.Queue()
+        backoff = sc.real(NAIVE_BACKOFF)
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def pay_worker() -> None:
+                while (i := await pay_q.get()) is not None:
+                    await send(
+                        session,
+                        pays[i],
+                        stripe_url + "/v1/payment_intents",
+                        headers={"Authorization": "Bearer " + STRIPE_KEY, "Idempotency-Key": f"order-{i}-payment"},
+                        data=payment_form(i, sc),
+                        retries=retries,
+                        attempt_timeout=timeout,
+                        backoff=backoff,
+                        k=sc.k,
+                    )
+
+            async def mail_worker() -> None:
+                while (i := await mail_q.get()) is not None:
+                    await send(
+                        session,
+                        mails[i],
+                        sendgrid_url + "/v3/mail/send",
+                        headers={"Authorization": "Bearer " + SENDGRID_KEY},
+                        json_body=mail_body(i),
+                        retries=retries,
+                        attempt_timeout=timeout,
+                        backoff=backoff,
+                        k=sc.k,
+                    )
+
+            # A full garbage collection over the ledgers' objects stalls the event loop for
+            # ~0.1 s, almost a simulated second: collect now, then not during the traffic.
+            gc.collect()
+            if sc.scale <= 2:  # bigger runs keep the collector: memory over smoothness
+                gc.disable()
+            t0 = time.monotonic()
+            t0_wall = time.time()
+            tasks = [
+                asyncio.create_task(_feed(pay_q, sc.payments, lambda i: sc.real(sc.pay_at(i)), t0, PAY_WORKERS)),
+                asyncio.create_task(_feed(mail_q, sc.emails, lambda i: sc.real(sc.mail_at(i)), t0, MAIL_WORKERS)),
+                *(asyncio.create_task(pay_worker()) for _ in range(PAY_WORKERS)),
+                *(asyncio.create_task(mail_worker()) for _ in range(MAIL_WORKERS)),
+            ]
+            scenario = asyncio.create_task(_scenario(sc, fakes, t0))
+            # Bounded: at worst every call uses all its tries and timeouts, plus slack.
+            expected = max(sc.emails / PROVIDER_LIMIT, sc.mail_window, sc.pay_window) * 3 + 4 * NAIVE_TIMEOUT
+            done, pending = await asyncio.wait(tasks, timeout=sc.real(expected) + 10)
+            timed_out = bool(pending)
+            for task in (*pending, scenario):
+                task.cancel()
+            await asyncio.gather(*pending, scenario, return_exceptions=True)
+            for task in done:
+                failure = task.exception()
+                if failure is not None:
+                    raise failure
+            wall = time.monotonic() - t0
+            gc.enable()
+        pay_fx, mail_fx, per_provider, timeline = _ledger_facts(fakes, t0_wall, sc.k)
+        result = RunResult(
+            mode=mode,
+            pay=_tally(pays, pay_fx, "stripe", "paypal"),
+            mail=_tally(mails, mail_fx, "sendgrid", "mailgun"),
+            provider_429=sum(1 for f in fakes.values() for r in f.ledger.requests if r.status == 429),
+            provider_requests={name: len(f.ledger.requests) for name, f in fakes.items()},
+            effects=per_provider,
+            refusals=sorted(
+                {
+                    (o.failover or "").split("reason=", 1)[-1]
+                    for o in pays + mails
+                    if (o.failover or "").startswith("refused")
+                }
+            ),
+            wall=wall,
+            sim_length=wall * sc.k,
+            timed_out=timed_out,
+            timeline=timeline,
+        )
+        return result, changes
+    finally:
+        gc.enable()
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await server.stop()
+        await stop_fakes(fakes)
+        tmp.cleanup()
+
+
+# --------------------------------------------------------------------------------------------
+# verdict and the printed report
+
+
+def verdict(through: RunResult) -> tuple[bool, str]:
+    """Exit-status rule: egressd's run has no duplicates and no savable losses."""
+    ok = through.duplicates == 0 and through.pay.savable + through.mail.savable == 0 and not through.timed_out
+    why = (
+        f"egressd's run: {through.duplicates} duplicates, "
+        f"{through.pay.savable + through.mail.savable} lost calls egressd could have saved"
+        + (" (the run hit its time bound)" if through.timed_out else "")
+    )
+    return ok, why
+
+
+DEFINITIONS = [
+    "delivered: the fakes' ledgers show the charge (Stripe charge / PayPal capture) or the e-mail "
+    "(SendGrid sent / Mailgun queued) at least once, matched by payment amount and e-mail id",
+    "duplicated: it happened more than once; lost: it never happened",
+    "lost that egressd could have saved: lost, unless egressd refused the failover with "
+    "X-Egressd-Failover: refused; reason=... (docs/providers.md: the call cannot be expressed "
+    "faithfully on the fallback, or the primary may already have done it)",
+    "exit status 0 when egressd's run has 0 duplicated and 0 lost-that-egressd-could-have-saved "
+    "(and every part-1 mechanism behaved), 1 otherwise",
+]
+
+
+def _fmt_latency(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def report_rows(sc: Scenario, direct: RunResult, through: RunResult) -> list[tuple[str, str, str]]:
+    def of(n: int, total: int) -> str:
+        return f"{n} / {total}"
+
+    rows: list[tuple[str, str, str]] = []
+    for label, d, t, fallback in (
+        ("payments", direct.pay, through.pay, "Stripe -> PayPal"),
+        ("e-mails", direct.mail, through.mail, "SendGrid -> Mailgun"),
+    ):
+        rows += [
+            (f"{label}: delivered", of(d.delivered, d.total), of(t.delivered, t.total)),
+            ("  duplicated (happened 2+ times)", str(d.duplicated), str(t.duplicated)),
+            ("  lost (never happened)", str(d.lost), str(t.lost)),
+            ("  - refused failover (honest)", "-", str(t.refused)),
+            ("  - lost that egressd could have saved", "-", str(t.savable)),
+            (f"  failed over {fallback}", "-", str(t.failovers)),
+            ("  app was told it failed", str(d.app_errors), str(t.app_errors)),
+            ("  - of which it had happened", str(d.app_errors_but_done), str(t.app_errors_but_done)),
+            (
+                "  latency p50 / p99",
+                f"{_fmt_latency(d.p50)} / {_fmt_latency(d.p99)}",
+                f"{_fmt_latency(t.p50)} / {_fmt_latency(t.p99)}",
+            ),
+        ]
+    rows += [
+        ("provider 429s (answered by the fakes)", str(direct.provider_429), str(through.provider_429)),
+        (
+            "requests the providers received",
+            str(sum(direct.provider_requests.values())),
+            str(sum(through.provider_requests.values())),
+        ),
+        (
+            "simulated duration (wall clock)",
+            f"{direct.sim_length:.0f} s ({direct.wall:.1f} s)",
+            f"{through.sim_length:.0f} s ({through.wall:.1f} s)",
+        ),
+    ]
+    return rows
+
+
+def print_simulation(sc: Scenario, direct: RunResult, through: RunResult, changes: list[str], out: Any) -> None:
+    print("\nPart 2: Black-Friday simulation", file=out)
+    for line in sc.describe():
+        print("  " + line, file=out)
+    for change in changes:
+        print("  policy change for the simulation: " + change, file=out)
+    rows = report_rows(sc, direct, through)
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in [*rows, ("", "direct, naive client", "")])
+    w2 = max(len(r[2]) for r in [*rows, ("", "", "through egressd")])
+    print("\n" + " " * w0 + "  " + "direct, naive client".rjust(w1) + "  " + "through egressd".rjust(w2), file=out)
+    print("-" * (w0 + w1 + w2 + 4), file=out)
+    for name, d, t in rows:
+        print(f"{name.ljust(w0)}  {d.rjust(w1)}  {t.rjust(w2)}", file=out)
+    if through.refusals:
+        print(f"\nrefused failovers through egressd: {', '.join(through.refusals)}", file=out)
+    print("\nDefinitions:", file=out)
+    for line in DEFINITIONS:
+        print("  - " + line, file=out)
+
+
+def result_json(sc: Scenario, direct: RunResult, through: RunResult) -> str:
+    """A machine-readable summary (embedded in the HTML report)."""
+
+    def run(r: RunResult) -> dict[str, Any]:
+        return {
+            "payments": vars(r.pay),
+            "emails": vars(r.mail),
+            "provider_429": r.provider_429,
+            "provider_requests": r.provider_requests,
+            "refusals": r.refusals,
+            "wall_seconds": round(r.wall, 2),
+        }
+
+    return json.dumps({"scale": sc.scale, "time_factor": sc.k, "direct": run(direct), "egressd": run(through)})
+
+
+__all__ = [
+    "TIME_FACTOR",
+    "RunResult",
+    "Scenario",
+    "compress_time",
+    "print_simulation",
+    "result_json",
+    "run_once",
+    "simulation_policies",
+    "verdict",
+]

@@ -1,0 +1,198 @@
+"""`egressd demo --html FILE`: a self-contained report (inline CSS and SVG, no external assets)."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.blackfriday import RunResult, Scenario
+
+COLORS = {
+    "stripe": "#635bff",
+    "paypal": "#0070e0",
+    "sendgrid": "#0d9488",
+    "mailgun": "#c02126",
+    "429": "#f59e0b",
+    "direct": "#9ca3af",
+    "egressd": "#059669",
+}
+LABELS = {
+    "stripe": "Stripe charges",
+    "paypal": "PayPal captures",
+    "sendgrid": "SendGrid sent",
+    "mailgun": "Mailgun queued",
+    "429": "429s answered",
+}
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:980px;
+padding:16px;color:#111827;background:#fff}
+h1{font-size:1.5rem}h2{font-size:1.2rem;margin-top:2rem}
+table{border-collapse:collapse;width:100%;font-size:.9rem}
+th,td{padding:4px 8px;border-bottom:1px solid #e5e7eb;text-align:right}
+th:first-child,td:first-child{text-align:left}
+td.bad{color:#b91c1c;font-weight:600}td.good{color:#047857;font-weight:600}
+.verdict{padding:8px 12px;border-radius:6px;font-weight:600}
+.ok{background:#d1fae5}.fail{background:#fee2e2}
+ul{font-size:.9rem}svg{max-width:100%;height:auto}
+.legend span{display:inline-block;margin-right:14px;font-size:.85rem}
+.legend i{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle}
+"""
+
+
+def _bars(title: str, groups: list[tuple[str, float, float]], unit: str = "") -> str:
+    """Grouped horizontal bars: one group per metric, direct (grey) vs egressd (green)."""
+    width, label_w, row_h = 720, 230, 20
+    height = 30 + len(groups) * (2 * row_h + 14)
+    top = max([1.0, *(max(d, t) for _, d, t in groups)])
+    parts = [
+        f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+        f'aria-label="{escape(title)}">',
+        f'<text x="0" y="16" font-size="14" font-weight="600">{escape(title)}</text>',
+    ]
+    y = 30
+    for name, d, t in groups:
+        parts.append(f'<text x="0" y="{y + row_h + 4}" font-size="12">{escape(name)}</text>')
+        for value, key in ((d, "direct"), (t, "egressd")):
+            w = (width - label_w - 90) * value / top
+            parts.append(
+                f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{row_h - 4}" fill="{COLORS[key]}"/>'
+                f'<text x="{label_w + w + 4:.1f}" y="{y + row_h - 8}" font-size="11">{value:g}{unit}</text>'
+            )
+            y += row_h
+        y += 14
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _timeline(title: str, run: RunResult, sc: Scenario, length: int) -> str:
+    """Side effects per simulated second at each provider, 429s, and the fault windows."""
+    width, height, left, bottom = 900, 260, 44, 26
+    series = run.timeline
+    top = max([1, *(max(v, default=0) for v in series.values())])
+    plot_w, plot_h = width - left - 10, height - bottom - 30
+
+    def x(s: float) -> float:
+        return left + plot_w * s / length
+
+    def y(v: float) -> float:
+        return 30 + plot_h * (1 - v / top)
+
+    parts = [
+        f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+        f'aria-label="{escape(title)}">',
+        f'<text x="0" y="16" font-size="14" font-weight="600">{escape(title)}</text>',
+    ]
+    for n, (label, start, end) in enumerate(sc.windows()):
+        if start < length:
+            band = plot_h / 2
+            parts.append(
+                f'<rect x="{x(start):.1f}" y="{30 + n * band:.1f}" width="{x(min(end, length)) - x(start):.1f}" '
+                f'height="{band:.1f}" fill="{("#fee2e2", "#fef3c7")[n % 2]}"/><text x="{x(start) + 3:.1f}" '
+                f'y="{42 + n * band:.1f}" font-size="11" fill="#7f1d1d">{escape(label)}</text>'
+            )
+    parts.append(
+        f'<line x1="{left}" y1="{30 + plot_h}" x2="{width - 10}" y2="{30 + plot_h}" stroke="#6b7280"/>'
+        f'<line x1="{left}" y1="30" x2="{left}" y2="{30 + plot_h}" stroke="#6b7280"/>'
+        f'<text x="{left - 4}" y="36" font-size="11" text-anchor="end">{top}</text>'
+        f'<text x="{left - 4}" y="{30 + plot_h}" font-size="11" text-anchor="end">0</text>'
+    )
+    step = max(1, round(length / 10 / 10) * 10) if length > 20 else max(1, length // 5)
+    for s in range(0, length + 1, step):
+        parts.append(f'<text x="{x(s):.1f}" y="{height - 8}" font-size="11" text-anchor="middle">{s} s</text>')
+    for name, values in series.items():
+        if not any(values):
+            continue
+        points = " ".join(f"{x(i + 0.5):.1f},{y(v):.1f}" for i, v in enumerate(values))
+        dash = ' stroke-dasharray="4 3"' if name == "429" else ""
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{COLORS[name]}" stroke-width="1.8"{dash}/>')
+    parts.append("</svg>")
+    legend = "".join(
+        f'<span><i style="background:{COLORS[n]}"></i>{escape(LABELS[n])}</span>' for n in series if any(series[n])
+    )
+    return "".join(parts) + f'<div class="legend">{legend} (per simulated second)</div>'
+
+
+def render_html(
+    sc: Scenario,
+    direct: RunResult,
+    through: RunResult,
+    rows: list[tuple[str, str, str]],
+    notes: list[str],
+    part1: list[tuple[str, str, str, bool]],
+    verdict: tuple[bool, str],
+    definitions: list[str],
+    data_json: str,
+) -> str:
+    ok, why = verdict
+    safe_json = data_json.replace("</", "<\\/")
+
+    def cell(text: str, good: bool | None = None) -> str:
+        cls = "" if good is None else (' class="good"' if good else ' class="bad"')
+        return f"<td{cls}>{escape(text)}</td>"
+
+    length = max([1, *(len(v) for r in (direct, through) for v in r.timeline.values())])
+    table = ["<table><tr><th></th><th>direct, naive client</th><th>through egressd</th></tr>"]
+    for name, d, t in rows:
+        indent = ' style="padding-left:24px"' if name.startswith(" ") else ""
+        table.append(f"<tr><td{indent}>{escape(name.strip())}</td>{cell(d)}{cell(t)}</tr>")
+    table.append("</table>")
+    mech = ["<table><tr><th>mechanism</th><th>what we did</th><th>what happened</th><th>result</th></tr>"]
+    for name, action, observed, good in part1:
+        mech.append(
+            f"<tr><td>{escape(name)}</td><td>{escape(action)}</td><td>{escape(observed)}</td>"
+            f"{cell('ok' if good else 'FAILED', good)}</tr>"
+        )
+    mech.append("</table>")
+    outcome_chart = _bars(
+        "What happened to the shop's calls",
+        [
+            ("payments delivered", direct.pay.delivered, through.pay.delivered),
+            ("payments duplicated", direct.pay.duplicated, through.pay.duplicated),
+            ("payments lost", direct.pay.lost, through.pay.lost),
+            ("e-mails delivered", direct.mail.delivered, through.mail.delivered),
+            ("e-mails duplicated", direct.mail.duplicated, through.mail.duplicated),
+            ("e-mails lost", direct.mail.lost, through.mail.lost),
+            ("provider 429s", direct.provider_429, through.provider_429),
+        ],
+    )
+    latency_chart = _bars(
+        "p99 latency (simulated seconds)",
+        [
+            ("payments p99", round(direct.pay.p99, 2), round(through.pay.p99, 2)),
+            ("e-mails p99", round(direct.mail.p99, 2), round(through.mail.p99, 2)),
+        ],
+        " s",
+    )
+    legend = (
+        '<div class="legend"><span><i style="background:#9ca3af"></i>direct, naive client</span>'
+        '<span><i style="background:#059669"></i>through egressd</span></div>'
+    )
+    return "\n".join(
+        [
+            "<!doctype html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            "<title>egressd demo: Black-Friday simulation</title>",
+            f"<style>{CSS}</style></head><body>",
+            "<h1>egressd demo: Black-Friday simulation</h1>",
+            f'<p class="verdict {"ok" if ok else "fail"}">{"PASS" if ok else "FAIL"}: {escape(why)}</p>',
+            "<h2>The scenario</h2><ul>",
+            *(f"<li>{escape(line)}</li>" for line in [*sc.describe(), *notes]),
+            "</ul><h2>Results</h2>",
+            *table,
+            legend,
+            outcome_chart,
+            latency_chart,
+            "<h2>Over time</h2>",
+            _timeline("Direct, naive client", direct, sc, length),
+            _timeline("Through egressd", through, sc, length),
+            "<h2>Definitions</h2><ul>",
+            *(f"<li>{escape(line)}</li>" for line in definitions),
+            "</ul><h2>Part 1: resilience mechanisms</h2>",
+            *mech,
+            f'<script type="application/json" id="data">{safe_json}</script>',
+            "</body></html>",
+        ]
+    )
