@@ -9,6 +9,7 @@ segments in the middle (`//`, usually a base URL configured with a trailing slas
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -16,6 +17,7 @@ from proxy.errors import ProxyError
 
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _DOTS = frozenset({".", ".."})
+_MAX_DECODES = 3
 MAX_TARGET = 8192
 # The common case, checked in one regex: segments of plain characters, none starting with
 # a dot, no percent-escapes, no empty segment but a trailing slash. Anything else takes
@@ -34,25 +36,41 @@ def _refuse(message: str) -> ProxyError:
     return ProxyError("bad_request", message)
 
 
+def _looks_like_dots(text: str) -> bool:
+    """A dot-segment, also as some upstream servers read it: `..;param` (Tomcat, Spring) and
+    compatibility forms such as fullwidth dots that NFKC turns into `..`."""
+    if text in _DOTS or text.split(";", 1)[0] in _DOTS:
+        return True
+    if not text.isascii():
+        folded = unicodedata.normalize("NFKC", text)
+        return folded in _DOTS or folded.split(";", 1)[0] in _DOTS
+    return False
+
+
 def _segment_is_hostile(segment: str) -> str | None:
     decoded = segment
-    # Decode up to three times: a double-encoded %252e%252e must not slip through a
-    # component that decodes again.
-    for _ in range(3):
-        if decoded in _DOTS:
-            return "dot-segment in path"
+    # Decode repeatedly: a double-encoded %252e%252e must not slip through a component that
+    # decodes again. Past _MAX_DECODES rounds the segment is refused, not guessed about.
+    for round_ in range(_MAX_DECODES + 1):
+        # An encoded slash is harmless unless it hides a dot-segment, so check every part.
+        if any(_looks_like_dots(part) for part in decoded.split("/")):
+            return "dot-segment in path" if round_ == 0 else "encoded dot-segment in path"
         if "\\" in decoded:
             return "backslash in path"
-        if "\x00" in decoded or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
             return "control character in path"
         if "%" not in decoded:
             return None
-        decoded = unquote(decoded, errors="strict") if _valid_escapes(decoded) else decoded
-        if "/" in decoded:
-            # An encoded slash is harmless unless it hides a dot-segment.
-            for part in decoded.split("/"):
-                if part in _DOTS:
-                    return "encoded dot-segment in path"
+        if round_ == _MAX_DECODES:
+            return "path percent-encoded too many times"
+        if not _valid_escapes(decoded):
+            return "invalid percent-encoding in path"
+        try:
+            decoded = unquote(decoded, errors="strict")
+        except UnicodeDecodeError:
+            # Not UTF-8 once decoded (e.g. the overlong %c0%ae for "."): refuse rather than
+            # guess how the upstream decodes it.
+            return "percent-encoded bytes that are not UTF-8 in path"
     return None
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDictProxy
 
 from proxy.answers import error_response
@@ -32,7 +34,8 @@ from proxy.events import CallFinished, ConfigReloaded, EventBus
 from proxy.model import Call, RequestBody, Response
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
-from proxy.observe.status import StatusBoard, render_html
+from proxy.observe.status import CSP as STATUS_CSP
+from proxy.observe.status import StatusBoard, render_html, safe_target, scrub
 from proxy.routing import split_target
 from proxy.runtime import Runtime, UpstreamRuntime
 from proxy.state.base import StateBackend
@@ -48,6 +51,16 @@ lifecycle = logging.getLogger("egressd.lifecycle")
 READ_WHOLE_UP_TO = 64 * 1024
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _DROP_REQUEST_HEADERS = ("host", "content-length", "expect")
+# Limits on the request head, explicit rather than inherited (docs/security.md): past them
+# the parser refuses the request with 400 `bad_request` before any routing happens.
+MAX_REQUEST_LINE = 8190
+MAX_HEADER_FIELD = 8190
+MAX_HEADERS = 128
+# Methods refused before routing: CONNECT (egressd is no forward proxy) and TRACE (it would
+# echo the app's credentials back; RFC 9110 section 9.3.8 lets a server refuse it).
+_REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+_ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+_SAFE_REASON = re.compile(r"[A-Za-z0-9 `'_./,()-]{1,80}")
 
 
 class StartupError(Exception):
@@ -63,6 +76,10 @@ class Settings:
     redis_prefix: str = "egressd:"
     drain: float = 20.0
     watch_interval: float = 1.0
+    # A connection whose request head (request line and headers) is not complete this many
+    # seconds after it opened, or after the first byte of a later head on a kept-alive
+    # connection, is closed (slowloris). 0 turns the timer off.
+    header_timeout: float = 10.0
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -79,6 +96,136 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 def _fmt_addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _ProxyProtocol(RequestHandler):
+    """aiohttp's connection handler plus a request-head deadline and egressd-shaped 400s.
+
+    aiohttp has no header-read timeout: a client can hold a connection (and a file
+    descriptor) for an hour by sending one header byte at a time. One timer per connection
+    bounds that: armed when the connection opens, cancelled when a head is complete, and
+    armed again only when bytes of a later head arrive in pieces. Body bytes never arm it,
+    so a slow upload is not cut.
+    """
+
+    __slots__ = ("_body", "_head_timeout", "_head_timer", "_on_malformed")
+
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        head_timeout: float,
+        on_malformed: Callable[[web.BaseRequest, BaseException | None], web.StreamResponse],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout = head_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body: Any = None  # the payload of the last complete head on this connection
+        self._on_malformed = on_malformed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._head_timeout > 0:
+            self._head_timer = self._loop.call_later(self._head_timeout, self._head_expired)
+
+    def data_received(self, data: bytes) -> None:
+        heads = self._request_count
+        super().data_received(data)
+        if self._request_count != heads:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            if self._messages:
+                self._body = self._messages[-1][1]
+        elif (
+            data
+            and self._head_timer is None
+            and self._head_timeout > 0
+            and (self._body is None or self._body.is_eof())
+        ):
+            self._head_timer = self._loop.call_later(self._head_timeout, self._head_expired)
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._current_request is not None or self._messages:
+            # An earlier request is still being answered; look again later.
+            self._head_timer = self._loop.call_later(self._head_timeout, self._head_expired)
+            return
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status != 400:
+            return super().handle_error(request, status, exc, message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response is already on the wire")
+        # aiohttp's own 400 logs a traceback and echoes the offending bytes (a header that
+        # may hold a secret) in the body; egressd answers in its own shape instead.
+        resp = self._on_malformed(request, exc)
+        resp.force_close()
+        return resp
+
+
+class _ProxyServer(web.Server):
+    """`web.Server` that builds `_ProxyProtocol` connection handlers."""
+
+    def __init__(
+        self,
+        handler: Callable[[web.BaseRequest], Coroutine[Any, Any, web.StreamResponse]],
+        *,
+        head_timeout: float,
+        on_malformed: Callable[[web.BaseRequest, BaseException | None], web.StreamResponse],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._head_timeout = head_timeout
+        self._on_malformed = on_malformed
+
+    def __call__(self) -> RequestHandler:
+        return _ProxyProtocol(
+            self, loop=self._loop, head_timeout=self._head_timeout, on_malformed=self._on_malformed, **self._kwargs
+        )
+
+
+def _refuse_method_or_framing(request: web.BaseRequest) -> None:
+    """CONNECT, TRACE, HTTP/0.9, and HTTP/1.0 with Transfer-Encoding (ambiguous framing)."""
+    if request.method == "CONNECT":
+        raise ProxyError("bad_request", "CONNECT is not supported: egressd is a reverse proxy")
+    if request.method == "TRACE":
+        raise ProxyError("method_not_allowed", "TRACE is not allowed: it would echo credentials back")
+    if request.version < (1, 0):
+        raise ProxyError("bad_request", "HTTP/0.9 is not supported", detail="framing")
+    if request.version < (1, 1) and "Transfer-Encoding" in request.headers:
+        # RFC 9112 section 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+        raise ProxyError("bad_request", "Transfer-Encoding in an HTTP/1.0 request", detail="framing")
+
+
+def _check_header_text(headers: CIMultiDictProxy[str]) -> None:
+    """Refuse header values that are not UTF-8 (aiohttp hands them over surrogate-escaped)."""
+    for value in headers.values():
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ProxyError("bad_request", "a header value is not valid UTF-8") from None
+
+
+def _malformed_reason(exc: BaseException | None) -> str:
+    """The parser's one-line description, never the offending bytes (they may hold a secret)."""
+    text = str(getattr(exc, "message", "") or "").split("\n", 1)[0].split(":", 1)[0].strip()
+    return text if _SAFE_REASON.fullmatch(text) else "malformed request head"
 
 
 class EgressServer:
@@ -281,7 +428,28 @@ class EgressServer:
         async def handler(request: web.BaseRequest) -> web.StreamResponse:
             return await self.handle(request, fixed_upstream)
 
-        return web.Server(handler, access_log=None, handler_cancellation=True)
+        return _ProxyServer(
+            handler,
+            head_timeout=self.settings.header_timeout,
+            on_malformed=self._malformed,
+            access_log=None,
+            handler_cancellation=True,
+            max_line_size=MAX_REQUEST_LINE,
+            max_field_size=MAX_HEADER_FIELD,
+            max_headers=MAX_HEADERS,
+            # Bodies are forwarded as sent: decompressing them here would send plain bytes
+            # under the app's Content-Encoding (and invite decompression bombs).
+            auto_decompress=False,
+        )
+
+    def _malformed(self, request: web.BaseRequest, exc: BaseException | None) -> web.StreamResponse:
+        """A request the HTTP parser refused (smuggling, bad header bytes, limits): 400, closed."""
+        request_id = os.urandom(16).hex()
+        error = ProxyError("bad_request", f"malformed HTTP request: {_malformed_reason(exc)}")
+        response = error_response(error, request_id=request_id)
+        response.headers["X-Request-Id"] = request_id
+        self._finish(response, "", "-", request_id, 0.0, len(response.body or b""), request, None)
+        return web.Response(status=response.status, headers=response.headers, body=response.body)
 
     async def handle(self, request: web.BaseRequest, fixed_upstream: str | None) -> web.StreamResponse:
         started = self.clock.now()
@@ -303,8 +471,9 @@ class EgressServer:
         try:
             if self.draining:
                 raise ProxyError("draining", "egressd is shutting down", retry_after=1)
-            if request.method == "CONNECT":
-                raise ProxyError("bad_request", "CONNECT is not supported: egressd is a reverse proxy")
+            if request.method in _REFUSED_METHODS or request.version != HttpVersion11:
+                _refuse_method_or_framing(request)
+            _check_header_text(request.headers)
             target = split_target(request.raw_path, fixed)
             rt = self.runtime.get(target.upstream)
             if rt is None:
@@ -320,6 +489,12 @@ class EgressServer:
             )
             response.notes["detail"] = exc.detail
             response.attempts = getattr(exc, "attempts", 0)
+            if exc.code == "method_not_allowed":
+                response.headers["Allow"] = _ALLOWED_METHODS
+            elif exc.detail == "framing" or exc.code == "body_too_large":
+                # The rest of the connection cannot be trusted (framing), or holds a body we
+                # will not read (413): close it rather than linger on it.
+                response.notes["close"] = True
         except Exception as exc:  # a bug must still give exactly one answer
             log.exception("internal error", extra={"request_id": request_id})
             response = error_response(
@@ -378,6 +553,8 @@ class EgressServer:
         aborted: str | None = None
         if response.stream is None:
             out: web.StreamResponse = web.Response(status=response.status, headers=headers, body=response.body)
+            if "close" in response.notes:
+                out.force_close()
             sent = len(response.body or b"")
             duration = self.clock.now() - started
         else:
@@ -470,34 +647,58 @@ class EgressServer:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
     async def status_data(self) -> dict[str, Any]:
+        """`/status.json`; docs/operations.md ("Status page") documents every field."""
         upstreams: dict[str, Any] = {}
         for name, rt in sorted(self.runtime.upstreams.items()):
-            snap = self.status.upstream_snapshot(name)
-            snap["target"] = rt.policy.target
-            snap["provider"] = rt.policy.provider.name
-            snap["stages"] = list(rt.pipeline.stage_names)
+            stages: dict[str, dict[str, Any]] = {}
             for stage in rt.pipeline.stages:
                 snapshot: Callable[[], Coroutine[Any, Any, dict[str, Any]]] | None = getattr(stage, "snapshot", None)
                 if snapshot is not None:
                     with contextlib.suppress(Exception):
-                        snap.update(await snapshot())
+                        stages[str(getattr(stage, "name", type(stage).__name__))] = await snapshot()
+            snap = self.status.upstream_snapshot(name, stages)
+            snap["target"] = safe_target(rt.policy.target)
+            snap["provider"] = rt.policy.provider.name
+            snap["stages"] = list(rt.pipeline.stage_names)
             upstreams[name] = snap
         health = getattr(self.state, "health", None)
+        try:
+            health_text = scrub(str(health())) if callable(health) else "ok"
+        except Exception as exc:
+            health_text = f"unknown: {type(exc).__name__}"
+        reload: dict[str, Any] = dict(self.last_reload or {})
+        reload["problems"] = [scrub(str(p)) for p in reload.get("problems") or []]
+        reload["time"] = self.status.reloads[-1]["time"] if self.status.reloads else round(self.status.started, 3)
         return {
+            **self.status.clock_snapshot(),
             "policy_version": self.runtime.version,
-            "last_reload": self.last_reload,
+            "last_reload": reload,
+            "recent_reloads": list(reversed(self.status.reloads)),
             "ready": self.ready,
             "draining": self.draining,
             "in_flight": self._in_flight,
-            "state_backend": {"name": self.state.name, "health": health() if callable(health) else "ok"},
+            "state_backend": {"name": self.state.name, "health": health_text, **self.status.backend_snapshot()},
             "upstreams": upstreams,
         }
 
     async def _status_json(self, request: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(await self.status_data(), default=str), content_type="application/json")
+        return web.Response(
+            text=json.dumps(await self.status_data(), default=str),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+        )
 
     async def _status_html(self, request: web.Request) -> web.Response:
-        return web.Response(text=render_html(await self.status_data()), content_type="text/html")
+        return web.Response(
+            text=render_html(await self.status_data()),
+            content_type="text/html",
+            headers={
+                "Content-Security-Policy": STATUS_CSP,
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+            },
+        )
 
 
 async def serve(settings: Settings, *, stop_event: asyncio.Event | None = None) -> int:

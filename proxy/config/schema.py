@@ -183,6 +183,20 @@ def _v_header_value(v: str) -> str:
     return v
 
 
+def _reject_control_characters(value: Any, what: str) -> None:
+    """Raise for CR, LF or NUL anywhere in the strings of a settings tree."""
+    if isinstance(value, str):
+        if _CTL_RE.search(value):
+            raise ValueError(f"a {what} must not contain CR, LF or NUL")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _reject_control_characters(key, what)
+            _reject_control_characters(item, what)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _reject_control_characters(item, what)
+
+
 def _v_header_secret(v: SecretStr) -> SecretStr:
     if _CTL_RE.search(v.get_secret_value()):
         # Never echo the value: it is a secret.
@@ -332,6 +346,14 @@ class ProviderRef(_Model):
             if "name" in v:
                 out["name"] = v["name"]
             return out
+        return v
+
+    @field_validator("settings")
+    @classmethod
+    def _no_control_characters(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # Plugins put settings into request paths and headers (Mailgun's domain goes into
+        # /v3/{domain}/messages): CR, LF or NUL there would inject into the request.
+        _reject_control_characters(v, "provider setting")
         return v
 
 
@@ -528,6 +550,12 @@ class Crosswalk(_Model):
 
     payment_methods: dict[str, str] = Field(default_factory=dict)
     templates: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("payment_methods", "templates")
+    @classmethod
+    def _no_control_characters(cls, v: dict[str, str]) -> dict[str, str]:
+        _reject_control_characters(v, "crosswalk id")
+        return v
 
 
 class Failover(_Model):

@@ -18,7 +18,8 @@ from proxy.events import CallFinished, Event
 
 ACCESS = logging.getLogger("egressd.access")
 _SECRET_KEY = re.compile(r"(key|token|secret|pass|auth|sig|signature|credential|session|code)", re.I)
-_CARDLIKE = re.compile(r"\b(?:\d[ -]?){13,19}\b")
+# 13 to 19 digits, single spaces or dashes between them allowed, also URL-encoded (+, %20).
+_CARDLIKE = re.compile(r"(?<![\w])\d(?:(?:[ +-]|%20)?\d){12,18}(?![\w])")
 _STD_ATTRS = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None)).keys()) | {"message", "asctime"}
 
 
@@ -33,6 +34,9 @@ def redact_query(query: str) -> str:
             value = "REDACTED"
         parts.append(key + sep + value)
     return "&".join(parts)
+
+
+_HAS_DIGIT_RUN = re.compile(r"\d{4}").search
 
 
 def redact_text(text: str) -> str:
@@ -115,6 +119,8 @@ class AccessLog:
         if target is None:
             return
         path, _, query = event.path.partition("?")
+        if _HAS_DIGIT_RUN(path):  # a card number in a path segment (/v1/cards/4242...)
+            path = redact_text(path)
         if query:
             path += "?" + redact_query(query)
         stamp = _now_iso()
