@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-level", default=_env("EGRESSD_LOG_LEVEL", "info").lower(), choices=LEVELS)
     run.add_argument("--drain", default=_env("EGRESSD_DRAIN", "20"), help="seconds in-flight calls get at SIGTERM")
+    run.add_argument(
+        "--header-timeout",
+        default=_env("EGRESSD_HEADER_TIMEOUT", "10"),
+        help="seconds a client may take to send a request head (slowloris guard; 0 turns it off)",
+    )
 
     check = sub.add_parser("check", help="validate a policy directory (exit 0 valid, 1 not)")
     check.add_argument("directory", nargs="?", default=_env("EGRESSD_POLICIES", "./policies"))
@@ -71,8 +76,9 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, args.log_level)
     try:
         drain = float(args.drain)
-        if drain < 0:
-            raise ValueError("must not be negative")
+        header_timeout = float(args.header_timeout)
+        if drain < 0 or header_timeout < 0:
+            raise ValueError("--drain and --header-timeout must not be negative")
         settings = Settings(
             policies=Path(args.policies),
             listen=parse_hostport(args.listen),
@@ -80,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
             redis_url=args.redis or None,
             redis_prefix=args.redis_prefix,
             drain=drain,
+            header_timeout=header_timeout,
         )
     except ValueError as exc:
         print(f"egressd: {exc}", file=sys.stderr)

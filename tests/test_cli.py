@@ -151,3 +151,11 @@ def test_run_refuses_unset_secret(tmp_path: Path) -> None:
     check = egressd("check", str(tmp_path), env=env)
     assert check.returncode == 0  # a warning for check
     assert "warning" in check.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "soon"])
+def test_run_rejects_bad_header_timeout(tmp_path: Path, value: str) -> None:
+    (tmp_path / "a.yaml").write_text("upstream: alpha\ntarget: http://127.0.0.1:9\n")
+    result = egressd("run", "--policies", str(tmp_path), "--header-timeout", value, timeout=20)
+    assert result.returncode == 2
+    assert "egressd:" in result.stderr and "Traceback" not in result.stderr
