@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime, formataddr, parsedate_to_datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from plugins.base import FailoverContext, Refused, Translated, TranslatorRun, WireAnswer, WireRequest
 from plugins.forms import FilePart, encode_multipart
@@ -259,17 +259,29 @@ def translate(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
     if over is not None:
         return Translated(over)
     calls = build_calls(body, ctx)
+    if len(calls) > 1 and not ctx.allow_lossy:
+        # SendGrid sends all personalizations or none. Several Mailgun sends cannot be made
+        # atomic, and neither provider has an idempotency key: after a partial failure the
+        # app's retry would send the first ones again. So a fan-out is opt-in.
+        raise Refused(
+            "not_atomic",
+            f"this mail needs {len(calls)} separate Mailgun sends; one failing after others went out "
+            "could not be undone or retried without duplicates (allow_lossy: true fails over anyway)",
+        )
     ids: list[str] = []
     for fields, files in calls:
         data, ctype = encode_call(fields, files)
-        answer = yield WireRequest("POST", f"/v3/{domain}/messages", "", {"Content-Type": ctype}, data)
+        # The domain is a setting, quoted all the same: nothing in it may change the path.
+        path = f"/v3/{quote(domain, safe='')}/messages"
+        answer = yield WireRequest("POST", path, "", {"Content-Type": ctype}, data)
         if answer.error or answer.status >= 300:
             error = sendgrid_error_from_mailgun(answer)
-            if ids:
+            if ids:  # only with allow_lossy: the app's retry would resend the first ones
                 error = sendgrid_error(
                     500,
-                    f"only {len(ids)} of {len(calls)} personalizations were sent through the fallback "
-                    f"provider before it failed: {_message(answer)}",
+                    f"only the first {len(ids)} of {len(calls)} sends went out through the fallback "
+                    f"provider before it failed (a retry of the whole mail would send those again): "
+                    f"{_message(answer)}",
                 )
             return Translated(error)
         reply = answer.json() or {}

@@ -16,7 +16,7 @@ from typing import Any
 from plugins.base import FailoverContext, Refused, Translated, TranslatorRun, WireAnswer, WireRequest
 from plugins.forms import encode_stripe_form
 from plugins.money import paypal_to_stripe, paypal_value
-from plugins.shapes import json_answer, paypal_error, rfc3339, token
+from plugins.shapes import json_answer, ledger_record, paypal_error, rfc3339, token
 
 PREFIX = "EGF"
 ID_LEN = 20
@@ -51,14 +51,14 @@ def translate(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
         return (yield from _create(request, ctx))
     m = _ORDER.match(path)
     if m:
-        record = _record(ctx, m.group(1))
+        record = ledger_record(ctx, m.group(1))
         if method == "GET" and m.group(2) is None:
             return (yield from _retrieve(record, ctx, 200))
         if method == "POST" and m.group(2):
             return (yield from _complete_again(record, m.group(2), ctx))
     p = _PAYMENT.match(path)
     if p:
-        record = _record(ctx, p.group(2))
+        record = ledger_record(ctx, p.group(2))
         kind, action = p.group(1), p.group(3)
         if kind == "captures" and action == "refund" and method == "POST":
             return (yield from _refund(request, record, ctx))
@@ -69,13 +69,6 @@ def translate(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
         if kind == "refunds" and action is None and method == "GET":
             return (yield from _retrieve_refund(record, ctx))
     raise Refused("unsupported_operation", f"{method} {path} has no Stripe equivalent")
-
-
-def _record(ctx: FailoverContext, object_id: str) -> Mapping[str, Any]:
-    record = ctx.records.get(object_id)
-    if record is None:
-        raise Refused("not_failed_over", f"{object_id} lives on {ctx.source}, not on {ctx.target}")
-    return record
 
 
 def _stripe_headers(ctx: FailoverContext, step: str) -> dict[str, str]:

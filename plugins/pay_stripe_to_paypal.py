@@ -15,7 +15,7 @@ from typing import Any
 from plugins.base import FailoverContext, Refused, Translated, TranslatorRun, WireAnswer, WireRequest, json_bytes
 from plugins.forms import parse_stripe_form
 from plugins.money import minor_from_paypal, stripe_to_paypal
-from plugins.shapes import json_answer, stripe_error, stripe_request_id, token, unix
+from plugins.shapes import json_answer, ledger_record, stripe_error, stripe_request_id, token, unix
 
 PI_PREFIX = "pi_ppf_"
 CH_PREFIX = "ch_ppf_"
@@ -71,7 +71,7 @@ def translate(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
         return (yield from _refund(request, ctx))
     m = _PI_PATH.match(path)
     if m:
-        record = _record(ctx, m.group(1))
+        record = ledger_record(ctx, m.group(1))
         action = m.group(2)
         if method == "GET" and action is None:
             return (yield from _retrieve(record, ctx))
@@ -81,15 +81,8 @@ def translate(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
             return (yield from _cancel(record, ctx))
     m = _RE_PATH.match(path)
     if m and method == "GET":
-        return (yield from _retrieve_refund(_record(ctx, m.group(1)), ctx))
+        return (yield from _retrieve_refund(ledger_record(ctx, m.group(1)), ctx))
     raise Refused("unsupported_operation", f"{method} {path} has no PayPal equivalent")
-
-
-def _record(ctx: FailoverContext, object_id: str) -> Mapping[str, Any]:
-    record = ctx.records.get(object_id)
-    if record is None:
-        raise Refused("not_failed_over", f"{object_id} lives on {ctx.source}, not on {ctx.target}")
-    return record
 
 
 def _params(request: WireRequest) -> dict[str, Any]:
@@ -501,7 +494,7 @@ def _refund(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
     target = params.get("payment_intent") or params.get("charge")
     if not isinstance(target, str):
         raise Refused("not_failed_over", "refund names no payment_intent or charge")
-    record = _record(ctx, target)
+    record = ledger_record(ctx, target)
     extra = sorted(k for k in params if k not in REFUND_MAPPED)
     if extra and not ctx.allow_lossy:
         raise Refused("lossy", ", ".join(extra))

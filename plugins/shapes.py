@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from plugins.base import WireAnswer, json_bytes
+from plugins.base import FailoverContext, Refused, WireAnswer, json_bytes
 
 JSON = {"Content-Type": "application/json"}
 
@@ -111,3 +111,12 @@ def paypal_error(
             detail["location"] = "body"
         body["details"] = [detail]
     return json_answer(status, body, headers)
+
+
+def ledger_record(ctx: FailoverContext, object_id: str) -> Mapping[str, Any]:
+    """The routing-ledger record of an object created on the fallback (raises Refused
+    `not_failed_over` when the object lives on the primary)."""
+    record = ctx.records.get(object_id)
+    if record is None:
+        raise Refused("not_failed_over", f"{object_id} lives on {ctx.source}, not on {ctx.target}")
+    return record

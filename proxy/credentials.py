@@ -7,11 +7,12 @@ they are never returned, logged or kept.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, SecretStr
+
+from proxy.hashing import digest
 
 if TYPE_CHECKING:
     from proxy.config.schema import Policy
@@ -26,21 +27,18 @@ APP_CREDENTIAL_HEADERS: tuple[str, ...] = (
 )
 
 
-def _feed(h: Any, value: Any) -> None:
-    """Feed a canonical, unambiguous encoding of `value` (secrets revealed) to the hash."""
+def _parts(value: Any, out: list[str]) -> None:
+    """Append a canonical encoding of `value` (secrets revealed) as hash parts."""
     if isinstance(value, SecretStr):
         value = value.get_secret_value()
     if isinstance(value, BaseModel):
-        h.update(b"{")
+        out.append("{")
         for name in sorted(type(value).model_fields):
-            _feed(h, name)
-            _feed(h, getattr(value, name))
-        h.update(b"}")
+            out.append(name)
+            _parts(getattr(value, name), out)
+        out.append("}")
         return
-    text = "" if value is None else str(value)
-    data = text.encode("utf-8", "surrogatepass")
-    h.update(len(data).to_bytes(8, "big"))
-    h.update(data)
+    out.append("" if value is None else str(value))
 
 
 def credentials_hash(headers: Mapping[str, str], policy: Policy) -> str:
@@ -52,18 +50,16 @@ def credentials_hash(headers: Mapping[str, str], policy: Policy) -> str:
     `Authorization`, `X-Api-Key`, `Api-Key`, `X-Auth-Token` and `Cookie`.
     `headers` must be case-insensitive (a CIMultiDict(Proxy)).
     """
-    h = hashlib.sha256()
+    parts: list[str] = []
     auth = policy.auth
     if auth is not None:
-        _feed(h, "policy")
-        _feed(h, auth)
-        return h.hexdigest()
-    _feed(h, "app")
+        parts.append("policy")
+        _parts(auth, parts)
+        return digest(*parts)
+    parts.append("app")
+    getall = getattr(headers, "getall", None)
     for name in APP_CREDENTIAL_HEADERS:
-        getall = getattr(headers, "getall", None)
         values = getall(name, []) if getall is not None else ([headers[name]] if name in headers else [])
-        _feed(h, name.lower())
-        _feed(h, len(values))
-        for value in values:
-            _feed(h, value)
-    return h.hexdigest()
+        parts.extend((name.lower(), str(len(values))))
+        parts.extend(values)
+    return digest(*parts)

@@ -84,7 +84,7 @@ class FailoverResult(NamedTuple):
 
 class IdempotencyResult(NamedTuple):
     upstream: str
-    result: str  # replayed | mismatch | joined | generated | fingerprint_duplicate
+    result: str  # replayed | mismatch | joined | shared | generated | fingerprint_duplicate
 
 
 class ConfigReloaded(NamedTuple):

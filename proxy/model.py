@@ -15,8 +15,15 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import ProxyError
 
-UNSAFE_METHODS = frozenset({"POST", "PATCH"})
+#: Methods safe to send twice (RFC 9110 9.2.2). An allow-list: any other method (POST,
+#: PATCH, an extension method, or one of these spelled in another case, since methods
+#: are case-sensitive tokens) may act twice when resent and counts as unsafe.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+
+
+def unsafe_method(method: str) -> bool:
+    """True unless `method` is exactly one of `IDEMPOTENT_METHODS` (no case folding)."""
+    return method not in IDEMPOTENT_METHODS
 
 
 class RequestBody:

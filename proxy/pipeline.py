@@ -71,15 +71,11 @@ STAGE_ORDER: Sequence[tuple[str, str]] = (
 )
 
 
-def _factory(spec: str) -> StageFactory | None:
+def _factory(spec: str) -> StageFactory:
+    """The factory named by `module:attr`. A missing stage module is an error (ImportError),
+    never a silently thinner chain: a policy that asks for a block gets its stage."""
     module_name, _, attr = spec.partition(":")
-    try:
-        module = import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            return None  # that stage is not part of this build
-        raise
-    factory: StageFactory = getattr(module, attr)
+    factory: StageFactory = getattr(import_module(module_name), attr)
     return factory
 
 
@@ -108,10 +104,7 @@ def build_pipeline(ctx: StageContext, terminal: Handler) -> Pipeline:
     for block, spec in STAGE_ORDER:
         if getattr(ctx.policy, block, None) in (None, [], ()):
             continue
-        factory = _factory(spec)
-        if factory is None:
-            continue
-        stage = factory(ctx)
+        stage = _factory(spec)(ctx)
         if stage is not None:
             stages.append(stage)
     return Pipeline(stages, terminal)

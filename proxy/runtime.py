@@ -102,8 +102,11 @@ class Runtime:
                 task.add_done_callback(self._retired.discard)
 
     async def close(self) -> None:
-        for task in list(self._retired):
-            task.cancel()
+        retired = list(self._retired)
+        for task in retired:
+            task.cancel()  # skips the grace period; the task still closes its transport
+        # Wait for them, so no pool outlives the runtime; their errors are not ours to raise.
+        await asyncio.gather(*retired, return_exceptions=True)
         for rt in self.upstreams.values():
             await rt.transport.close()
         self.upstreams = {}

@@ -490,3 +490,123 @@ async def test_head_is_cached_separately_when_enabled() -> None:
     await handle(make_call(h.clock, method="GET"))
     assert len(up.calls) == 2
     assert (await handle(make_call(h.clock, method="HEAD"))).cache == "hit"
+
+
+# -- regressions: partial/conditional answers, hostile numbers, upstream Age ------------------
+
+
+def range_or_conditional(call: Call, n: int) -> Response:
+    if "Range" in call.headers:
+        return Response(206, CIMultiDict({"Content-Range": "bytes 0-3/100"}), b"abcd")
+    if "If-None-Match" in call.headers:
+        return Response(304, CIMultiDict({"ETag": '"x"'}), b"")
+    return Response(200, CIMultiDict(), b"full body")
+
+
+@pytest.mark.parametrize("lead", [{"Range": "bytes=0-3"}, {"If-None-Match": '"x"'}, {"If-Modified-Since": "x"}])
+async def test_range_and_conditional_requests_go_straight_through(lead: dict[str, str]) -> None:
+    h = Harness(policy(ttl=60))
+    up = Upstream(h.clock, range_or_conditional, latency=1)
+    handle = h.handler(up)
+    first = asyncio.ensure_future(handle(make_call(h.clock, extra=lead)))
+    await asyncio.sleep(0)
+    plain = asyncio.ensure_future(handle(make_call(h.clock)))  # same key without the header
+    _r1, r2 = await asyncio.gather(first, plain)
+    assert r2.status == 200 and r2.body == b"full body"
+    assert not r2.notes.get("cache_coalesced")
+    assert len(up.calls) == 2
+    # a conditional/partial request is never answered from the cache either
+    again = await handle(make_call(h.clock, extra=lead))
+    assert again.cache is None and len(up.calls) == 3
+
+
+@pytest.mark.parametrize("status", [206, 304, 412])
+async def test_partial_or_not_modified_answers_are_not_shared(status: int) -> None:
+    h = Harness(policy(ttl=60))
+    up = Upstream(
+        h.clock, lambda call, n: Response(status if n == 1 else 200, CIMultiDict(), b"" if n == 1 else b"b"), latency=1
+    )
+    handle = h.handler(up)
+    answers = await asyncio.gather(*(handle(make_call(h.clock)) for _ in range(3)))
+    assert answers[0].status == status
+    assert [a.status for a in answers[1:]] == [200, 200]
+    assert len(up.calls) == 3
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Cache-Control": "max-age=" + "9" * 400},
+        {"Cache-Control": "s-maxage=" + "9" * 5000},
+        {"Cache-Control": "max-age=60", "Age": "9" * 400},
+        {"Cache-Control": "max-age=1e999, s-maxage=-5", "Age": "١٢"},
+    ],
+)
+async def test_hostile_delta_seconds_do_not_escape(headers: dict[str, str]) -> None:
+    h = Harness(policy(ttl=60))
+    answer, released = streamed(10, 5, content_length=True)
+
+    def hostile(call: Call, n: int) -> Response:
+        response = answer(call, n)
+        response.headers.update(headers)
+        return response
+
+    up = Upstream(h.clock, hostile)
+    first = await h.handler(up)(make_call(h.clock))
+    assert first.status == 200 and await first.read() == b"x" * 10 and released == [True]
+    h.clock.advance(1)
+    second = await h.handler(up)(make_call(h.clock))
+    assert second.status == 200
+
+
+async def test_answer_is_closed_when_the_stage_fails_after_receiving_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness(policy(ttl=60))
+    answer, released = streamed(10, 5, content_length=True)
+    up = Upstream(h.clock, answer)
+
+    def broken(response: Response) -> bool:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(h.stage, "storable", broken)
+    with pytest.raises(ValueError):
+        await h.handler(up)(make_call(h.clock))
+    assert released == [True]
+
+
+async def test_upstream_age_is_kept_with_the_entry() -> None:
+    h = Harness(policy(ttl=60, stale_if_error=600))
+    up = Upstream(h.clock, ok({"Cache-Control": "max-age=60", "Age": "50"}))
+    handle = h.handler(up)
+    assert (await handle(make_call(h.clock))).cache == "miss"
+    h.clock.advance(5)
+    hit = await handle(make_call(h.clock))
+    assert hit.cache == "hit" and hit.headers["Age"] == "55"
+    h.clock.advance(25)  # 80 s old: the upstream said 10 s of freshness were left
+    after = await handle(make_call(h.clock))
+    assert after.cache == "miss" and len(up.calls) == 2
+
+
+async def test_stale_answer_age_counts_upstream_age() -> None:
+    h = Harness(policy(ttl=60, stale_if_error=600))
+    mode = {"fail": False}
+
+    async def inner(call: Call) -> Response:
+        if mode["fail"]:
+            raise ProxyError("upstream_unreachable", "refused")
+        return Response(200, CIMultiDict({"Cache-Control": "max-age=60", "Age": "50"}), b"x")
+
+    handle = h.handler(inner)
+    await handle(make_call(h.clock))
+    h.clock.advance(20)
+    mode["fail"] = True
+    stale = await handle(make_call(h.clock))
+    assert stale.cache == "stale" and stale.headers["Age"] == "70"
+
+
+async def test_cached_failover_answer_keeps_the_upstream_that_made_it() -> None:
+    h = Harness(policy(ttl=60))
+    up = Upstream(h.clock, lambda call, n: Response(200, CIMultiDict(), b"x", upstream="paypal"))
+    handle = h.handler(up)
+    assert (await handle(make_call(h.clock))).upstream == "paypal"
+    hit = await handle(make_call(h.clock))
+    assert hit.cache == "hit" and hit.upstream == "paypal"

@@ -792,3 +792,23 @@ def test_arbitrary_documents_never_raise(tmp_path: Path, doc: dict[str, Any]) ->
     assert result.ok == (result.policy_set is not None)
     for problem in result.problems:
         assert "internal error" not in str(problem) and "\n" not in str(problem)
+
+
+@pytest.mark.parametrize("domain", ["../../x", "mg.example.com/evil", "a?b", "a#b", "", "-bad.example.com"])
+def test_mailgun_domain_must_be_a_host_name(tmp_path: Path, domain: str) -> None:
+    import json as _json
+
+    (tmp_path / "m.yaml").write_text(
+        "upstream: mailgun\ntarget: https://api.mailgun.net\n"
+        f"provider: {{name: mailgun, domain: {_json.dumps(domain)}}}\n"
+    )
+    result = load_policy_dir(tmp_path)
+    assert not result.ok
+    assert any("not a host name" in str(p) for p in result.problems), [str(p) for p in result.problems]
+
+
+def test_mailgun_domain_accepts_a_host_name(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text(
+        "upstream: mailgun\ntarget: https://api.mailgun.net\nprovider: {name: mailgun, domain: mg.example.com}\n"
+    )
+    assert load_policy_dir(tmp_path).ok

@@ -69,10 +69,13 @@ def test_small_simulation_passes_and_shows_the_difference(
     # Failover used for payments and for e-mails.
     assert lead(row(out, "failed over Stripe -> PayPal")[1]) > 0
     assert lead(row(out, "failed over SendGrid -> Mailgun")[1]) > 0
-    # Exactly one refused failover, and it is the payment without a crosswalk entry.
+    # Refused failovers: the payment without a crosswalk entry, and calls answered 5xx
+    # before the circuit opened (ambiguous: the charge or mail may have happened; e-mail
+    # has no idempotency key and Stripe replays its stored 5xx to the probe). Never twice.
     refused = rows(out, "- refused failover (honest)")
-    assert [lead(t) for _, t in refused] == [1, 0]
-    assert "refused failovers through egressd: no_crosswalk_entry" in out
+    assert lead(refused[0][1]) >= 1
+    reasons = out.split("refused failovers through egressd: ", 1)[1].splitlines()[0].split(", ")
+    assert "no_crosswalk_entry" in reasons and set(reasons) <= {"ambiguous", "no_crosswalk_entry"}
     # Nothing twice through egressd, nothing lost that egressd could have saved.
     dupes = rows(out, "duplicated (happened 2+ times)")
     assert [lead(t) for _, t in dupes] == [0, 0]

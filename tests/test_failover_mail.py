@@ -72,7 +72,7 @@ MAIL: dict[str, Any] = {
 
 async def test_sendgrid_down_fails_over_to_mailgun(start_proxy: Any, fakes: dict[str, FakeServer]) -> None:
     sg, mg = fakes["sendgrid"], fakes["mailgun"]
-    sg.faults.outage(60)
+    await sg.stop()  # SendGrid down: connection refused, provably not sent
     server = await start_proxy(policies(sg.url, mg.url))
     client = SendGridAPIClient("SG.app-key", host=proxy_url(server) + "/sendgrid")
     resp = await asyncio.to_thread(client.client.mail.send.post, request_body=MAIL)
@@ -110,12 +110,12 @@ async def test_mail_refusals(
     start_proxy: Any, fakes: dict[str, FakeServer], extra: dict[str, Any], reason: str
 ) -> None:
     sg, mg = fakes["sendgrid"], fakes["mailgun"]
-    sg.faults.outage(60)
+    await sg.stop()  # SendGrid down: connection refused, provably not sent
     server = await start_proxy(policies(sg.url, mg.url))
     client = SendGridAPIClient("SG.app-key", host=proxy_url(server) + "/sendgrid")
     with pytest.raises(HTTPError) as info:
         await asyncio.to_thread(client.client.mail.send.post, request_body={**MAIL, **extra})
-    assert info.value.status_code == 503
+    assert info.value.status_code == 502  # SendGrid's own error shape: upstream_unreachable
     assert info.value.headers["X-Egressd-Failover"] == f"refused; reason={reason}"
     assert "errors" in info.value.to_dict
     assert mg.ledger.count("message.queued") == 0
@@ -123,7 +123,7 @@ async def test_mail_refusals(
 
 async def test_template_crosswalk(start_proxy: Any, fakes: dict[str, FakeServer]) -> None:
     sg, mg = fakes["sendgrid"], fakes["mailgun"]
-    sg.faults.outage(60)
+    await sg.stop()  # SendGrid down: connection refused, provably not sent
     server = await start_proxy(policies(sg.url, mg.url, crosswalk={"templates": {"d-123": "welcome"}}))
     body = {k: v for k, v in MAIL.items() if k not in ("content",)}
     body["template_id"] = "d-123"
@@ -140,7 +140,7 @@ async def test_mailgun_down_fails_over_to_sendgrid(start_proxy: Any, fakes: dict
     from mailgun.config import RetryPolicy
 
     sg, mg = fakes["sendgrid"], fakes["mailgun"]
-    mg.faults.outage(60)
+    await mg.stop()  # Mailgun down: connection refused, provably not sent
     server = await start_proxy(policies(sg.url, mg.url, reverse=True))
 
     def send() -> Any:
@@ -186,7 +186,7 @@ async def test_mailgun_lossy_refusal(start_proxy: Any, fakes: dict[str, FakeServ
     import aiohttp
 
     sg, mg = fakes["sendgrid"], fakes["mailgun"]
-    mg.faults.outage(60)
+    await mg.stop()  # Mailgun down: connection refused, provably not sent
     server = await start_proxy(policies(sg.url, mg.url, reverse=True))
     async with aiohttp.ClientSession() as http:
         async with http.post(
@@ -194,7 +194,24 @@ async def test_mailgun_lossy_refusal(start_proxy: Any, fakes: dict[str, FakeServ
             data={"from": "a@example.com", "to": "b@example.org", "text": "x", "o:dkim": "yes"},
             headers={"Authorization": "Basic " + base64.b64encode(b"api:key-app").decode()},
         ) as resp:
-            assert resp.status == 503
+            assert resp.status == 502
             assert resp.headers["X-Egressd-Failover"] == "refused; reason=lossy"
             assert "message" in await resp.json()
     assert sg.ledger.count("mail.sent") == 0
+
+
+@pytest.mark.parametrize("processed", [True, False])
+async def test_sendgrid_5xx_is_ambiguous_and_never_fails_over(
+    start_proxy: Any, fakes: dict[str, FakeServer], processed: bool
+) -> None:
+    """SendGrid has no idempotency key and no way to ask: a 503 to a send may have
+    followed the send, so it is not repeated at Mailgun (the mail would go out twice)."""
+    sg, mg = fakes["sendgrid"], fakes["mailgun"]
+    sg.faults.status(503, path="/v3/mail/send", processed=processed)
+    server = await start_proxy(policies(sg.url, mg.url))
+    client = SendGridAPIClient("SG.app-key", host=proxy_url(server) + "/sendgrid")
+    with pytest.raises(HTTPError) as info:
+        await asyncio.to_thread(client.client.mail.send.post, request_body=MAIL)
+    assert info.value.status_code == 503
+    assert info.value.headers["X-Egressd-Failover"] == "refused; reason=ambiguous"
+    assert mg.ledger.count("message.queued") == 0

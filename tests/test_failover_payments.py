@@ -72,7 +72,7 @@ async def test_stripe_down_fails_over_to_paypal_and_follow_ups_route(
     start_proxy: Any, fakes: dict[str, FakeServer]
 ) -> None:
     sf, pf = fakes["stripe"], fakes["paypal"]
-    sf.faults.outage(60)
+    await sf.stop()  # Stripe down: connection refused, provably not processed
     server = await start_proxy([stripe_policy(sf.url), paypal_policy(pf.url)])
     sc = client(proxy_url(server))
     pi = await asyncio.to_thread(
@@ -93,7 +93,7 @@ async def test_stripe_down_fails_over_to_paypal_and_follow_ups_route(
     assert pf.ledger.count("order.captured") == 1
     assert sf.ledger.count("payment_intent.created") == 0
     # follow-ups go to PayPal even though Stripe is healthy again
-    sf.faults.clear()
+    await sf.start()
     seen_by_stripe = len(sf.ledger.requests)
     got = await asyncio.to_thread(sc.v1.payment_intents.retrieve, pi.id)
     assert got.id == pi.id and got.status == "succeeded" and got.metadata["order_id"] == "42"
@@ -138,10 +138,10 @@ async def test_refusals_return_the_primary_error(
     start_proxy: Any, fakes: dict[str, FakeServer], params: dict[str, Any], reason: str
 ) -> None:
     sf, pf = fakes["stripe"], fakes["paypal"]
-    sf.faults.outage(60)
+    await sf.stop()  # Stripe down: connection refused, provably not processed
     server = await start_proxy([stripe_policy(sf.url), paypal_policy(pf.url)])
     err = await _stripe_error(client(proxy_url(server)), {**BASE, **params})
-    assert err.http_status == 503
+    assert err.http_status == 502  # the primary's own error: upstream_unreachable
     assert isinstance(err, stripe.APIError)
     assert err.headers is not None and err.headers["X-Egressd-Failover"] == f"refused; reason={reason}"
     assert err.headers["X-Egressd-Upstream"] == "stripe"
@@ -150,7 +150,7 @@ async def test_refusals_return_the_primary_error(
 
 async def test_lossy_allowed_by_policy(start_proxy: Any, fakes: dict[str, FakeServer]) -> None:
     sf, pf = fakes["stripe"], fakes["paypal"]
-    sf.faults.outage(60)
+    await sf.stop()  # Stripe down: connection refused, provably not processed
     server = await start_proxy([stripe_policy(sf.url, allow_lossy=True), paypal_policy(pf.url)])
     pi = await asyncio.to_thread(
         client(proxy_url(server)).v1.payment_intents.create,
@@ -161,7 +161,7 @@ async def test_lossy_allowed_by_policy(start_proxy: Any, fakes: dict[str, FakeSe
 
 async def test_zero_decimal_currency_converts(start_proxy: Any, fakes: dict[str, FakeServer]) -> None:
     sf, pf = fakes["stripe"], fakes["paypal"]
-    sf.faults.outage(60)
+    await sf.stop()  # Stripe down: connection refused, provably not processed
     server = await start_proxy([stripe_policy(sf.url), paypal_policy(pf.url)])
     pi = await asyncio.to_thread(
         client(proxy_url(server)).v1.payment_intents.create, params={**BASE, "amount": 500, "currency": "jpy"}
@@ -236,7 +236,7 @@ async def test_circuit_open_connect_error_manual_capture_and_replay(
 
 async def test_decline_at_paypal_is_a_card_error(start_proxy: Any, fakes: dict[str, FakeServer]) -> None:
     sf, pf = fakes["stripe"], fakes["paypal"]
-    sf.faults.outage(60)
+    await sf.stop()  # Stripe down: connection refused, provably not processed
     server = await start_proxy(
         [stripe_policy(sf.url, crosswalk={"payment_methods": {"pm_card_visa": "DECLINE123"}}), paypal_policy(pf.url)]
     )
@@ -247,7 +247,7 @@ async def test_decline_at_paypal_is_a_card_error(start_proxy: Any, fakes: dict[s
 
 async def test_fallback_token_failure_is_not_a_401(start_proxy: Any, fakes: dict[str, FakeServer]) -> None:
     sf, pf = fakes["stripe"], fakes["paypal"]
-    sf.faults.outage(60)
+    await sf.stop()  # Stripe down: connection refused, provably not processed
     pf.faults.status(401, path="/v1/oauth2/token", body='{"error":"invalid_client"}')
     server = await start_proxy([stripe_policy(sf.url), paypal_policy(pf.url)])
     err = await _stripe_error(client(proxy_url(server)), BASE)
@@ -317,7 +317,7 @@ def _order(vault: str | None = "8TX02017P3456", intent: str = "CAPTURE", units: 
 
 async def test_paypal_down_fails_over_to_stripe(start_proxy: Any, fakes: dict[str, FakeServer]) -> None:
     sf, pf = fakes["stripe"], fakes["paypal"]
-    pf.faults.outage(60)
+    await pf.stop()  # PayPal down: connection refused, provably not processed
     server = await start_proxy(reverse_policies(sf.url, pf.url))
     pp = paypal_client(proxy_url(server))
     r = await asyncio.to_thread(
@@ -339,7 +339,7 @@ async def test_paypal_down_fails_over_to_stripe(start_proxy: Any, fakes: dict[st
     )
     assert r2.body.id == r.body.id and sf.ledger.count("charge.succeeded") == 1
     # follow-ups: get order, refund the capture, get the refund: all at Stripe
-    pf.faults.clear()
+    await pf.start()
     got = await asyncio.to_thread(pp.orders.get_order, {"id": r.body.id})
     assert got.body.status == "COMPLETED"
     from paypalserversdk.models.money import Money
@@ -357,7 +357,7 @@ async def test_paypal_down_fails_over_to_stripe(start_proxy: Any, fakes: dict[st
     assert sf.ledger.count("refund.created") == 1
     got_rf = await asyncio.to_thread(pp.payments.get_refund, {"refund_id": rf.body.id})
     assert got_rf.body.id == rf.body.id
-    assert len(pf.ledger.requests_to("/v2")) == 1  # only the outage-hit create (the repeat was replayed)
+    assert len(pf.ledger.requests_to("/v2")) == 0  # PayPal never saw the create, its repeat or the follow-ups
 
 
 @pytest.mark.parametrize(
@@ -374,12 +374,12 @@ async def test_paypal_refusals(
     from paypalserversdk.exceptions.error_exception import ErrorException
 
     sf, pf = fakes["stripe"], fakes["paypal"]
-    pf.faults.outage(60)
+    await pf.stop()  # PayPal down: connection refused, provably not processed
     server = await start_proxy(reverse_policies(sf.url, pf.url))
     pp = paypal_client(proxy_url(server))
     with pytest.raises(ErrorException) as info:
         await asyncio.to_thread(pp.orders.create_order, {"body": _order(**order), "paypal_request_id": "x-1"})
-    assert info.value.response_code == 503
+    assert info.value.response_code == 502
     assert info.value.response.headers["X-Egressd-Failover"] == f"refused; reason={reason}"
     assert sf.ledger.count("payment_intent.created") == 0
 
@@ -388,7 +388,7 @@ async def test_paypal_decline_at_stripe(start_proxy: Any, fakes: dict[str, FakeS
     from paypalserversdk.exceptions.error_exception import ErrorException
 
     sf, pf = fakes["stripe"], fakes["paypal"]
-    pf.faults.outage(60)
+    await pf.stop()  # PayPal down: connection refused, provably not processed
     server = await start_proxy(
         reverse_policies(sf.url, pf.url, crosswalk={"payment_methods": {"8TX02017P3456": "pm_card_chargeDeclined"}})
     )
@@ -403,10 +403,86 @@ async def test_paypal_decline_at_stripe(start_proxy: Any, fakes: dict[str, FakeS
 
 async def test_fallback_down_is_failed_in_primary_shape(start_proxy: Any, fakes: dict[str, FakeServer]) -> None:
     sf, pf = fakes["stripe"], fakes["paypal"]
-    sf.faults.outage(60)
+    await sf.stop()  # Stripe down: connection refused, provably not processed
     pf.faults.outage(60, path="/v2")
     server = await start_proxy([stripe_policy(sf.url), paypal_policy(pf.url)])
     err = await _stripe_error(client(proxy_url(server)), BASE)
     assert isinstance(err, stripe.APIError) and err.http_status == 500
     assert err.headers is not None and err.headers["X-Egressd-Failover"] == "used; from=stripe"
     assert err.headers["Stripe-Should-Retry"] == "true"  # PayPal-Request-Id makes the resend safe
+
+
+# ---- 5xx answers to unsafe calls are ambiguous ------------------------------------------------
+
+FORM = "amount=2000&currency=usd&payment_method=pm_card_visa&confirm=true"
+
+
+async def _post_pi(server: Any, key: str) -> tuple[int, dict[str, str], str]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            proxy_url(server) + "/stripe/v1/payment_intents",
+            data=FORM,
+            headers={
+                "Authorization": "Bearer sk_test_123",
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Idempotency-Key": key,
+            },
+        ) as r:
+            return r.status, dict(r.headers), await r.text()
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_stripe_5xx_after_processing_never_fails_over(
+    start_proxy: Any, fakes: dict[str, FakeServer], status: int
+) -> None:
+    """Stripe charged, then answered 5xx: failing over would charge the customer twice."""
+    sf, pf = fakes["stripe"], fakes["paypal"]
+    sf.faults.status(status, path="/v1/payment_intents", processed=True)
+    policy = stripe_policy(sf.url, on=["circuit_open", "exhausted", 500, 502, 503, 504])
+    policy["retry"]["on"] = [429, 500, 502, 503, 504, "connect_error", "timeout"]
+    server = await start_proxy([policy, paypal_policy(pf.url)])
+    got, headers, _body = await _post_pi(server, "abc123")
+    assert got == status  # the primary's own answer (Stripe replays its stored result to the probe)
+    assert headers["X-Egressd-Failover"] == "refused; reason=ambiguous"
+    assert headers["X-Egressd-Upstream"] == "stripe"
+    assert sf.ledger.count("payment_intent.created") == 1
+    assert pf.ledger.count("order.captured") == 0 and pf.ledger.count("order.created") == 0
+
+
+async def test_stripe_503_outage_fails_over_once_the_circuit_is_open(
+    start_proxy: Any, fakes: dict[str, FakeServer]
+) -> None:
+    """A 503 nobody documents as "not processed" is ambiguous for a POST; the breaker then
+    opens, and calls that are never sent (circuit_open) do fail over."""
+    sf, pf = fakes["stripe"], fakes["paypal"]
+    sf.faults.outage(60)
+    policy = stripe_policy(sf.url)
+    policy["circuit_breaker"] = {"window": "30s", "min_requests": 2, "failure_rate": 0.5, "open_for": "30s"}
+    server = await start_proxy([policy, paypal_policy(pf.url)])
+    got, headers, _ = await _post_pi(server, "k-1")
+    assert got == 503 and headers["X-Egressd-Failover"] == "refused; reason=ambiguous"
+    assert pf.ledger.count("order.created") == 0
+    got, headers, body = await _post_pi(server, "k-2")
+    assert got == 200, body
+    assert headers["X-Egressd-Upstream"] == "paypal" and headers["X-Egressd-Failover"] == "used; from=stripe"
+    assert pf.ledger.count("order.captured") == 1
+
+
+async def test_failover_attempts_add_up_and_replay_names_the_fallback(
+    start_proxy: Any, fakes: dict[str, FakeServer]
+) -> None:
+    sf, pf = fakes["stripe"], fakes["paypal"]
+    await sf.stop()
+    server = await start_proxy([stripe_policy(sf.url), paypal_policy(pf.url)])
+    got, headers, body = await _post_pi(server, "attempts-1")
+    assert got == 200, body
+    paypal_sends = len(pf.ledger.requests_to("/v2"))
+    assert paypal_sends >= 1
+    # two connect errors at Stripe (retry.attempts: 2), then one attempt per PayPal send
+    assert headers["X-Egressd-Attempts"] == str(2 + paypal_sends)
+    assert headers["X-Egressd-Upstream"] == "paypal"
+    again, replay_headers, replay_body = await _post_pi(server, "attempts-1")
+    assert again == 200 and replay_body == body
+    assert replay_headers["Idempotent-Replayed"] == "true"
+    assert replay_headers["X-Egressd-Upstream"] == "paypal"
+    assert len(pf.ledger.requests_to("/v2")) == paypal_sends

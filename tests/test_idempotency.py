@@ -325,7 +325,7 @@ async def test_connection_failure_releases_the_key() -> None:
     assert calls == 2
 
 
-async def test_waiter_takes_over_after_owner_fails() -> None:
+async def test_joined_waiter_gets_the_owners_failure_and_a_later_call_sends_again() -> None:
     h = Harness(policy())
     calls = 0
 
@@ -334,13 +334,57 @@ async def test_waiter_takes_over_after_owner_fails() -> None:
         calls += 1
         await h.clock.sleep(0.3)
         if calls == 1:
-            return Response(503, CIMultiDict(), b"down")
+            return Response(503, CIMultiDict({"Retry-After": "1"}), b"down")
         return Response(200, CIMultiDict(), b"ok")
 
     handle = h.handler(inner)
     a, b = await asyncio.gather(handle(make_call(h.clock)), handle(make_call(h.clock)))
-    assert (a.status, b.status) == (503, 200)
-    assert calls == 2
+    # The waiter joined the in-flight call: it gets a copy of its answer, never a send.
+    assert (a.status, b.status) == (503, 503)
+    assert b.body == b"down" and b.headers["Retry-After"] == "1" and b.headers["Idempotent-Replayed"] == "true"
+    assert "outcome" not in b.notes and b.notes["idempotency"] == "shared"
+    assert calls == 1
+    assert h.results() == ["joined", "shared"]
+    # The 503 was not kept: a call that arrives after the release runs for real.
+    c = await handle(make_call(h.clock))
+    assert c.status == 200 and calls == 2
+
+
+async def test_joined_waiter_gets_the_owners_error() -> None:
+    h = Harness(policy())
+    calls = 0
+
+    async def inner(call: Call) -> Response:
+        nonlocal calls
+        calls += 1
+        await h.clock.sleep(0.3)
+        raise ProxyError("upstream_timeout", "too slow", detail="timeout")
+
+    handle = h.handler(inner)
+    results = await asyncio.gather(handle(make_call(h.clock)), handle(make_call(h.clock)), return_exceptions=True)
+    assert all(isinstance(r, ProxyError) and r.code == "upstream_timeout" for r in results)
+    assert calls == 1
+
+
+async def test_joined_waiter_of_a_cancelled_owner_claims_again() -> None:
+    clock = FakeClock(auto=False)
+    h = Harness(policy(), clock)
+    up = Upstream(clock, latency=1.0)
+    handle = h.handler(up)
+    owner = asyncio.ensure_future(handle(make_call(clock)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    waiter = asyncio.ensure_future(handle(make_call(clock)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    owner.cancel()
+    for _ in range(300):
+        clock.advance(0.01)
+        await asyncio.sleep(0)
+        if waiter.done():
+            break
+    answer = await waiter
+    assert answer.status == 200 and len(up.calls) == 2
 
 
 async def test_in_flight_wait_ends_at_deadline() -> None:
@@ -527,3 +571,38 @@ async def test_fingerprint_window_ignores_calls_with_app_key() -> None:
     await handle(make_call(h.clock, key="a"))
     await handle(make_call(h.clock, key="b"))
     assert len(up.calls) == 2
+
+
+async def test_in_flight_claim_survives_the_entry_cap() -> None:
+    h = Harness(policy(max_entries=2))
+    up = Upstream(h.clock, latency=5)
+    handle = h.handler(up)
+    t1 = asyncio.ensure_future(handle(make_call(h.clock, key="K1")))
+    await asyncio.sleep(0)
+    t2 = asyncio.ensure_future(handle(make_call(h.clock, key="K2")))
+    t3 = asyncio.ensure_future(handle(make_call(h.clock, key="K3")))
+    await asyncio.sleep(0)
+    t4 = asyncio.ensure_future(handle(make_call(h.clock, key="K1")))  # duplicate of in-flight K1
+    answers = await asyncio.gather(t1, t2, t3, t4)
+    keys = [c.headers["Idempotency-Key"] for c in up.calls]
+    assert keys.count("K1") == 1 and len(keys) == 3
+    assert answers[3].body == answers[0].body and answers[3].headers["Idempotent-Replayed"] == "true"
+
+
+@pytest.mark.parametrize("method", ["PURGE", "post", "LOCK"])
+async def test_methods_outside_the_idempotent_allow_list_are_guarded(method: str) -> None:
+    h = Harness(policy())
+    up = Upstream(h.clock)
+    handle = h.handler(up)
+    await handle(make_call(h.clock, method=method))
+    again = await handle(make_call(h.clock, method=method))
+    assert len(up.calls) == 1 and again.headers["Idempotent-Replayed"] == "true"
+
+
+async def test_replayed_failover_answer_keeps_the_upstream_that_made_it() -> None:
+    h = Harness(policy())
+    up = Upstream(h.clock, answer=lambda call, n: Response(200, CIMultiDict(), b"x", upstream="paypal"))
+    handle = h.handler(up)
+    await handle(make_call(h.clock))
+    again = await handle(make_call(h.clock))
+    assert again.headers["Idempotent-Replayed"] == "true" and again.upstream == "paypal"

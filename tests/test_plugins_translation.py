@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 from urllib.parse import parse_qsl
@@ -501,12 +502,37 @@ def test_sendgrid_fan_out_with_substitutions() -> None:
         "subject": "Hi -name-",
         "content": [{"type": "text/plain", "value": "Dear -name-"}],
     }
-    sent, out = _sg(body, [MG_OK, ok(200, {"id": "<second@mg>", "message": "Queued. Thank you."})])
+    lossy = dataclasses.replace(MCTX, allow_lossy=True)  # a fan-out is not atomic: opt-in
+    sent, out = _sg(body, [MG_OK, ok(200, {"id": "<second@mg>", "message": "Queued. Thank you."})], lossy)
     assert len(sent) == 2
     first, second = (dict(parse_qsl(s.body.decode())) for s in sent)
     assert first["subject"] == "Hi Ann" and first["text"] == "Dear Ann" and first["cc"] == "c@x.org"
     assert second["subject"] == "Hi Bob" and second["to"] == "b@x.org"
     assert out.answer.headers["X-Egressd-Message-Ids"].endswith("second@mg")
+
+
+FAN_OUT = {
+    "personalizations": [
+        {"to": [{"email": "a@x.org"}], "substitutions": {"-name-": "Ann"}},
+        {"to": [{"email": "b@x.org"}], "substitutions": {"-name-": "Bob"}},
+    ],
+    "from": {"email": "s@x.com"},
+    "subject": "Hi -name-",
+    "content": [{"type": "text/plain", "value": "Dear -name-"}],
+}
+
+
+def test_sendgrid_fan_out_is_refused_by_default() -> None:
+    with pytest.raises(Refused) as info:
+        _sg(FAN_OUT, [])
+    assert info.value.reason == "not_atomic"
+
+
+def test_sendgrid_partial_fan_out_says_what_went_out() -> None:
+    lossy = dataclasses.replace(MCTX, allow_lossy=True)
+    sent, out = _sg(FAN_OUT, [MG_OK, ok(500, {"message": "boom"})], lossy)
+    assert len(sent) == 2 and out.answer.status == 500
+    assert "first 1 of 2 sends went out" in out.answer.json()["errors"][0]["message"]
 
 
 def test_sendgrid_over_limit_answered_without_mailgun() -> None:

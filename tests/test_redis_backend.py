@@ -88,6 +88,17 @@ async def test_key_layout_uses_the_scope_as_hash_tag() -> None:
 def test_stored_response_encoding_roundtrip() -> None:
     stored = StoredResponse(201, (("A", "1"), ("A", "2\n3")), bytes(range(256)), 1.5)
     assert decode_response(encode_response(stored)) == stored
+    full = StoredResponse(200, (), b"x", 2.5, upstream="paypal", age=50.0, lifetime=60.0)
+    assert decode_response(encode_response(full)) == full
+
+
+def test_stored_response_written_before_the_extras_still_decodes() -> None:
+    old = b'[200, [["Content-Type", "application/json"]], 1800000000.0]\n{"id":1}'
+    stored = decode_response(old)
+    assert stored.status == 200 and stored.body == b'{"id":1}'
+    assert (stored.upstream, stored.age, stored.lifetime) == ("", 0.0, None)
+    # and a record with only defaults is written exactly as before
+    assert encode_response(stored) == b'[200, [["Content-Type", "application/json"]], 1800000000.0]\n{"id":1}'
 
 
 async def test_url_forms() -> None:
@@ -346,3 +357,117 @@ async def test_proxy_calls_never_fail_while_redis_restarts(
         line for line in metrics.splitlines() if line.startswith('egressd_state_backend_errors_total{backend="redis"}')
     ]
     assert errors and float(errors[0].split()[-1]) >= 1
+
+
+# -- what counts toward "Redis is down" (no redis-server needed) ---------------------------
+
+
+class StubRedis:
+    """Stands in for RedisState: `kv_get` does whatever `behaviour` says."""
+
+    def __init__(self) -> None:
+        self.behaviour: Callable[[], Awaitable[bytes | None]] = self._ok
+
+    @staticmethod
+    async def _ok() -> bytes | None:
+        return b"shared"
+
+    async def warm(self) -> None:
+        return None
+
+    async def heartbeat(self) -> int:
+        return 1
+
+    async def kv_get(self, key: str) -> bytes | None:
+        return await self.behaviour()
+
+    async def close(self) -> None:
+        return None
+
+
+async def _stub_state(**kwargs: Any) -> tuple[ResilientState, StubRedis, list[Event]]:
+    events: list[Event] = []
+    bus = EventBus()
+    bus.subscribe(events.append)
+    stub = StubRedis()
+    fallback = MemoryState()
+    await fallback.kv_set("k", b"local", ttl=60)
+    state = ResilientState(stub, fallback, bus, probe_interval=30, **kwargs)  # type: ignore[arg-type]
+    return state, stub, events
+
+
+async def test_other_errors_use_the_fallback_but_leave_redis_up() -> None:
+    import redis.exceptions
+
+    state, stub, events = await _stub_state()
+
+    async def script_error() -> bytes | None:
+        raise redis.exceptions.ResponseError("ERR Error running script")
+
+    stub.behaviour = script_error
+    try:
+        for _ in range(10):
+            assert await state.kv_get("k") == b"local"
+        assert state.up and state.errors == 10
+        assert sum(isinstance(e, StateBackendError) for e in events) == 10
+        stub.behaviour = StubRedis._ok
+        assert await state.kv_get("k") == b"shared"
+    finally:
+        await state.close()
+
+
+@pytest.mark.parametrize("error", ["redis", "oserror"])
+async def test_connection_errors_mark_redis_down_at_once(error: str) -> None:
+    import redis.exceptions
+
+    state, stub, _events = await _stub_state()
+
+    async def refused() -> bytes | None:
+        if error == "redis":
+            raise redis.exceptions.ConnectionError("Connection refused")
+        raise ConnectionResetError("reset by peer")
+
+    stub.behaviour = refused
+    try:
+        assert await state.kv_get("k") == b"local"
+        assert not state.up
+    finally:
+        await state.close()
+
+
+async def test_one_stall_under_concurrency_counts_as_one_timeout() -> None:
+    state, stub, _events = await _stub_state(budget=0.02, down_after_timeouts=3)
+
+    async def stall() -> bytes | None:
+        await asyncio.sleep(0.2)
+        return b"late"
+
+    stub.behaviour = stall
+    try:
+        answers = await asyncio.gather(*(state.kv_get("k") for _ in range(50)))
+        assert answers == [b"local"] * 50
+        assert state.up  # fifty timeouts of one stall: one count
+        assert await state.kv_get("k") == b"local"
+        assert state.up  # two stalls in a row
+        assert await state.kv_get("k") == b"local"
+        assert not state.up  # three in a row, no success in between: down
+    finally:
+        await state.close()
+
+
+async def test_a_success_between_timeouts_resets_the_count() -> None:
+    state, stub, _events = await _stub_state(budget=0.02, down_after_timeouts=2)
+
+    async def stall() -> bytes | None:
+        await asyncio.sleep(0.2)
+        return b"late"
+
+    try:
+        for _ in range(3):
+            stub.behaviour = stall
+            assert await state.kv_get("k") == b"local"
+            stub.behaviour = StubRedis._ok
+            assert await state.kv_get("k") == b"shared"
+        assert state.up
+    finally:
+        await state.close()

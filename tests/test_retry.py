@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import random
 from collections.abc import AsyncIterator, Sequence
@@ -135,6 +136,16 @@ async def test_timed_out_keyless_post_is_sent_exactly_once() -> None:
     assert len(up.calls) == 1
     assert skipped(events) == ["unsafe"]
     assert not is_exhausted(info.value)
+
+
+@pytest.mark.parametrize("method", ["PURGE", "LOCK", "post", "get", "CONNECT"])
+async def test_methods_outside_the_allow_list_are_unsafe(method: str) -> None:
+    stage, events, clock = make_stage({"on": ["timeout"]})
+    up = Upstream(clock, [timeout(), resp(200)])
+    with pytest.raises(ProxyError):
+        await stage(make_call(clock, method), up)
+    assert len(up.calls) == 1
+    assert skipped(events) == ["unsafe"]
 
 
 async def test_reset_after_keyless_post_is_not_retried() -> None:
@@ -386,6 +397,28 @@ async def test_budget_floor_allows_retries_at_low_traffic() -> None:
     up = Upstream(clock, [resp(503), resp(503), resp(200)])
     answer = await stage(make_call(clock), up)
     assert answer.status == 200 and answer.attempts == 3
+
+
+class RoundTripState(MemoryState):
+    """A MemoryState whose every budget operation yields once, like a Redis round trip."""
+
+    async def budget_record(self, key: str, *, window: float, retry: bool) -> None:
+        await asyncio.sleep(0)
+        await super().budget_record(key, window=window, retry=retry)
+
+    async def budget_try_retry(self, key: str, *, window: float, ratio: float, min_per_second: float) -> bool:
+        await asyncio.sleep(0)
+        return await super().budget_try_retry(key, window=window, ratio=ratio, min_per_second=min_per_second)
+
+
+async def test_budget_holds_under_concurrent_retries() -> None:
+    stage, _events, clock = make_stage({"attempts": 2, "budget": {"ratio": 0.1, "min_per_second": 0, "window": "10s"}})
+    stage.ctx.state = RoundTripState(clock)
+    up = Upstream(clock, [resp(503)])
+    answers = await asyncio.gather(*(stage(make_call(clock), up) for _ in range(50)))
+    retried = sum(1 for a in answers if a.attempts == 2)
+    assert retried <= 5  # 0.1 * 50 requests
+    assert len(up.calls) == 50 + retried
 
 
 # -- bodies --------------------------------------------------------------------------------

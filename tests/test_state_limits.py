@@ -112,14 +112,27 @@ async def test_pause_counts_down_and_never_shortens(backend: StateBackend, clock
 
 async def test_budget_ratio_and_floor(backend: StateBackend, clock: FakeClock) -> None:
     kw = {"window": 10.0, "ratio": 0.2, "min_per_second": 0.1}  # floor: 1 retry per window
-    assert await backend.budget_allows_retry("b", **kw)
     for _ in range(10):
         await backend.budget_record("b", window=10.0, retry=False)
-    # 0.2 * 10 + 0.1 * 10 = 3 retries
+    # 0.2 * 10 + 0.1 * 10 = 3 retries, each taken by the call that checks
     for _ in range(3):
-        assert await backend.budget_allows_retry("b", **kw)
-        await backend.budget_record("b", window=10.0, retry=True)
-    assert not await backend.budget_allows_retry("b", **kw)
+        assert await backend.budget_try_retry("b", **kw)
+    assert not await backend.budget_try_retry("b", **kw)
+    assert not await backend.budget_try_retry("b", **kw)  # a refusal takes nothing
+
+
+async def test_budget_floor_alone(backend: StateBackend, clock: FakeClock) -> None:
+    kw = {"window": 10.0, "ratio": 0.2, "min_per_second": 0.1}
+    assert await backend.budget_try_retry("fresh", **kw)  # the floor with no requests yet
+    assert not await backend.budget_try_retry("fresh", **kw)
+
+
+async def test_budget_try_retry_is_atomic_under_concurrency(backend: StateBackend, clock: FakeClock) -> None:
+    kw = {"window": 10.0, "ratio": 0.5, "min_per_second": 0.0}
+    for _ in range(10):
+        await backend.budget_record("b", window=10.0, retry=False)
+    taken = await asyncio.gather(*(backend.budget_try_retry("b", **kw) for _ in range(40)))
+    assert sum(taken) == 5  # check-then-record in two steps lets all 40 through
 
 
 async def test_budget_window_slides(backend: StateBackend, clock: FakeClock) -> None:
@@ -127,12 +140,13 @@ async def test_budget_window_slides(backend: StateBackend, clock: FakeClock) -> 
     for _ in range(2):
         await backend.budget_record("b", window=10.0, retry=False)
     await backend.budget_record("b", window=10.0, retry=True)
-    assert not await backend.budget_allows_retry("b", **kw)
+    assert not await backend.budget_try_retry("b", **kw)
     clock.advance(11)
-    assert not await backend.budget_allows_retry("b", **kw)  # no requests, no floor
+    assert not await backend.budget_try_retry("b", **kw)  # no requests, no floor
     await backend.budget_record("b", window=10.0, retry=False)
     await backend.budget_record("b", window=10.0, retry=False)
-    assert await backend.budget_allows_retry("b", **kw)  # the old retry slid out
+    assert await backend.budget_try_retry("b", **kw)  # the old retry slid out
+    assert not await backend.budget_try_retry("b", **kw)  # ... and this one counted
 
 
 # -- circuit breaker ----------------------------------------------------------------------

@@ -154,10 +154,36 @@ async def test_memory_max_records_evicts_least_recent(clock: FakeClock) -> None:
         await state.cache_set(f"c|{i}", answer(), ttl=60)
     assert await state.cache_get("c|0") is None
     assert await state.cache_get("c|4") is not None
-    # an evicted idempotency record means the repeat is new again
+    # an evicted (completed) idempotency record means the repeat is new again
     for i in range(4):
         await state.idem_claim(f"i|{i}", "fp", ttl=60, lock_ttl=10)
+        await state.idem_complete(f"i|{i}", answer(), ttl=60)
     assert (await state.idem_claim("i|0", "fp", ttl=60, lock_ttl=10)).state == "new"
+
+
+async def test_memory_never_evicts_in_flight_claims(clock: FakeClock) -> None:
+    state = MemoryState(clock, max_records=2)
+    state.limit_scope("i", 2)
+    await state.idem_claim("i|done", "fp", ttl=60, lock_ttl=10)
+    await state.idem_complete("i|done", answer(), ttl=60)
+    for i in range(4):  # four live claims: past both caps
+        assert (await state.idem_claim(f"i|{i}", "fp", ttl=60, lock_ttl=10)).state == "new"
+    # the completed record went first; no live claim was dropped (the cap is exceeded)
+    assert (await state.idem_claim("i|done", "fp", ttl=60, lock_ttl=10)).state == "new"
+    for i in range(4):
+        assert (await state.idem_claim(f"i|{i}", "fp", ttl=60, lock_ttl=10)).state == "in_flight"
+    # once they complete they are ordinary records again: back under the cap
+    for i in range(4):
+        await state.idem_complete(f"i|{i}", answer(), ttl=60)
+    await state.idem_release("i|done")
+    await state.idem_claim("i|new", "fp", ttl=60, lock_ttl=10)
+    assert len(state._idem) == 2
+    assert (await state.idem_claim("i|new", "fp", ttl=60, lock_ttl=10)).state == "in_flight"
+    # a lapsed claim is not live any more: it may go
+    clock.advance(11)
+    await state.idem_claim("i|later", "fp", ttl=60, lock_ttl=10)
+    await state.idem_claim("i|later2", "fp", ttl=60, lock_ttl=10)
+    assert (await state.idem_claim("i|new", "fp", ttl=60, lock_ttl=10)).state == "new"
 
 
 async def test_memory_scope_limit(clock: FakeClock) -> None:

@@ -356,6 +356,17 @@ class ProviderRef(_Model):
         _reject_control_characters(v, "provider setting")
         return v
 
+    @model_validator(mode="after")
+    def _mailgun_domain_is_a_hostname(self) -> ProviderRef:
+        domain = self.settings.get("domain")
+        if self.name == "mailgun" and domain is not None:
+            if not isinstance(domain, str) or not _HOSTNAME_RE.fullmatch(domain):
+                raise ValueError(f"mailgun domain {str(domain)[:80]!r} is not a host name (like mg.example.com)")
+        return self
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$)(?:{_LABEL}\.)*{_LABEL}")
 
 _PROVIDER_SCHEMA: dict[str, Any] = {
     "anyOf": [

@@ -7,19 +7,24 @@ Rules (docs/resilience.md, "Cache"):
   request headers in `VARY_HEADERS`, so one tenant never gets another's answer.
 * A request with `Cache-Control: no-store` bypasses the cache (no lookup, no store);
   `no-cache` (or `Pragma: no-cache`) skips the lookup but may refresh the entry.
+* A request with `Range` or any `If-*` header goes straight through (no lookup, no
+  coalescing, no store): its answer (206, 304, 412) is not the plain representation.
 * Stored: statuses in `CACHEABLE_STATUSES`, not proxy-made, no `Set-Cookie`, no
   `Cache-Control: no-store/private/no-cache`, no `Vary` beyond `VARY_HEADERS`, at most
-  `max_entry_size` bytes. Fresh for min(ttl, max-age, s-maxage) minus `Age`; kept for
-  that plus `stale_if_error`.
+  `max_entry_size` bytes. The freshness lifetime is min(ttl, max-age, s-maxage); the
+  upstream's `Age` when received is kept with the entry, so the entry is fresh while
+  that age plus the time since it was stored is under the lifetime, and the `Age` sent
+  out counts both. Kept for the rest of that lifetime plus `stale_if_error`.
+  Delta-seconds values are capped at 2**31 (RFC 9111), garbage ones are ignored.
 * Concurrent identical misses run one inner call; followers get a copy of the leader's
-  answer (see `_share`).
+  answer when its status is cacheable (or 429/5xx) and it is not marked for one client
+  (`_shareable`); otherwise they go upstream on their own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
@@ -27,10 +32,11 @@ from multidict import CIMultiDict
 from proxy.credentials import credentials_hash
 from proxy.errors import ProxyError
 from proxy.events import CacheResult
+from proxy.hashing import digest
 from proxy.model import Call, Response
 from proxy.pipeline import Handler, Stage, StageContext
-from proxy.state.base import StoredResponse, state_key
-from proxy.state.memory_records import SCOPE_SEP
+from proxy.stages._answers import buffer_answer, cache_control, delta_seconds, from_snapshot, snapshot
+from proxy.state.base import SCOPE_SEP, StoredResponse, state_key
 
 CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
 # Request headers that select a representation; part of every cache key.
@@ -43,100 +49,13 @@ VARY_HEADERS: tuple[str, ...] = (
     "PayPal-Partner-Attribution-Id",
 )
 _VARY_OK = frozenset(h.lower() for h in (*VARY_HEADERS, "Origin", "Authorization", "Cookie"))
-# Not kept in stored answers: per-connection, or recomputed on the way out.
-_NOT_STORED = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Connection",
-        "Transfer-Encoding",
-        "TE",
-        "Trailer",
-        "Upgrade",
-        "Content-Length",
-        "Age",
-        "Set-Cookie",
-    )
-)
 STALE_ERROR_CODES = frozenset({"upstream_unreachable", "upstream_timeout", "circuit_open"})
 
 
-# ---- helpers shared with the idempotency stage --------------------------------------------
-
-
-def cache_control(values: Iterable[str]) -> dict[str, str | None]:
-    """`Cache-Control` directives, lower-cased: {"max-age": "60", "private": None}."""
-    out: dict[str, str | None] = {}
-    for value in values:
-        for part in value.split(","):
-            name, eq, arg = part.strip().partition("=")
-            if name:
-                out[name.strip().lower()] = arg.strip().strip('"') if eq else None
-    return out
-
-
-def _seconds(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(int(value)))
-    except ValueError:
-        return None
-
-
-async def buffer_answer(response: Response, limit: int) -> bytes | None:
-    """Buffer the whole answer if it is at most `limit` bytes and return it.
-
-    Bigger: returns None and leaves `response` streaming exactly as before (the bytes
-    already read are sent first). A buffered answer's connection is released.
-    """
-    if response.stream is None:
-        body = response.body or b""
-        return body if len(body) <= limit else None
-    length = response.headers.get("Content-Length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        return None
-    source = response.stream
-    parts: list[bytes] = []
-    size = 0
-    iterator = source.__aiter__()
-    try:
-        while True:
-            try:
-                chunk = await iterator.__anext__()
-            except StopAsyncIteration:
-                break
-            parts.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                response.stream = _chain(parts, iterator)
-                return None
-    except BaseException:
-        response.stream = None
-        await response.close()
-        raise
-    response.stream = None
-    response.body = b"".join(parts)
-    await response.close()
-    return response.body
-
-
-async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    for chunk in head:
-        yield chunk
-    async for chunk in rest:
-        yield chunk
-
-
-def snapshot(response: Response, body: bytes, wall: float) -> StoredResponse:
-    headers = tuple((k, v) for k, v in response.headers.items() if k.lower() not in _NOT_STORED)
-    return StoredResponse(status=response.status, headers=headers, body=body, stored_at=wall)
-
-
-def from_snapshot(stored: StoredResponse, *, upstream: str) -> Response:
-    headers: CIMultiDict[str] = CIMultiDict(stored.headers)
-    return Response(status=stored.status, headers=headers, body=stored.body, upstream=upstream)
+def _partial_or_conditional(call: Call) -> bool:
+    """A request whose answer is not the plain representation (206 for a Range, 304 or
+    412 for an If-* precondition): it must neither be served from nor feed the cache."""
+    return any(name.lower() == "range" or name.lower().startswith("if-") for name in call.headers)
 
 
 # ---- the stage ----------------------------------------------------------------------------
@@ -182,28 +101,39 @@ class CacheStage:
         self.events.emit(CacheResult(self.upstream, result))
 
     def key_for(self, call: Call) -> str:
-        h = hashlib.sha256()
-        for part in (
-            call.method,
-            self.target + call.target_path,
-            credentials_hash(call.headers, self.policy),
-        ):
-            h.update(part.encode("utf-8", "surrogatepass") + b"\0")
+        parts: list[str] = [call.method, self.target + call.target_path, credentials_hash(call.headers, self.policy)]
         for name in VARY_HEADERS:
-            h.update(name.lower().encode() + b"=" + ",".join(call.headers.getall(name, [])).encode() + b"\0")
-        return f"{self.scope}{SCOPE_SEP}{h.hexdigest()}"
+            values = call.headers.getall(name, [])
+            parts.extend((name.lower(), str(len(values)), *values))
+        return f"{self.scope}{SCOPE_SEP}{digest(*parts)}"
 
-    def fresh_for(self, status: int, headers: CIMultiDict[str] | Iterable[tuple[str, str]]) -> float:
-        """Seconds an answer stays fresh from when it was received (0: never store it)."""
+    def lifetime(self, headers: CIMultiDict[str] | Iterable[tuple[str, str]]) -> float:
+        """Freshness lifetime: min(ttl, max-age, s-maxage)."""
         hdrs = headers if isinstance(headers, CIMultiDict) else CIMultiDict(headers)
         cc = cache_control(hdrs.getall("Cache-Control", []))
         ttl = self.cfg.ttl
         for name in ("max-age", "s-maxage"):
-            limit = _seconds(cc.get(name))
+            limit = delta_seconds(cc.get(name))
             if limit is not None:
                 ttl = min(ttl, limit)
-        age = _seconds(hdrs.get("Age"))
-        return max(0.0, ttl - (age or 0.0))
+        return ttl
+
+    @staticmethod
+    def received_age(headers: CIMultiDict[str]) -> float:
+        """The answer's age when it reached us (the upstream's `Age`, 0 without one)."""
+        return delta_seconds(headers.get("Age")) or 0.0
+
+    def fresh_for(self, status: int, headers: CIMultiDict[str] | Iterable[tuple[str, str]]) -> float:
+        """Seconds an answer stays fresh from when it was received (0: never store it)."""
+        hdrs = headers if isinstance(headers, CIMultiDict) else CIMultiDict(headers)
+        return max(0.0, self.lifetime(hdrs) - self.received_age(hdrs))
+
+    def _entry_age(self, entry: StoredResponse) -> float:
+        """The entry's current age: its age when stored plus the time since."""
+        return entry.age + max(0.0, self.clock.wall() - entry.stored_at)
+
+    def _entry_lifetime(self, entry: StoredResponse) -> float:
+        return entry.lifetime if entry.lifetime is not None else self.lifetime(entry.headers)
 
     def storable(self, response: Response) -> bool:
         if response.error_code is not None or response.status not in CACHEABLE_STATUSES:
@@ -221,7 +151,11 @@ class CacheStage:
 
     @staticmethod
     def _shareable(response: Response) -> bool:
-        """Can followers get a copy? Not when the answer is marked for one client only."""
+        """Can followers get a copy? Only an answer with a cacheable status, or an error
+        every identical caller would meet now (429, 5xx: one call during an outage, not
+        one per follower), and not marked for one client. Never a 206, 304 or 412."""
+        if response.status not in CACHEABLE_STATUSES and response.status != 429 and response.status < 500:
+            return False
         if "Set-Cookie" in response.headers:
             return False
         cc = cache_control(response.headers.getall("Cache-Control", []))
@@ -231,15 +165,17 @@ class CacheStage:
         response = from_snapshot(stored, upstream=upstream or self.upstream)
         response.cache = cache
         if cache in ("hit", "stale"):
-            response.headers["Age"] = str(int(max(0.0, self.clock.wall() - stored.stored_at)))
+            response.headers["Age"] = str(int(self._entry_age(stored)))
             response.notes["outcome"] = "cached"
+        elif stored.age:
+            response.headers["Age"] = str(int(stored.age))
         return response
 
     async def __call__(self, call: Call, nxt: Handler) -> Response:
         if call.method not in self.methods:
             return await nxt(call)
         cc = cache_control(call.headers.getall("Cache-Control", []))
-        if "no-store" in cc:
+        if "no-store" in cc or _partial_or_conditional(call):
             self._emit("bypass")
             return await nxt(call)
         no_cache = "no-cache" in cc or "no-cache" in call.headers.get("Pragma", "").lower()
@@ -247,11 +183,9 @@ class CacheStage:
         entry: StoredResponse | None = None
         if not no_cache:
             entry = await self.state.cache_get(key)
-            if entry is not None:
-                age = self.clock.wall() - entry.stored_at
-                if age < self.fresh_for(entry.status, entry.headers):
-                    self._emit("hit")
-                    return self._answer(entry, "hit")
+            if entry is not None and self._entry_age(entry) < self._entry_lifetime(entry):
+                self._emit("hit")
+                return self._answer(entry, "hit")
             flight = self._inflight.get(key)
             if flight is not None:
                 return await self._follow(call, nxt, flight)
@@ -267,8 +201,8 @@ class CacheStage:
                 err.code, err.message, retry_after=err.retry_after, status=err.status, detail=err.detail
             )
         if shared.stored is None:
-            # The leader's answer was not for sharing (too big, private, Set-Cookie, or
-            # the leader was cancelled): go upstream on our own.
+            # The leader's answer was not for sharing (too big, private, Set-Cookie, not
+            # cacheable, or the leader was cancelled): go upstream on our own.
             self._emit("miss")
             response = await nxt(call)
             response.cache = "miss"
@@ -294,39 +228,52 @@ class CacheStage:
                 shared.stored, shared.cache = stale, "stale"
                 self._emit("stale")
                 return self._answer(stale, "stale")
-            if response.status >= 500 or response.error_code in STALE_ERROR_CODES:
-                stale = self._stale(entry)
-                if stale is not None:
-                    await response.close()
-                    shared.stored, shared.cache = stale, "stale"
-                    self._emit("stale")
-                    return self._answer(stale, "stale")
-            self._emit("miss")
-            response.cache = "miss"
-            storable = self.storable(response)
-            shareable = flight.followers > 0 and self._shareable(response)
-            if storable or shareable:
-                body = await buffer_answer(response, self.cfg.max_entry_size)
-                if body is not None:
-                    stored = snapshot(response, body, self.clock.wall())
-                    if self._shareable(response):
-                        shared.stored, shared.upstream = stored, response.upstream
-                    if storable:
-                        ttl = self.fresh_for(response.status, response.headers)
-                        await self.state.cache_set(key, stored, ttl=ttl + self.cfg.stale_if_error)
-                        self._emit("store")
-            return response
+            try:
+                return await self._keep(response, key, entry, flight, shared)
+            except BaseException:
+                await response.close()  # never drop an answer with its connection held
+                raise
         finally:
             if self._inflight.get(key) is flight:
                 del self._inflight[key]
             if not flight.future.done():
                 flight.future.set_result(shared)
 
+    async def _keep(
+        self, response: Response, key: str, entry: StoredResponse | None, flight: _Flight, shared: _Shared
+    ) -> Response:
+        """The leader's answer: serve stale instead of an error, store it, share it."""
+        if response.status >= 500 or response.error_code in STALE_ERROR_CODES:
+            stale = self._stale(entry)
+            if stale is not None:
+                await response.close()
+                shared.stored, shared.cache = stale, "stale"
+                self._emit("stale")
+                return self._answer(stale, "stale")
+        self._emit("miss")
+        response.cache = "miss"
+        storable = self.storable(response)
+        shareable = self._shareable(response)
+        if storable or (shareable and flight.followers > 0):
+            body = await buffer_answer(response, self.cfg.max_entry_size)
+            if body is not None:
+                age = self.received_age(response.headers)
+                lifetime = self.lifetime(response.headers)
+                # The lifetime follows from the stored headers and this (fingerprinted)
+                # configuration, so only the age is kept: fewer records need the extras.
+                stored = snapshot(response, body, self.clock.wall(), age=age)
+                if shareable:
+                    shared.stored, shared.upstream = stored, response.upstream
+                if storable:
+                    ttl = lifetime - age
+                    await self.state.cache_set(key, stored, ttl=ttl + self.cfg.stale_if_error)
+                    self._emit("store")
+        return response
+
     def _stale(self, entry: StoredResponse | None) -> StoredResponse | None:
         if entry is None or self.cfg.stale_if_error <= 0:
             return None
-        age = self.clock.wall() - entry.stored_at
-        if age < self.fresh_for(entry.status, entry.headers) + self.cfg.stale_if_error:
+        if self._entry_age(entry) < self._entry_lifetime(entry) + self.cfg.stale_if_error:
             return entry
         return None
 

@@ -4,9 +4,13 @@ back, and remember which provider owns the objects created there.
 
 Honesty rules, in the order they are checked:
 
-* A call that may already have taken effect at the primary (an unsafe method whose send
-  timed out or was cut short) is never failed over, unless the primary's plugin can ask
-  the primary (`ambiguity_probe`) and the answer is authoritative.
+* A call that may already have taken effect at the primary is never failed over, unless
+  the primary's plugin can ask the primary (`ambiguity_probe`) and the answer says it
+  was not processed. Ambiguous: an unsafe method (any method outside
+  `IDEMPOTENT_METHODS`) whose send timed out or was cut short, or that the primary
+  answered with a 5xx its plugin does not call "not processed" (`not_processed`): a 500
+  may follow partial execution, and a 502/504 from a gateway says nothing about the
+  application behind it. This holds for status codes listed in `on` too.
 * A call the translator cannot express faithfully (`Refused`) is not failed over; the app
   gets the primary's own error with `X-Egressd-Failover: refused; reason=...`.
 * A fallback without its own `auth` is never sent the app's primary credentials.
@@ -30,7 +34,7 @@ from proxy.answers import error_response
 from proxy.config.schema import Failover
 from proxy.errors import ProxyError
 from proxy.events import FailoverResult
-from proxy.model import UNSAFE_METHODS, Call, RequestBody, Response
+from proxy.model import Call, RequestBody, Response, unsafe_method
 from proxy.pipeline import Handler, StageContext, UpstreamHandle
 from proxy.stages.retry import is_exhausted
 
@@ -44,6 +48,13 @@ ATTEMPT_LOG = "egressd.attempt_log"
 FAILOVER_CALL = "egressd.failover_call"
 LEDGER_TTL = 400 * 86400.0  # refunds may come months later
 AMBIGUOUS_KINDS = frozenset({"timeout", "reset", "protocol_error"})
+
+
+def _attempts(result: Response | ProxyError) -> int:
+    """Attempts the retry stage counted for a result (0 when it did not count)."""
+    if isinstance(result, Response):
+        return result.attempts
+    return int(getattr(result, "attempts", 0) or 0)
 
 
 def ledger_key(source: str, object_id: str) -> str:
@@ -116,16 +127,18 @@ class FailoverStage:
         if not matched or not body.buffered:
             return self._pass(result)
 
-        if call.method.upper() in UNSAFE_METHODS and self._ambiguous(result, attempts):
+        if unsafe_method(call.method) and self._ambiguous(result, attempts):
             probed = await self._probe(call, nxt, request)
             if isinstance(probed, Response):
+                await self._close(result)  # the probe's answer replaces the primary's
                 return probed
             if probed != "not_processed":
                 return self._refused(call, result, matched[0][0].to, "ambiguous", "the primary may have processed it")
 
+        primary_attempts = _attempts(result)
         first_refusal: tuple[str, str, str] | None = None
         for rule, _cond in matched:
-            outcome = await self._run(call, request, rule, {}, result)
+            outcome = await self._run(call, request, rule, {}, result, primary_attempts)
             if isinstance(outcome, Response):
                 await self._close(result)
                 return outcome
@@ -154,13 +167,19 @@ class FailoverStage:
         if isinstance(result, Response):
             await result.close()
 
-    @staticmethod
-    def _ambiguous(result: Response | ProxyError, attempts: list[str]) -> bool:
+    def _ambiguous(self, result: Response | ProxyError, attempts: list[str]) -> bool:
+        """May the primary have acted on this (unsafe) call?"""
         if any(kind in AMBIGUOUS_KINDS for kind in attempts):
             return True
-        return isinstance(result, ProxyError) and result.detail in AMBIGUOUS_KINDS
+        if isinstance(result, ProxyError):
+            return result.detail in AMBIGUOUS_KINDS
+        if result.error_code is not None:
+            return False  # made by the proxy: only the attempt log tells what was sent
+        return result.status >= 500 and not self.ctx.plugin.not_processed(result.status, result.headers)
 
     async def _probe(self, call: Call, nxt: Handler, request: WireRequest) -> Response | str:
+        """Ask the primary whether an ambiguous call took effect: its authoritative
+        answer (a Response), or the verdict "not_processed" / "unknown"."""
         probe = self.ctx.plugin.ambiguity_probe(request)
         if probe is None or self.ctx.clock.now() >= call.deadline:
             return "unknown"
@@ -175,7 +194,10 @@ class FailoverStage:
             response = await nxt(probe_call.with_attr(ATTEMPT_LOG, attempts))
         except ProxyError:
             return "unknown"
-        data = await response.read(self.max_body)
+        try:
+            data = await response.read(self.max_body)  # closes the answer whatever happens
+        except ProxyError:
+            return "unknown"  # the probe's own failure never replaces the primary's error
         verdict = self.ctx.plugin.probe_verdict(WireAnswer(response.status, dict(response.headers), data))
         if verdict == "processed":
             response.failover = "skipped; reason=ambiguous; probe=answered"
@@ -199,7 +221,7 @@ class FailoverStage:
             return None
         owner = sorted(owners)[0]
         rule = next((r for r in self.rules if r.to == owner), None) or Failover(to=owner, on=["circuit_open"])
-        outcome = await self._run(call, request, rule, records, None)
+        outcome = await self._run(call, request, rule, records, None, 0)
         if isinstance(outcome, Response):
             return outcome
         error = ProxyError("bad_request", f"{request.method} {request.path} cannot be expressed at {owner}: {outcome}")
@@ -231,8 +253,12 @@ class FailoverStage:
         rule: Failover,
         records: Mapping[str, Mapping[str, Any]],
         primary: Response | ProxyError | None,
+        primary_attempts: int,
     ) -> Response | Refused:
-        """Fail over under `rule`: a translated Response, or the Refused reason."""
+        """Fail over under `rule`: a translated Response, or the Refused reason.
+
+        `primary_attempts` (attempts already made at the primary) is added to the
+        fallback's in `X-Egressd-Attempts`."""
         target = self.ctx.lookup(rule.to)
         if target is None:
             return Refused("fallback_unavailable", f"upstream {rule.to} is not loaded")
@@ -242,7 +268,7 @@ class FailoverStage:
         if target.policy.auth is None:
             return Refused("fallback_without_auth", f"upstream {rule.to} has no auth of its own")
         run = translator(request, self._context(call, rule, target, records))
-        attempts = 0
+        attempts = primary_attempts
         try:
             step = next(run)
         except Refused as refused:
@@ -254,7 +280,7 @@ class FailoverStage:
                 answer, n = await self._send(call, target, step)
             except ProxyError as exc:
                 run.close()
-                return self._failed(call, exc, target.name)
+                return self._failed(call, exc, target.name, attempts + max(_attempts(exc), 1))
             attempts += n
             try:
                 step = run.send(answer)
@@ -262,7 +288,7 @@ class FailoverStage:
                 return await self._finish(stop.value, target, attempts)
             except Refused as refused:  # after a send: the fallback may have acted
                 stopped = ProxyError("upstream_unreachable", f"failover to {target.name} stopped: {refused}")
-                return self._failed(call, stopped, target.name)
+                return self._failed(call, stopped, target.name, attempts)
 
     async def _send(self, call: Call, target: UpstreamHandle, step: WireRequest) -> tuple[WireAnswer, int]:
         headers: CIMultiDict[str] = CIMultiDict()
@@ -288,9 +314,11 @@ class FailoverStage:
         response = await target.handle(fcall)
         data = await response.read(target.policy.limits.max_body)
         if response.error_code is not None and response.status >= 500:
-            raise ProxyError(
+            error = ProxyError(
                 response.error_code, f"fallback {target.name}: {response.error_code}", status=response.status
             )
+            error.attempts = response.attempts  # type: ignore[attr-defined]
+            raise error
         return WireAnswer(response.status, {k: v for k, v in response.headers.items()}, data), max(response.attempts, 1)
 
     async def _finish(self, translated: Translated, target: UpstreamHandle, attempts: int) -> Response:
@@ -313,10 +341,11 @@ class FailoverStage:
             notes={"failover_to": target.name},
         )
 
-    def _failed(self, call: Call, exc: ProxyError, target: str) -> Response:
+    def _failed(self, call: Call, exc: ProxyError, target: str, attempts: int) -> Response:
         self.ctx.events.emit(FailoverResult(self.source, target, "failed", exc.code))
         shaped = ProxyError(exc.code, f"failover to {target} failed: {exc.message}", status=exc.status)
         response = error_response(shaped, request_id=call.request_id, plugin=self.ctx.plugin, upstream=target)
+        response.attempts = attempts
         response.failover = f"failed; to={target}; reason={exc.code}"
         response.notes["detail"] = exc.detail
         return response

@@ -20,19 +20,20 @@ so the app's own retry runs for real.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 from multidict import CIMultiDict
 
 from proxy.credentials import credentials_hash
 from proxy.errors import ProxyError
 from proxy.events import IdempotencyResult
-from proxy.model import UNSAFE_METHODS, Call, Response
+from proxy.hashing import digest
+from proxy.model import Call, Response, unsafe_method
 from proxy.pipeline import Handler, Stage, StageContext
-from proxy.stages.cache import buffer_answer, from_snapshot, snapshot
-from proxy.state.base import StoredResponse, state_key
-from proxy.state.memory_records import SCOPE_SEP
+from proxy.stages._answers import buffer_answer, from_snapshot, snapshot
+from proxy.state.base import SCOPE_SEP, StoredResponse, state_key
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 POLL_MIN = 0.01
@@ -40,18 +41,24 @@ POLL_MAX = 0.2
 LOCK_MARGIN = 5.0  # an owner's record outlives its deadline by this much
 
 
-def _digest(*parts: str | bytes) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        data = part.encode("utf-8", "surrogatepass") if isinstance(part, str) else part
-        h.update(len(data).to_bytes(8, "big"))
-        h.update(data)
-    return h.hexdigest()
-
-
 def complete_answer(response: Response) -> bool:
     """An answer worth keeping: the upstream decided (not 5xx, not 429, not proxy-made)."""
     return response.error_code is None and response.status < 500 and response.status != 429
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """How an owner's call ended, for the same-process waiters that joined it.
+
+    `stored`: a copy of its answer (kept in the ledger or not); `error`: the ProxyError it
+    raised; `too_big`: it answered, but the answer was too big to copy. All unset: the
+    owner was cancelled before an answer, so the waiters claim the key again.
+    """
+
+    stored: StoredResponse | None = None
+    completed: bool = False  # `stored` is also in the ledger
+    error: ProxyError | None = None
+    too_big: bool = False
 
 
 class IdempotencyStage:
@@ -71,14 +78,14 @@ class IdempotencyStage:
         limit = getattr(ctx.state, "limit_scope", None)
         if callable(limit):
             limit(self.scope, cfg.max_entries)
-        # Same-process waiters wake at once when the owner finishes (others poll).
-        self._local: dict[str, asyncio.Event] = {}
+        # Same-process waiters join the owner's call and get its outcome (others poll).
+        self._local: dict[str, asyncio.Future[_Outcome]] = {}
 
     def _emit(self, result: str) -> None:
         self.events.emit(IdempotencyResult(self.upstream, result))
 
     async def __call__(self, call: Call, nxt: Handler) -> Response:
-        if call.method not in UNSAFE_METHODS:
+        if not unsafe_method(call.method):
             return await nxt(call)
         header = self.cfg.header
         app_key = call.headers.get(header) or None
@@ -97,13 +104,13 @@ class IdempotencyStage:
         if app_key is not None and self.cfg.replay_ttl > 0:
             body = await call.body.read()
             creds = credentials_hash(call.headers, self.policy)
-            record = f"{self.scope}{SCOPE_SEP}k:{_digest(creds, app_key)}"
-            fingerprint = _digest(call.method, call.path, call.query, body)
+            record = f"{self.scope}{SCOPE_SEP}k:{digest(creds, app_key)}"
+            fingerprint = digest(call.method, call.path, call.query, body)
             return await self._guarded(call, nxt, record, fingerprint, self.cfg.replay_ttl, "replayed")
         if app_key is None and self.cfg.fingerprint_window > 0:
             body = await call.body.read()
             creds = credentials_hash(call.headers, self.policy)
-            fingerprint = _digest(call.method, call.path, call.query, creds, body)
+            fingerprint = digest(call.method, call.path, call.query, creds, body)
             record = f"{self.scope}{SCOPE_SEP}w:{fingerprint}"
             return await self._guarded(
                 call, nxt, record, fingerprint, self.cfg.fingerprint_window, "fingerprint_duplicate"
@@ -115,7 +122,13 @@ class IdempotencyStage:
     ) -> Response:
         delay = POLL_MIN
         joined = False
+        flight: asyncio.Future[_Outcome] | None = None  # a same-process owner's call we joined
         while True:
+            if flight is not None and flight.done():
+                outcome = flight.result()
+                if outcome.stored is not None or outcome.error is not None or outcome.too_big:
+                    return self._shared(outcome, replay_result)
+                flight = None  # the owner was cancelled before an answer: claim again
             lock_ttl = max(call.deadline - self.clock.now(), 0.0) + LOCK_MARGIN
             claim = await self.state.idem_claim(record, fingerprint, ttl=ttl, lock_ttl=lock_ttl)
             if claim.state == "new":
@@ -130,7 +143,7 @@ class IdempotencyStage:
                     f"{self.cfg.header} was already used with a different request "
                     "(method, path or body); use a new key for a new request",
                 )
-            # in flight elsewhere: wait for its result
+            # in flight: join it if its owner is in this process, else poll for its result
             if not joined:
                 joined = True
                 self._emit("joined")
@@ -139,43 +152,78 @@ class IdempotencyStage:
                 raise ProxyError(
                     "upstream_timeout", "an earlier call with the same idempotency key is still in flight"
                 )
-            await self._wait(record, min(delay, remaining))
+            flight = self._local.get(record, flight)
+            await self._wait(flight, min(delay, remaining))
             delay = min(delay * 2, POLL_MAX)
 
-    async def _wait(self, record: str, seconds: float) -> None:
-        event = self._local.get(record)
-        if event is None:
+    async def _wait(self, flight: asyncio.Future[_Outcome] | None, seconds: float) -> None:
+        """Sleep `seconds`, or less if the joined owner's call ends first."""
+        if flight is None or flight.done():
             await self.clock.sleep(seconds)
             return
         sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
-        waker = asyncio.ensure_future(event.wait())
+        waiting: set[asyncio.Future[Any]] = {sleeper, flight}
         try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (sleeper, waker):
-                if not task.done():
-                    task.cancel()
+            if not sleeper.done():
+                sleeper.cancel()
+
+    def _shared(self, outcome: _Outcome, replay_result: str) -> Response:
+        """A joined waiter's answer: a copy of the owner's (never a send of its own)."""
+        if outcome.error is not None:
+            err = outcome.error
+            raise ProxyError(err.code, err.message, retry_after=err.retry_after, status=err.status, detail=err.detail)
+        if outcome.stored is None:
+            raise ProxyError(
+                "upstream_unreachable",
+                f"an earlier call with the same {self.cfg.header} was sent and answered, but its answer was "
+                "too large to keep; it was not sent again",
+            )
+        if outcome.completed:
+            self._emit(replay_result)
+            return self._replay(outcome.stored, replay_result)
+        # Not kept (a 5xx, 429 or proxy-made answer): the copy is the owner's failure, and
+        # is counted by its status like any answer, not as a replay.
+        self._emit("shared")
+        response = self._replay(outcome.stored, "shared")
+        del response.notes["outcome"]
+        return response
 
     async def _own(self, call: Call, nxt: Handler, record: str, ttl: float) -> Response:
-        event = asyncio.Event()
-        self._local[record] = event
-        stored = False
+        flight: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
+        self._local[record] = flight
+        outcome = _Outcome()
         try:
-            response = await nxt(call)
-            if complete_answer(response):
+            try:
+                response = await nxt(call)
+            except ProxyError as exc:
+                outcome.error = exc
+                raise
+            try:
+                # Buffered whatever it is: a waiter that joined gets a copy, even of a 5xx.
                 body = await buffer_answer(response, self.max_body)
-                if body is not None:
-                    await self.state.idem_complete(
-                        record, snapshot(response, body, self.clock.wall()), ttl=ttl
-                    )
-                    stored = True
+                if body is None:
+                    outcome.too_big = True
+                else:
+                    stored = snapshot(response, body, self.clock.wall())
+                    if complete_answer(response):
+                        await self.state.idem_complete(record, stored, ttl=ttl)
+                        outcome.completed = True
+                    outcome.stored = stored
+            except BaseException:
+                await response.close()
+                raise
             return response
         finally:
-            if not stored:
-                await asyncio.shield(self.state.idem_release(record))
-            event.set()
-            if self._local.get(record) is event:
+            # Waiters that joined get the outcome first; only callers that arrive after
+            # the release below may send the call again.
+            if self._local.get(record) is flight:
                 del self._local[record]
+            if not flight.done():
+                flight.set_result(outcome)
+            if not outcome.completed:
+                await asyncio.shield(self.state.idem_release(record))
 
     def _replay(self, stored: StoredResponse, result: str) -> Response:
         response = from_snapshot(stored, upstream=self.upstream)

@@ -1,8 +1,9 @@
 """The retry loop: tries a call again when that is both useful and safe.
 
-Safety first: an unsafe method (POST, PATCH) that may have reached the upstream's
-application is retried only if the provider deduplicates it by an idempotency key (the
-idempotency stage, outside this one, has put the key into the headers). A failure that
+Safety first: an unsafe method (any method outside `IDEMPOTENT_METHODS`: POST, PATCH,
+extension methods) that may have reached the upstream's application is retried only if
+the provider deduplicates it by an idempotency key (the idempotency stage, outside this
+one, has put the key into the headers). A failure that
 provably never reached the application (connect error, a status the plugin calls "not
 processed", e.g. 429) may be retried for any method. A timeout or reset after a keyless
 POST was sent is never retried.
@@ -22,14 +23,13 @@ from typing import TYPE_CHECKING
 
 from proxy.errors import ProxyError
 from proxy.events import RetryScheduled, RetrySkipped
-from proxy.model import UNSAFE_METHODS, Call, Response
+from proxy.model import Call, Response, unsafe_method
 from proxy.pipeline import Handler, StageContext
 from proxy.state.base import state_key
 
 if TYPE_CHECKING:
     from proxy.config.schema import Retry
 
-RETRYABLE_WORDS = ("connect_error", "timeout", "reset")
 _ERROR_WORD = {"upstream_unreachable": ("connect_error", "reset"), "upstream_timeout": ("timeout",)}
 
 
@@ -128,7 +128,7 @@ class RetryStage:
         return result.code == "upstream_unreachable" and result.detail == "connect_error"
 
     def _safe(self, call: Call, result: Response | ProxyError) -> bool:
-        if call.method.upper() not in UNSAFE_METHODS:
+        if not unsafe_method(call.method):
             return True
         idem = self.ctx.policy.idempotency
         if idem is not None and idem.upstream_dedupes is not None:
@@ -199,7 +199,9 @@ class RetryStage:
             return "deadline"
         budget = self.retry.budget
         if budget is not None:
-            allowed = await self.ctx.state.budget_allows_retry(
+            # One atomic check-and-take: concurrent callers cannot all pass the check
+            # before any of them records its retry.
+            allowed = await self.ctx.state.budget_try_retry(
                 self.budget_key,
                 window=budget.window,
                 ratio=budget.ratio,
@@ -207,7 +209,6 @@ class RetryStage:
             )
             if not allowed:
                 return "budget"
-            await self.ctx.state.budget_record(self.budget_key, window=budget.window, retry=True)
         self.ctx.events.emit(RetryScheduled(self.upstream, reason, delay))
         return delay
 

@@ -14,6 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+#: Record keys built by the stages look like `<state_key scope>|<digest>`; the part before
+#: the last `SCOPE_SEP` is the scope (memory: per-scope caps; Redis: the hash tag).
+SCOPE_SEP = "|"
+
 
 def state_key(upstream: str, kind: str, fingerprint: str) -> str:
     """`stripe:rl:3f2a9c...`: the scope of one stage's state."""
@@ -63,6 +67,10 @@ class StoredResponse:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     stored_at: float  # wall-clock seconds
+    # Optional extras (defaults keep records written by older versions readable):
+    upstream: str = ""  # the upstream that produced it ("" = the stage's own upstream)
+    age: float = 0.0  # cache: the answer's age when stored (the upstream's `Age` header)
+    lifetime: float | None = None  # cache: freshness lifetime (None: work it out from headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +106,10 @@ class StateBackend(Protocol):
     async def budget_record(self, key: str, *, window: float, retry: bool) -> None:
         """Count a request (retry=False) or a retry (retry=True) in a sliding window."""
 
-    async def budget_allows_retry(self, key: str, *, window: float, ratio: float, min_per_second: float) -> bool:
-        """True when retries in the window stay under ratio * requests + min_per_second * window."""
+    async def budget_try_retry(self, key: str, *, window: float, ratio: float, min_per_second: float) -> bool:
+        """Atomically: if retries in the window stay under
+        `ratio * requests + min_per_second * window`, count one more retry and return
+        True; otherwise change nothing and return False."""
 
     # -- circuit breaker -----------------------------------------------------------------
     async def circuit_admit(self, key: str, settings: CircuitSettings) -> CircuitAdmission: ...

@@ -158,11 +158,17 @@ class MemoryLimits:
         # [requests, retries]
         self._budget(key, window).add(now, 0 if retry else 1, 1 if retry else 0)
 
-    async def budget_allows_retry(self, key: str, *, window: float, ratio: float, min_per_second: float) -> bool:
+    async def budget_try_retry(self, key: str, *, window: float, ratio: float, min_per_second: float) -> bool:
+        """Take one retry from the budget if retries in the window stay under
+        `ratio * requests + min_per_second * window`; True when taken (and recorded)."""
         now = self.clock.now()
+        self._maybe_sweep(now)
         w = self._budgets.get(key)
-        requests, retries = (0, 0) if w is None else w.totals(now)
-        return retries < ratio * requests + min_per_second * window
+        requests, retries = (0, 0) if w is None or w.width != window / BUCKETS else w.totals(now)
+        if retries >= ratio * requests + min_per_second * window:
+            return False
+        self._budget(key, window).add(now, 0, 1)
+        return True
 
     # -- circuit breaker -------------------------------------------------------------------
     async def circuit_admit(self, key: str, settings: CircuitSettings) -> CircuitAdmission:

@@ -45,6 +45,7 @@ from redis.commands.core import AsyncScript
 from proxy.clock import Clock
 from proxy.state import redis_scripts
 from proxy.state.base import (
+    SCOPE_SEP,
     CircuitAdmission,
     CircuitSettings,
     CircuitTransition,
@@ -53,7 +54,6 @@ from proxy.state.base import (
     StoredResponse,
 )
 
-SCOPE_SEP = "|"  # same as proxy.state.memory_records.SCOPE_SEP
 REPLICA_TTL = 15.0  # a replica that sent no heartbeat for this long is not counted
 # How long a pause value read from Redis (by `rate_take`, `pause` or `paused_for`) is
 # trusted locally, so that the hot path (paused_for, then rate_take) costs one round trip
@@ -134,18 +134,38 @@ def connect(url: str, **options: Any) -> RedisClient:
 
 
 def encode_response(response: StoredResponse) -> bytes:
-    head = json.dumps([response.status, [list(h) for h in response.headers], response.stored_at])
-    return head.encode() + b"\n" + response.body
+    """`[status, headers, stored_at, extras]` as JSON, a newline, then the body bytes.
+
+    `extras` (upstream, age, lifetime) is left out when it holds only defaults, so such a
+    record reads the same as one written before the extras existed.
+    """
+    head: list[object] = [response.status, [list(h) for h in response.headers], response.stored_at]
+    extras: dict[str, object] = {}
+    if response.upstream:
+        extras["upstream"] = response.upstream
+    if response.age:
+        extras["age"] = response.age
+    if response.lifetime is not None:
+        extras["lifetime"] = response.lifetime
+    if extras:
+        head.append(extras)
+    return json.dumps(head).encode() + b"\n" + response.body
 
 
 def decode_response(blob: bytes) -> StoredResponse:
     head, _, body = blob.partition(b"\n")
-    status, headers, stored_at = json.loads(head)
+    fields = json.loads(head)
+    status, headers, stored_at = fields[:3]
+    extras = fields[3] if len(fields) > 3 and isinstance(fields[3], dict) else {}
+    lifetime = extras.get("lifetime")
     return StoredResponse(
         status=int(status),
         headers=tuple((str(k), str(v)) for k, v in headers),
         body=body,
         stored_at=float(stored_at),
+        upstream=str(extras.get("upstream") or ""),
+        age=float(extras.get("age") or 0.0),
+        lifetime=None if lifetime is None else float(lifetime),
     )
 
 
@@ -258,9 +278,9 @@ class RedisState:
     async def budget_record(self, key: str, *, window: float, retry: bool) -> None:
         await self._run("budget_record", [self.key(key, "budget")], repr(window), 1 if retry else 0)
 
-    async def budget_allows_retry(self, key: str, *, window: float, ratio: float, min_per_second: float) -> bool:
+    async def budget_try_retry(self, key: str, *, window: float, ratio: float, min_per_second: float) -> bool:
         allowed = await self._run(
-            "budget_allows", [self.key(key, "budget")], repr(window), repr(ratio), repr(min_per_second)
+            "budget_try_retry", [self.key(key, "budget")], repr(window), repr(ratio), repr(min_per_second)
         )
         return bool(int(allowed))
 

@@ -148,19 +148,27 @@ return 1
 """
 )
 
-# KEYS: budget.  ARGV: now, window, ratio, min_per_second.  Returns 1 when a retry is allowed.
-BUDGET_ALLOWS = (
+# KEYS: budget.  ARGV: now, window, ratio, min_per_second.
+# Returns 1 and counts one retry when the budget allows it, else 0 (nothing changes).
+BUDGET_TRY_RETRY = (
     _PRELUDE
     + _WINDOW
     + """
 local window = tonumber(ARGV[2])
 local ratio = tonumber(ARGV[3])
 local floor_ = tonumber(ARGV[4]) * window
-local width = tonumber(redis.call('HGET', KEYS[1], 'w') or '')
+local width = window / BUCKETS
+local stored = tonumber(redis.call('HGET', KEYS[1], 'w') or '')
 local requests, retries = 0, 0
-if width then requests, retries = win_totals(KEYS[1], width) end
-if retries < ratio * requests + floor_ then return 1 end
-return 0
+if stored == width then requests, retries = win_totals(KEYS[1], width) end
+if retries >= ratio * requests + floor_ then return 0 end
+if stored ~= width then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'w', fmt(width))
+end
+win_add(KEYS[1], width, 0, 1)
+redis.call('PEXPIRE', KEYS[1], px(window))
+return 1
 """
 )
 
@@ -379,7 +387,7 @@ ALL: dict[str, str] = {
     "pause": PAUSE,
     "paused_for": PAUSED_FOR,
     "budget_record": BUDGET_RECORD,
-    "budget_allows": BUDGET_ALLOWS,
+    "budget_try_retry": BUDGET_TRY_RETRY,
     "circuit_admit": CIRCUIT_ADMIT,
     "circuit_record": CIRCUIT_RECORD,
     "circuit_release": CIRCUIT_RELEASE,

@@ -5,8 +5,15 @@
 * Every operation gets `budget` seconds (default 50 ms) on Redis. An error or a timeout
   emits `StateBackendError` (metric `egressd_state_backend_errors_total{backend}`), logs
   (at most one line per `log_every` seconds, with a count of the ones left out) and
-  answers that call from the fallback. An error (refused, reset, ...) marks Redis down at
-  once; timeouts do after `down_after_timeouts` in a row (one slow answer is a blip).
+  answers that call from the fallback.
+* Only trouble reaching Redis counts toward marking it down: a connection error
+  (`redis.ConnectionError`, `OSError`: refused, reset, ...) marks it down at once;
+  timeouts (the budget ran out, `redis.TimeoutError`) do after `down_after_timeouts` in a
+  row with no success in between. Timeouts are counted when they complete, and the ones
+  of operations that were already in flight when a timeout was counted are not counted
+  again: one stall that times out fifty concurrent operations counts once. Any other
+  error (a script error, an unexpected reply) is answered from the fallback for that one
+  operation, logged and counted, and leaves Redis up.
 * While Redis is down every operation goes straight to the fallback (no call pays the
   budget again), and a background probe PINGs Redis every `probe_interval` seconds; the
   first answer marks it up, and shared state resumes with the next operation.
@@ -33,6 +40,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import redis.exceptions
+
 from proxy.clock import Clock, RealClock
 from proxy.events import EventBus, StateBackendError
 from proxy.state.base import (
@@ -49,6 +58,15 @@ from proxy.state.redis import RedisState
 log = logging.getLogger("egressd.state")
 
 T = TypeVar("T")
+
+
+def failure_kind(exc: BaseException) -> str:
+    """`timeout`, `connection` (both count toward marking Redis down) or `other`."""
+    if isinstance(exc, (TimeoutError, redis.exceptions.TimeoutError)):
+        return "timeout"
+    if isinstance(exc, (redis.exceptions.ConnectionError, OSError)):
+        return "connection"
+    return "other"
 DEFAULT_BUDGET = 0.05
 _MAX_LOCAL_CLAIMS = 100_000
 
@@ -80,7 +98,9 @@ class ResilientState:
         self.heartbeat_interval = heartbeat_interval
         self.log_every = log_every
         self.down_after_timeouts = max(down_after_timeouts, 1)
-        self._timeouts = 0
+        self._timeouts = 0  # timeouts counted in a row (see `_failed`)
+        self._started = 0  # operations started so far (a sequence number per operation)
+        self._count_after = 0  # a timeout counts only for operations started from here on
         self.clock: Clock = clock or RealClock()
         self.up = True
         self.replicas = 1  # replicas seen in Redis lately (for the local share of a rate)
@@ -122,33 +142,48 @@ class ResilientState:
         self._ensure_probe()
         if not self.up:
             return await fallback()
+        seq = self._started
+        self._started += 1
         try:
             async with asyncio.timeout(self.budget):
                 result = await primary()
         except Exception as exc:  # TimeoutError included: the budget ran out
-            self._failed(operation, exc)
+            self._failed(operation, exc, seq)
             return await fallback()
         self._timeouts = 0
         return result
 
-    def _failed(self, operation: str, exc: BaseException) -> None:
-        if isinstance(exc, TimeoutError):
+    def _failed(self, operation: str, exc: BaseException, seq: int | None = None) -> None:
+        """Count, log and classify one failed operation (`seq`: its sequence number)."""
+        kind = failure_kind(exc)
+        if kind == "timeout":
             error = f"no answer within {self.budget * 1000:g} ms"
+            if isinstance(exc, redis.exceptions.TimeoutError):
+                error = f"{type(exc).__name__}: {exc}"
         else:
             error = f"{type(exc).__name__}: {exc}"
         self.errors += 1
         self.last_error = error[:200]
-        # An error means Redis is away. One slow answer may be a blip (or this process's
-        # own event loop being busy): only `down_after_timeouts` in a row mark it down.
-        self._timeouts = self._timeouts + 1 if isinstance(exc, TimeoutError) else self.down_after_timeouts
+        if kind == "connection":
+            self._timeouts = self.down_after_timeouts  # refused, reset...: Redis is away
+        elif kind == "timeout" and (seq is None or seq >= self._count_after):
+            # One slow answer may be a blip (or this process's own event loop being busy);
+            # operations that were in flight together during one stall count once.
+            self._timeouts += 1
+            self._count_after = self._started
         if self.up and self._timeouts >= self.down_after_timeouts:
             self.up = False
             self.down_since = self.clock.wall()
         self.events.emit(StateBackendError(self.name, operation, self.last_error))
         now = self.clock.now()
         if now - self._last_log >= self.log_every:
+            message = (
+                "redis state operation failed; answered from local state"
+                if kind == "other"
+                else "redis state backend unavailable; using local state until it answers again"
+            )
             log.warning(
-                "redis state backend unavailable; using local state until it answers again",
+                message,
                 extra={
                     "operation": operation,
                     "error": self.last_error,
@@ -220,11 +255,11 @@ class ResilientState:
             lambda: self.fallback.budget_record(key, window=window, retry=retry),
         )
 
-    async def budget_allows_retry(self, key: str, *, window: float, ratio: float, min_per_second: float) -> bool:
+    async def budget_try_retry(self, key: str, *, window: float, ratio: float, min_per_second: float) -> bool:
         return await self._guard(
-            "budget_allows_retry",
-            lambda: self.primary.budget_allows_retry(key, window=window, ratio=ratio, min_per_second=min_per_second),
-            lambda: self.fallback.budget_allows_retry(key, window=window, ratio=ratio, min_per_second=min_per_second),
+            "budget_try_retry",
+            lambda: self.primary.budget_try_retry(key, window=window, ratio=ratio, min_per_second=min_per_second),
+            lambda: self.fallback.budget_try_retry(key, window=window, ratio=ratio, min_per_second=min_per_second),
         )
 
     # -- circuit breaker ------------------------------------------------------------------------
@@ -347,6 +382,9 @@ def open_shared_state(url: str, *, prefix: str = "egressd:", events: EventBus | 
             kept.append((name, value))
     clean = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(kept), parts.fragment))
     state = ResilientState(RedisState(clean, prefix=prefix), MemoryState(), events, budget=budget)
-    with contextlib.suppress(RuntimeError):  # no running loop: starts with the first operation
-        state.start()  # connect and count replicas before the first call arrives
+    # With a running loop, start the background probe now: it warms the connection pool
+    # and counts replicas without blocking this call (nothing is connected here). Without
+    # one (RuntimeError), it starts with the first operation instead.
+    with contextlib.suppress(RuntimeError):
+        state.start()
     return state
