@@ -1,9 +1,11 @@
 """The only module that speaks HTTP to upstreams.
 
-One pooled aiohttp `ClientSession` per upstream (keep-alive, `limits.max_concurrency`
-connections), connect/attempt/total timeouts, header hygiene, auth injection and
-streamed bodies both ways. Failures become `ProxyError`s whose `detail` says what kind
-of failure it was; `connect_error` means the request provably never left this process.
+One connection pool per upstream (keep-alive, `limits.max_concurrency` connections):
+egressd's own lean HTTP/1.1 client (`proxy/_http1.py`, the default) or a pooled aiohttp
+`ClientSession` (`client="aiohttp"`, kept for comparison); connect/attempt/total
+timeouts, header hygiene, auth injection and streamed bodies both ways. Failures become
+`ProxyError`s whose `detail` says what kind of failure it was; `connect_error` means the
+request provably never left this process.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import base64
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import aiohttp
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
+from proxy import _http1
 from proxy.clock import Clock
 from proxy.errors import ProxyError
 from proxy.events import AttemptFinished, EventBus
@@ -78,10 +81,24 @@ def _auth_headers(policy: Policy) -> dict[str, str]:
     return {}  # oauth_client_credentials: injected per call by the OAuth helper
 
 
-class Transport:
-    """Sends calls for one upstream. Built once per transport-relevant configuration."""
+Client = Literal["lean", "aiohttp"]
+DEFAULT_CLIENT: Client = "lean"
+# Request fields the lean client writes itself (framing), never copied from the call.
+_FRAMING = frozenset({"content-length", "transfer-encoding", "x-request-id"})
 
-    def __init__(self, policy: Policy, clock: Clock, events: EventBus) -> None:
+
+class Transport:
+    """Sends calls for one upstream. Built once per transport-relevant configuration.
+
+    `client` picks the HTTP/1.1 client: "lean" (`proxy/_http1.py`) or "aiohttp"; both
+    behave the same from the outside (same headers sent, same errors, same streaming).
+    """
+
+    def __init__(self, policy: Policy, clock: Clock, events: EventBus, *, client: Client | None = None) -> None:
+        client = client or DEFAULT_CLIENT
+        if client not in ("lean", "aiohttp"):
+            raise ValueError(f"unknown upstream client {client!r}")
+        self.client: Client = client
         self.policy = policy
         self.clock = clock
         self.events = events
@@ -97,8 +114,15 @@ class Transport:
             removed += ["authorization", *(k.lower() for k in self._static_add)]
         self._remove = frozenset(removed)
         self._session: aiohttp.ClientSession | None = None
+        self._pool: _http1.HTTP1Pool | None = None
         self._connect_timeout = policy.timeouts.connect
         self._attempt_timeout = policy.timeouts.attempt
+        target = URL(self._base)
+        self._base_path = target.raw_path.rstrip("/")
+        self._origin = target
+        # Names the lean path drops from the app's headers because they are replaced.
+        self._lean_drop = self._remove | _FRAMING | {k.lower() for k in self._static_add}
+        self._static_items = list(self._static_add.items())
 
     def fingerprint(self) -> str:
         """Settings that, when unchanged across a reload, let the pooled session be kept."""
@@ -136,10 +160,38 @@ class Transport:
             self._session._retry_connection = False
         return self._session
 
+    def pool(self) -> _http1.HTTP1Pool:
+        if self._pool is None:
+            url = self._origin
+            verify = self._ssl()
+            context: ssl.SSLContext | None = None
+            if url.scheme == "https":
+                if isinstance(verify, ssl.SSLContext):
+                    context = verify
+                else:
+                    context = ssl.create_default_context()
+                    if verify is False:
+                        context.check_hostname = False
+                        context.verify_mode = ssl.CERT_NONE
+                context.set_alpn_protocols(["http/1.1"])
+            host = url.raw_host or ""
+            self._pool = _http1.HTTP1Pool(
+                host,
+                url.port or (443 if url.scheme == "https" else 80),
+                ssl_context=context,
+                host_header=url.host_port_subcomponent,
+                max_connections=self.policy.limits.max_concurrency,
+                keepalive=30.0,
+            )
+        return self._pool
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     def build_headers(self, call: Call, extra: dict[str, str] | None = None) -> CIMultiDict[str]:
         if self._remove:
@@ -156,6 +208,125 @@ class Transport:
 
     async def send(self, call: Call, extra_headers: dict[str, str] | None = None) -> Response:
         """One attempt. Raises ProxyError on failure; never retries."""
+        if self.client == "lean":
+            return await self._send_lean(call, extra_headers)
+        return await self._send_aiohttp(call, extra_headers)
+
+    async def _send_lean(self, call: Call, extra_headers: dict[str, str] | None) -> Response:
+        started = self.clock.now()
+        left = call.deadline - started
+        budget = min(self._attempt_timeout, left)
+        if budget <= 0:
+            raise ProxyError("upstream_timeout", "the call's total time ran out", detail="timeout")
+        drop = self._lean_drop
+        if extra_headers:
+            drop = drop | {k.lower() for k in extra_headers}
+        headers = [(k, v) for k, v in call.headers.items() if k.lower() not in drop]
+        headers += self._static_items
+        if extra_headers:
+            headers += extra_headers.items()
+        headers.append(("X-Request-Id", call.request_id))
+        body = call.body
+        data: bytes | AsyncIterator[bytes] | None
+        length: int | None = None
+        sent_body_error: list[BaseException] = []
+        if body.buffered:
+            data = body.data
+            if not data and call.method not in ("POST", "PUT", "PATCH"):
+                data = None
+        else:
+            data = _watch(body.chunks(), sent_body_error)
+            length = body.length
+        resp: _http1.HTTP1Response | None = None
+        try:
+            resp = await self.pool().request(
+                call.method,
+                self._base_path + call.target_path,
+                headers,
+                data,
+                content_length=length,
+                connect_timeout=self._connect_timeout,
+                idle_timeout=budget,
+                total_timeout=left,
+            )
+            status = resp.status
+            length = resp.content_length
+            if call.method == "HEAD" or status == 204 or status == 304:
+                payload: bytes | None = b""
+                resp.release()
+            elif length is not None and length <= BUFFER_ANSWERS_UP_TO:
+                payload = await resp.read()
+            else:
+                payload = None
+        except BaseException as exc:
+            if resp is not None:
+                resp.close()
+            if sent_body_error and isinstance(sent_body_error[0], ProxyError):
+                raise sent_body_error[0] from exc
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            err = self._map_lean_error(exc, budget)
+            self._attempt_event(err.detail or "error", None, started)
+            attempt_log = call.attr("egressd.attempt_log")  # read by the failover stage
+            if isinstance(attempt_log, list):
+                attempt_log.append(err.detail or "error")
+            raise err from exc
+        self._attempt_event(_status_class(status), status, started)
+        out_headers = strip_hop_by_hop(resp.headers, drop=("content-length",) if payload is not None else ())
+        if payload is not None:
+            return Response(status, out_headers, body=payload, upstream=self.name, attempts=1)
+        return Response(
+            status,
+            out_headers,
+            body=None,
+            stream=self._stream_lean(resp),
+            release=_lean_releaser(resp),
+            upstream=self.name,
+            attempts=1,
+        )
+
+    async def _stream_lean(self, resp: _http1.HTTP1Response) -> AsyncIterator[bytes]:
+        # The client's timers (idle = the attempt timeout, and the call's deadline) keep
+        # running while the answer streams, so a stalled or drip-fed answer ends in time.
+        try:
+            while True:
+                try:
+                    chunk = await resp.readany()
+                except _http1.ReadTimeout as exc:
+                    raise ProxyError("upstream_timeout", "the answer stalled", detail="timeout") from exc
+                except (_http1.HTTPError, OSError) as exc:
+                    raise ProxyError(
+                        "upstream_unreachable", f"the answer was cut short: {exc}", detail="reset"
+                    ) from exc
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            resp.release()
+
+    def _map_lean_error(self, exc: BaseException, budget: float) -> ProxyError:
+        name = self.name
+        if isinstance(exc, _http1.ConnectError):
+            if exc.timed_out:
+                return ProxyError("upstream_timeout", f"connecting to {name} timed out", detail="connect_error")
+            reason = "TLS verification failed" if exc.tls else "cannot connect"
+            return ProxyError("upstream_unreachable", f"{reason} to upstream {name}", detail="connect_error")
+        if isinstance(exc, _http1.ReadTimeout):
+            return ProxyError(
+                "upstream_timeout", f"upstream {name} did not answer within {budget:.3g}s", detail="timeout"
+            )
+        if isinstance(exc, _http1.ProtocolError):
+            return ProxyError("upstream_unreachable", f"upstream {name} sent a broken answer", detail="protocol_error")
+        if isinstance(exc, _http1.HTTPError | OSError):
+            return ProxyError("upstream_unreachable", f"connection to upstream {name} was reset", detail="reset")
+        if isinstance(exc, ValueError):  # a CR or LF in a header field: never sent
+            return ProxyError(
+                "upstream_unreachable", f"refused to send a malformed header to {name}", detail="protocol_error"
+            )
+        log.exception("unexpected transport failure for %s", name)
+        return ProxyError("upstream_unreachable", f"upstream {name} failed", detail="protocol_error")
+
+    async def _send_aiohttp(self, call: Call, extra_headers: dict[str, str] | None = None) -> Response:
         started = self.clock.now()
         budget = min(self._attempt_timeout, call.deadline - started)
         if budget <= 0:
@@ -279,6 +450,14 @@ def _releaser(resp: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:
             resp.close()
         else:
             resp.release()
+
+    return release
+
+
+def _lean_releaser(resp: _http1.HTTP1Response) -> Callable[[], Awaitable[None]]:
+    async def release() -> None:
+        # Reused only when the whole answer was read; a half-read answer closes the connection.
+        resp.release()
 
     return release
 
