@@ -119,16 +119,33 @@ Subscriber = Callable[[Event], None]
 
 
 class EventBus:
-    """Synchronous fan-out to subscribers; a failing subscriber never breaks a call."""
+    """Synchronous fan-out to subscribers; a failing subscriber never breaks a call.
+
+    A subscriber may declare `interests` (a tuple of event types); it is then called
+    only for those. Routes are computed once per event type, so an event nobody wants
+    (e.g. an AttemptFinished with only the access log listening) costs one dict lookup.
+    """
 
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
+        self._routes: dict[type, tuple[Subscriber, ...]] = {}
 
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.append(subscriber)
+        self._routes.clear()
+
+    def _route(self, kind: type) -> tuple[Subscriber, ...]:
+        route = tuple(
+            s for s in self._subscribers if (wanted := getattr(s, "interests", None)) is None or kind in wanted
+        )
+        self._routes[kind] = route
+        return route
 
     def emit(self, event: Event) -> None:
-        for subscriber in self._subscribers:
+        route = self._routes.get(type(event))
+        if route is None:
+            route = self._route(type(event))
+        for subscriber in route:
             try:
                 subscriber(event)
             except Exception:

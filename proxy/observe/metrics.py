@@ -26,6 +26,20 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 class Metrics:
     """The contract's metric families, in a registry of their own (one per server)."""
 
+    interests = (
+        CallFinished,
+        AttemptFinished,
+        RetryScheduled,
+        RetrySkipped,
+        CircuitChanged,
+        RateLimitWaited,
+        RateLimited,
+        CacheResult,
+        FailoverResult,
+        ConfigReloaded,
+        StateBackendError,
+    )
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry

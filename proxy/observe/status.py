@@ -128,6 +128,19 @@ class StatusBoard:
         self.backend_error_count = 0
         self.started = time.time()
 
+    # Attempt-level events are not shown here; leaving them out keeps them off its path.
+    interests = (
+        CallFinished,
+        CircuitChanged,
+        RetryScheduled,
+        RateLimited,
+        RateLimitWaited,
+        CacheResult,
+        FailoverResult,
+        ConfigReloaded,
+        StateBackendError,
+    )
+
     def _get(self, name: str) -> UpstreamStatus:
         st = self.upstreams.get(name)
         if st is None:
