@@ -81,6 +81,18 @@ class Sample:
     rss_kib: int
     tasks: int
     upstream_conns: int
+    pool_busy: int = 0  # egressd's upstream connections carrying a call (lean client pools)
+    pool_idle: int = 0  # ... and idle keep-alive ones (kept up to 2 x keepalive, then closed)
+    redis_conns: int = 0  # egressd's connections to Redis (a pool of at most 32)
+    app_conns: int = 0  # the app's connections to egressd (closed when the load stops)
+
+    @property
+    def fds_net(self) -> int:
+        """Open FDs not counting connections that bounded pools keep open and that come and
+        go with the load and the faults, not with leaks: idle pooled upstream connections
+        (two FDs each in this process: egressd's end and the fake's), Redis connections
+        (reopened after each Redis fault) and the app's connections to egressd (two each)."""
+        return self.fds - 2 * self.pool_idle - self.redis_conns - 2 * self.app_conns
 
 
 @dataclass
@@ -230,6 +242,8 @@ class Campaign:
         self.mails: Counter[str] = Counter()
         self.hostile_forwarded = 0
         self.fakes: tuple[FakeServer, FakeServer, FakeServer] | None = None
+        self.server: EgressServer | None = None
+        self.main_port = 0
         self.in_flight: dict[object, tuple[str, str, str, float]] = {}
         self.redis_lock = asyncio.Lock()
 
@@ -403,13 +417,29 @@ class Campaign:
         for fake in self.fakes:
             fake.ledger.reset()
 
+    def pool_counts(self) -> tuple[int, int]:
+        """(busy, idle) connections over egressd's upstream pools (the lean client's)."""
+        busy = idle = 0
+        if self.server is not None:
+            for rt in self.server.runtime.upstreams.values():
+                pool = getattr(rt.transport, "_pool", None)
+                if pool is not None:
+                    busy += pool.size - pool.idle
+                    idle += pool.idle
+        return busy, idle
+
     def sample(self, began: float, ports: set[int]) -> Sample:
+        busy, idle = self.pool_counts()
         s = Sample(
             t=round(time.monotonic() - began, 2),
             fds=open_fds(),
             rss_kib=rss_kib(),
             tasks=len(asyncio.all_tasks()),
             upstream_conns=established_to(ports),
+            pool_busy=busy,
+            pool_idle=idle,
+            redis_conns=established_to({self.redis.port}) if self.redis is not None else 0,
+            app_conns=established_to({self.main_port}) if self.main_port else 0,
         )
         self.samples.append(s)
         return s
@@ -420,7 +450,8 @@ class Campaign:
             s = self.sample(began, ports)
             self.say(
                 f"  t={s.t:6.0f}s  requests={self.tally.requests:7d}  lost={self.tally.lost}  fds={s.fds}  "
-                f"rss={s.rss_kib // 1024}MiB  tasks={s.tasks}  upstream_conns={s.upstream_conns}  "
+                f"rss={s.rss_kib // 1024}MiB  tasks={s.tasks}  upstream_conns={s.upstream_conns} "
+                f"(pool busy={s.pool_busy} idle={s.pool_idle})  redis_conns={s.redis_conns}  app_conns={s.app_conns}  "
                 f"faults={sum(self.tally.faults.values())}"
             )
             with contextlib.suppress(TimeoutError):
@@ -457,7 +488,9 @@ class Campaign:
             Settings(policies=workdir, listen=("127.0.0.1", 0), admin=("127.0.0.1", 0), drain=5.0), state=state
         )
         await server.start()
+        self.server = server
         host, port = server.addresses["main"]
+        self.main_port = port
         base = f"http://{host}:{port}"
         self.say(
             f"campaign: {self.seconds:.0f}s, {self.concurrency} workers at ~{self.rate:.0f} calls/s, a fault every "
@@ -480,8 +513,12 @@ class Campaign:
                 for kind, method, url, since in self.in_flight.values():
                     self.say(f"still waiting after {now - since:.0f}s: {kind} {method} {url}")
                 raise RuntimeError(f"{len(stuck)} campaign tasks did not finish")
-            for task in list(self.background):
-                await task
+            if self.background:
+                done, late = await asyncio.wait(list(self.background), timeout=30)
+                if late:
+                    raise RuntimeError(f"{len(late)} background campaign tasks did not finish")
+                for task in done:
+                    task.result()  # a failed fault action fails the campaign
             for fake in (stripe, sendgrid, echo):
                 fake.faults.clear()
             if not echo.running:
@@ -492,10 +529,13 @@ class Campaign:
             final = self.sample(began, ports)
             return self.report(started_at, final)
         finally:
+            # Every step of the teardown is bounded: a campaign must stop by itself.
             self.stop.set()
-            await server.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.stop(), 30)
             for fake in (stripe, sendgrid, echo):
-                await fake.stop()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(fake.stop(), 15)
             if self.redis is not None:
                 self.redis.cleanup()
 
@@ -511,7 +551,11 @@ class Campaign:
         # Warm-up: pools fill and caches grow in the first tenth; slopes and leaks are judged after it.
         settled = [s for s in self.samples if s.t >= max(10.0, self.seconds * 0.1)] or self.samples
         baseline = settled[0]
-        fd_leak = max(0, final.fds - baseline.fds)
+        # Idle keep-alive connections are not leaks (they close after up to 2 x keepalive),
+        # nor are Redis connections (a bounded pool, reopened after each Redis fault): FDs
+        # are compared without them (`Sample.fds_net`), and upstream connections still busy
+        # after the quiesce are counted apart (those would be leaks: an answer never released).
+        fd_leak = max(0, final.fds_net - baseline.fds_net)
         figures = {
             "started_at": started_at,
             "command": " ".join(["python", "bench/campaign.py", *sys.argv[1:]]),
@@ -544,9 +588,16 @@ class Campaign:
             "fds_baseline": baseline.fds,
             "fds_final": final.fds,
             "fd_leak": fd_leak,
+            "fds_raw_growth": final.fds - baseline.fds,
+            "pool_idle_baseline": baseline.pool_idle,
+            "pool_idle_final": final.pool_idle,
+            "pool_busy_final": final.pool_busy,
+            "redis_conns_baseline": baseline.redis_conns,
+            "redis_conns_final": final.redis_conns,
+            "app_conns_baseline": baseline.app_conns,
             "slopes_per_minute": {
                 attr: round(slope_per_minute(settled, attr), 3)
-                for attr in ("fds", "rss_kib", "tasks", "upstream_conns")
+                for attr in ("fds", "fds_net", "rss_kib", "tasks", "upstream_conns", "pool_idle")
             },
             "samples": [asdict(s) for s in self.samples],
         }
@@ -560,6 +611,7 @@ class Campaign:
             and forwarded_hostile == 0
             and t.hostile_answered == t.hostile_sent
             and fd_leak <= 10
+            and final.pool_busy == 0
         )
         return figures
 
@@ -591,9 +643,18 @@ def render(fig: dict[str, Any]) -> str:
         f"| hostile requests sent / answered / forwarded | {fig['hostile_sent']} / {fig['hostile_answered']} / "
         f"{fig['hostile_forwarded']} |",
         f"| open FDs after warm-up -> end (leak) | {fig['fds_baseline']} -> {fig['fds_final']} ({fig['fd_leak']}) |",
+        f"| idle pooled upstream connections (2 FDs each, not counted as leak) | {fig['pool_idle_baseline']} -> "
+        f"{fig['pool_idle_final']} |",
+        f"| Redis connections (1 FD each, not counted as leak) | {fig['redis_conns_baseline']} -> "
+        f"{fig['redis_conns_final']} |",
+        f"| the app's connections to egressd at the baseline (2 FDs each, closed at the end) | "
+        f"{fig['app_conns_baseline']} |",
+        f"| upstream connections still busy after the quiesce | {fig['pool_busy_final']} |",
         f"| RSS first -> last sample | {first['rss_kib'] // 1024} -> {last['rss_kib'] // 1024} MiB |",
         f"| slope per minute: FDs, RSS KiB, tasks, upstream connections | {slopes['fds']}, {slopes['rss_kib']}, "
         f"{slopes['tasks']}, {slopes['upstream_conns']} |",
+        f"| slope per minute: FDs without idle pooled connections, idle pooled connections | {slopes['fds_net']}, "
+        f"{slopes['pool_idle']} |",
         "",
         "| fault | injected |",
         "| --- | --- |",

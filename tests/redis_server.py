@@ -149,14 +149,20 @@ class RedisServer:
 
 
 class RedisCluster:
-    """Three masters with `--cluster-enabled yes`, joined by `redis-cli --cluster create`."""
+    """Three masters with `--cluster-enabled yes`, joined by `redis-cli --cluster create`.
 
-    def __init__(self, size: int = 3) -> None:
+    With `replicas=1`, one replica per master (six nodes; `--cluster-replicas 1`), so a
+    master can fail over: `master_of`, `replica_of` and `wait_failover` help tests do that.
+    """
+
+    def __init__(self, size: int = 3, *, replicas: int = 0, node_timeout_ms: int = 2000) -> None:
+        self.replicas = replicas
         self.nodes = [
             RedisServer(
-                port=free_port(cluster_bus=True), extra=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+                port=free_port(cluster_bus=True),
+                extra=("--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms)),
             )
-            for _ in range(size)
+            for _ in range(size * (1 + replicas))
         ]
         for node in self.nodes:
             node.extra = (*node.extra, "--cluster-config-file", str(node.dir / "nodes.conf"))
@@ -171,7 +177,7 @@ class RedisCluster:
             node.start()
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+            [REDIS_CLI, "--cluster", "create", *addrs, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -179,7 +185,7 @@ class RedisCluster:
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(self._ok(n.port) for n in self.nodes):
+            if all(self._ok(n.port) for n in self.nodes) and self._replicas_in_sync():
                 return self
             time.sleep(0.05)
         raise RuntimeError("the Redis cluster did not reach cluster_state:ok")
@@ -191,9 +197,62 @@ class RedisCluster:
         ).stdout
         return "cluster_state:ok" in out
 
+    def _replicas_in_sync(self) -> bool:
+        """Every replica's link to its master is up (trivially true without replicas)."""
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            info = cli(node.port, "info", "replication")
+            if "role:slave" in info and "master_link_status:up" not in info:
+                return False
+        return True
+
+    def topology(self, via: RedisServer | None = None) -> dict[int, tuple[str, int | None]]:
+        """port -> ("master" | "replica" | "fail", master's port for a replica), per `CLUSTER NODES`."""
+        alive = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+        asked = via or alive[0]
+        lines = [line.split() for line in cli(asked.port, "cluster", "nodes").splitlines() if line.strip()]
+        ids = {parts[0]: int(parts[1].split("@")[0].rsplit(":", 1)[1]) for parts in lines}
+        out: dict[int, tuple[str, int | None]] = {}
+        for parts in lines:
+            port, flags, master = ids[parts[0]], parts[2].split(","), parts[3]
+            role = "fail" if "fail" in flags else "master" if "master" in flags else "replica"
+            out[port] = (role, ids.get(master) if master != "-" else None)
+        return out
+
+    def node(self, port: int) -> RedisServer:
+        return next(n for n in self.nodes if n.port == port)
+
+    def masters(self) -> list[RedisServer]:
+        return [self.node(p) for p, (role, _) in self.topology().items() if role == "master"]
+
+    def replica_of(self, master: RedisServer) -> RedisServer:
+        return next(self.node(p) for p, (role, m) in self.topology().items() if role == "replica" and m == master.port)
+
+    def wait_failover(self, old_master: RedisServer, new_master: RedisServer, timeout: float = 20.0) -> float:
+        """Wait until `new_master` is a master and every live node agrees the cluster is ok;
+        returns the seconds it took."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            with contextlib.suppress(OSError, subprocess.SubprocessError, StopIteration, KeyError, IndexError):
+                alive = [n for n in self.nodes if n.proc is not None and n is not old_master]
+                if self.topology(via=new_master)[new_master.port][0] == "master" and all(
+                    self._ok(n.port) for n in alive
+                ):
+                    return time.monotonic() - started
+            time.sleep(0.05)
+        raise RuntimeError(f"{new_master.port} did not take over from {old_master.port} within {timeout}s")
+
     def cleanup(self) -> None:
         for node in self.nodes:
             node.cleanup()
+
+
+def cli(port: int, *args: str, timeout: float = 5.0) -> str:
+    """`redis-cli -p port args...` -> stdout."""
+    return subprocess.run(
+        [REDIS_CLI, "-p", str(port), *args], capture_output=True, text=True, timeout=timeout, check=False
+    ).stdout
 
 
 class RedisSentinel:
@@ -245,9 +304,10 @@ def running_redis(**kwargs: object) -> Iterator[RedisServer]:
 
 
 @contextlib.contextmanager
-def running_cluster() -> Iterator[RedisCluster]:
+def running_cluster(*, replicas: int = 0) -> Iterator[RedisCluster]:
+    """A 3-master Cluster; `replicas=1` adds one replica per master (six nodes)."""
     require_redis(cluster=True)
-    cluster = RedisCluster()
+    cluster = RedisCluster(replicas=replicas)
     try:
         yield cluster.start()
     finally:

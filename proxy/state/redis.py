@@ -229,15 +229,23 @@ class RedisState:
     def health(self) -> str:
         return "ok" if self._last_error is None else f"degraded: {self._last_error}"
 
+    async def _ping(self) -> bool:
+        """PING the server; on a Cluster, every master (redis-py's default is one node, which
+        would call the cluster up while the master of a third of the slots is gone)."""
+        if isinstance(self.client, RedisCluster):
+            return bool(await self.client.ping(target_nodes=RedisCluster.PRIMARIES))
+        return bool(await self.client.ping())
+
     async def ping(self) -> bool:
-        ok = bool(await self.client.ping())
+        ok = await self._ping()
         self._last_error = None
         return ok
 
     async def warm(self, connections: int = MAX_CONNECTIONS) -> None:
-        """Open up to `connections` pooled connections now, so a first burst of calls
-        does not pay for connecting (and the handshake) inside its time budget."""
-        await asyncio.gather(*(self.client.ping() for _ in range(connections)))
+        """Open up to `connections` pooled connections now (per master on a Cluster), so a
+        first burst of calls does not pay for connecting (and the handshake) inside its
+        time budget. It is also the reconnect probe: it fails while any master is away."""
+        await asyncio.gather(*(self._ping() for _ in range(connections)))
         self._last_error = None
 
     async def heartbeat(self) -> int:

@@ -23,6 +23,9 @@
   the configured rate, as long as the replica count did not change during the outage.
 * An idempotency key claimed locally stays local (completed, released and replayed from
   this replica's memory), even if Redis came back in between: Redis never saw the claim.
+  So does a key Redis claimed but whose answer it could not take (it went away, or a
+  Cluster master was failing over, between the claim and the answer): the answer is kept
+  here, and a repeat on this replica is replayed instead of sent a second time.
 
 Weaker while Redis is away (docs/scaling.md): each replica has its own circuit, retry
 budget, pause and cache; a repeat of an idempotent call that lands on another replica is
@@ -110,6 +113,9 @@ class ResilientState:
         self._last_log = -1e18
         self._unlogged = 0
         self._local_claims: OrderedDict[str, None] = OrderedDict()
+        # Claims Redis granted and that are not completed yet: key -> (fingerprint, lock_ttl),
+        # so a completion Redis cannot take is kept locally instead (see `idem_complete`).
+        self._redis_claims: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._probe: asyncio.Task[None] | None = None
         self._closed = False
         self._warm = False
@@ -307,17 +313,38 @@ class ResilientState:
             return await self._claim_locally(key, fingerprint, ttl, lock_ttl)
         return await self._guard(
             "idem_claim",
-            lambda: self.primary.idem_claim(key, fingerprint, ttl=ttl, lock_ttl=lock_ttl),
+            lambda: self._claim_in_redis(key, fingerprint, ttl, lock_ttl),
             lambda: self._claim_locally(key, fingerprint, ttl, lock_ttl),
         )
 
+    async def _claim_in_redis(self, key: str, fingerprint: str, ttl: float, lock_ttl: float) -> IdempotencyClaim:
+        claim = await self.primary.idem_claim(key, fingerprint, ttl=ttl, lock_ttl=lock_ttl)
+        if claim.state == "new":
+            self._redis_claims[key] = (fingerprint, lock_ttl)
+            while len(self._redis_claims) > _MAX_LOCAL_CLAIMS:
+                self._redis_claims.popitem(last=False)
+        return claim
+
     async def idem_complete(self, key: str, response: StoredResponse, *, ttl: float) -> None:
+        claimed = self._redis_claims.pop(key, None)
         if key in self._local_claims:  # kept: a repeat on this replica replays locally
             await self.fallback.idem_complete(key, response, ttl=ttl)
             return
-        await self._guard("idem_complete", lambda: self.primary.idem_complete(key, response, ttl=ttl), _none)
+
+        async def keep_locally() -> None:
+            # Redis granted the claim but cannot take the answer (it went away in between, or
+            # a Cluster master is failing over): keep it here, so a repeat on this replica is
+            # replayed instead of sent again (the upstream already acted once).
+            if claimed is None:
+                return
+            fingerprint, lock_ttl = claimed
+            if (await self._claim_locally(key, fingerprint, ttl, lock_ttl)).state == "new":
+                await self.fallback.idem_complete(key, response, ttl=ttl)
+
+        await self._guard("idem_complete", lambda: self.primary.idem_complete(key, response, ttl=ttl), keep_locally)
 
     async def idem_release(self, key: str) -> None:
+        self._redis_claims.pop(key, None)
         if key in self._local_claims:
             del self._local_claims[key]
             await self.fallback.idem_release(key)
