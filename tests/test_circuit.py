@@ -235,3 +235,47 @@ def test_build_without_circuit_breaker() -> None:
         lookup=lambda name: None,
     )
     assert build(ctx) is None
+
+
+# -- in-process fast path vs the async protocol ----------------------------------------------
+
+
+class AsyncOnlyState(MemoryState):
+    """Memory semantics reached only through the async protocol (the way Redis is called)."""
+
+    sync_limits = None
+
+
+async def _lifecycle(state_cls: type[MemoryState]) -> tuple[list[object], list[tuple[str, str]]]:
+    clock = FakeClock(auto=False)
+    stage, events, clock = make_stage(clock=clock, state=state_cls(clock))
+    seen: list[object] = []
+    for status in (200, 503, 200, 500, 200):  # opens on the 4th
+        seen.append(await send(stage, clock, Upstream(status)))
+    clock.advance(5)
+    seen.append(await send(stage, clock, Upstream(ProxyError("rate_limited", "local", retry_after=1))))
+    seen.append(await send(stage, clock, Upstream(ProxyError("upstream_timeout", "slow"))))  # trial fails
+    clock.advance(5)
+    for _ in range(3):
+        seen.append(await send(stage, clock, Upstream(200)))
+    seen.append((await stage.snapshot())["state"])
+    return seen, changes(events)
+
+
+async def test_memory_fast_path_behaves_like_the_async_protocol() -> None:
+    fast = await _lifecycle(MemoryState)
+    assert fast == await _lifecycle(AsyncOnlyState)
+    assert fast[1] == [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]
+
+
+async def test_replaced_state_is_picked_up() -> None:
+    stage, _events, clock = make_stage()
+    await open_it(stage, clock)
+    stage.ctx.state = AsyncOnlyState(clock)  # a fresh backend: closed again
+    assert await send(stage, clock, Upstream(200)) == 200

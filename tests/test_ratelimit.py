@@ -24,7 +24,11 @@ WALL = 1_800_000_000.0
 
 
 def make_stage(
-    rate_limit: dict[str, Any], *, clock: FakeClock | None = None, retry: dict[str, Any] | None = None
+    rate_limit: dict[str, Any],
+    *,
+    clock: FakeClock | None = None,
+    retry: dict[str, Any] | None = None,
+    state_cls: type[MemoryState] = MemoryState,
 ) -> tuple[RateLimitStage, list[Event], FakeClock]:
     clock = clock or FakeClock(wall_start=WALL)
     policy = Policy.model_validate(
@@ -37,7 +41,7 @@ def make_stage(
         policy=policy,
         clock=clock,
         events=bus,
-        state=MemoryState(clock),
+        state=state_cls(clock),
         plugin=GenericPlugin(),
         lookup=lambda name: None,
     )
@@ -304,3 +308,81 @@ async def test_shared_flag_decides_whether_replicas_split_one_budget(
             assert resp.status == 200
         async with session.get(proxy_url(replicas[1]) + "/up/x") as resp:
             assert resp.status == second_status
+
+
+# -- in-process fast path vs the async protocol ----------------------------------------------
+
+
+class AsyncOnlyState(MemoryState):
+    """Memory semantics reached only through the async protocol (the way Redis is called)."""
+
+    sync_limits = None
+
+
+async def _queue_story(state_cls: type[MemoryState]) -> tuple[list[object], list[Event]]:
+    """Burst, a queue, a full queue, an upstream pause met on arrival and while queued."""
+    stage, events, clock = make_stage(
+        {"rate": "2/s", "burst": 2, "queue": {"max_size": 3, "max_wait": "3s"}}, state_cls=state_cls
+    )
+    busy = Upstream(clock, 429, {"Retry-After": "1"})
+    up = Upstream(clock)
+
+    async def one(rid: str, handler: Any = up) -> object:
+        try:
+            return ((await stage(make_call(clock, rid=rid), handler)).status, clock.now())
+        except ProxyError as exc:
+            return (exc.code, exc.detail, exc.retry_after, clock.now())
+
+    results = list(await asyncio.gather(*(one(f"r{i}") for i in range(7))))
+    results.append(await one("p", busy))  # pauses everyone for 1 s
+    results.extend(await asyncio.gather(*(one(f"q{i}") for i in range(3))))
+    results.append(await one("late"))
+    return results, events
+
+
+async def test_memory_fast_path_behaves_like_the_async_protocol() -> None:
+    fast = await _queue_story(MemoryState)
+    assert fast == await _queue_story(AsyncOnlyState)
+    results, events = fast
+    assert [r[0] for r in results[:7]].count(200) == 5 and rejected(events)[:2] == ["queue_full", "queue_full"]
+    assert any(isinstance(e, UpstreamPaused) for e in events)
+    waits = [e.seconds for e in events if isinstance(e, RateLimitWaited)]
+    assert waits[:2] == [0.0, 0.0] and max(waits) > 0
+
+
+async def test_fast_path_for_local_budget_with_a_shared_async_state() -> None:
+    """`shared: false` takes from the `local` memory state; pauses still come from ctx.state."""
+
+    class Shared(AsyncOnlyState):
+        def __init__(self, clock: FakeClock) -> None:
+            super().__init__(clock)
+            self.local = MemoryState(clock)
+
+    stage, events, clock = make_stage({"rate": "1/s", "burst": 1, "shared": False}, state_cls=Shared)
+    assert stage.limiter is stage.ctx.state.local  # type: ignore[attr-defined]
+    assert (await stage(make_call(clock), ok)).status == 200
+    with pytest.raises(ProxyError) as err:
+        await stage(make_call(clock), ok)
+    assert err.value.detail == "max_wait"
+    await stage.ctx.state.pause(stage.key, 5)
+    clock.advance(1)
+    with pytest.raises(ProxyError) as err:
+        await stage(make_call(clock), ok)
+    assert err.value.detail == "paused"
+    assert [type(e).__name__ for e in events] == ["RateLimitWaited", "RateLimited", "RateLimited"]
+
+
+def test_metrics_fold_zero_waits_into_the_histogram() -> None:
+    from proxy.observe.metrics import Metrics
+
+    metrics = Metrics()
+    for seconds in (0.0, 0.0, 0.0, 0.2):
+        metrics(RateLimitWaited("up", seconds))
+    text = metrics.render().decode()
+    assert 'egressd_rate_limit_wait_seconds_bucket{le="0.0",upstream="up"} 3.0' in text
+    assert 'egressd_rate_limit_wait_seconds_bucket{le="0.25",upstream="up"} 4.0' in text
+    assert 'egressd_rate_limit_wait_seconds_count{upstream="up"} 4.0' in text
+    assert 'egressd_rate_limit_wait_seconds_sum{upstream="up"} 0.2' in text
+    metrics(RateLimitWaited("up", 0.0))
+    value = metrics.registry.get_sample_value("egressd_rate_limit_wait_seconds_count", {"upstream": "up"})
+    assert value == 5.0  # any collection of the registry folds them in

@@ -550,3 +550,23 @@ async def test_policy_can_declare_that_a_generic_upstream_dedupes_by_key(dedupes
         with pytest.raises(ProxyError):
             await stage(call, up)
     assert len(up.calls) == sends
+
+
+# -- the first-try fast path and the in-process budget ----------------------------------------
+
+
+async def test_first_try_success_is_returned_as_is() -> None:
+    stage, events, clock = make_stage()
+    up = Upstream(clock, [resp(200, {"Stripe-Should-Retry": "true"}), resp(200)])
+    answer = await stage(make_call(clock), up)
+    assert answer.status == 200 and answer.attempts == 1 and len(up.calls) == 1
+    assert events == [] and not is_exhausted(answer) and "retry_skipped" not in answer.notes
+
+
+@pytest.mark.parametrize("state_cls", [MemoryState, RoundTripState])
+async def test_budget_same_through_fast_path_and_protocol(state_cls: type[MemoryState]) -> None:
+    stage, _events, clock = make_stage({"attempts": 2, "budget": {"ratio": 0.2, "min_per_second": 0, "window": "10s"}})
+    stage.ctx.state = state_cls(clock)
+    up = Upstream(clock, [resp(503)])
+    attempts = [(await stage(make_call(clock), up)).attempts for _ in range(20)]
+    assert attempts.count(2) == 4  # 0.2 * 20 requests, taken as they come

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from proxy.clock import Clock, FakeClock
-from proxy.state.base import CircuitSettings, StateBackend
+from proxy.state.base import CircuitAdmission, CircuitSettings, StateBackend
 from proxy.state.memory import MemoryState
 
 BackendFactory = Callable[[Clock], StateBackend]
@@ -275,3 +275,73 @@ async def test_memory_drops_idle_records(clock: FakeClock) -> None:
     clock.advance(120)
     await state.rate_take("fresh", interval=1.0, burst=1, max_wait=0)  # triggers the sweep
     assert state.limits_size() == 1
+
+
+# -- the synchronous face of the memory backend --------------------------------------------
+
+
+def test_memory_sync_limits_only_when_async_operations_are_its_own(clock: FakeClock) -> None:
+    state = MemoryState(clock)
+    assert state.sync_limits is state
+
+    class Yielding(MemoryState):
+        async def circuit_admit(self, key: str, settings: CircuitSettings) -> CircuitAdmission:
+            await asyncio.sleep(0)
+            return await super().circuit_admit(key, settings)
+
+    assert Yielding(clock).sync_limits is None  # the stages must await the override
+
+
+async def test_memory_sync_operations_match_the_async_ones(clock: FakeClock) -> None:
+    """The same script through `*_now` and through the protocol leaves the same answers."""
+    a, b = MemoryState(clock), MemoryState(clock)
+    sync = a.sync_limits
+    assert sync is not None
+    answers: list[tuple[object, object]] = []
+    for step in range(200):
+        failure = step % 3 == 0
+        answers.append(
+            (sync.rate_take_now("r", 0.1, 3, 0.25), await b.rate_take("r", interval=0.1, burst=3, max_wait=0.25))
+        )
+        answers.append((sync.paused_for_now("r"), await b.paused_for("r")))
+        adm_a, adm_b = sync.circuit_admit_now("c", CB), await b.circuit_admit("c", CB)
+        answers.append((adm_a, adm_b))
+        if adm_a.allowed:
+            if step % 7 == 0 and adm_a.trial:
+                sync.circuit_release_now("c", CB)
+                await b.circuit_release("c", CB)
+            else:
+                answers.append(
+                    (
+                        sync.circuit_record_now("c", CB, failure, adm_a.trial),
+                        await b.circuit_record("c", CB, failure=failure, trial=adm_b.trial),
+                    )
+                )
+        sync.budget_record_now("b", 10.0, False)
+        await b.budget_record("b", window=10.0, retry=False)
+        answers.append(
+            (
+                sync.budget_try_retry_now("b", 10.0, 0.2, 0.0),
+                await b.budget_try_retry("b", window=10.0, ratio=0.2, min_per_second=0.0),
+            )
+        )
+        if step == 50:
+            await a.pause("r", 2.0)
+            await b.pause("r", 2.0)
+        clock.advance(0.37)
+    assert all(x == y for x, y in answers), [p for p in answers if p[0] != p[1]][:3]
+    assert {type(x).__name__ for x, _ in answers} >= {"RateDecision", "CircuitAdmission", "CircuitTransition"}
+
+
+async def test_window_running_totals_equal_the_bucket_sums(clock: FakeClock) -> None:
+    from proxy.state.memory_limits import _Window
+
+    w = _Window(1.0)
+    for step in range(500):
+        w.add(clock.now(), 1, step % 2)
+        clock.advance(0.13 * (step % 5))
+        total, failures = w.totals(clock.now())
+        assert total == sum(c[0] for c in w.buckets.values())
+        assert failures == sum(c[1] for c in w.buckets.values())
+    clock.advance(100)
+    assert w.totals(clock.now()) == (0, 0) and w.empty(clock.now())

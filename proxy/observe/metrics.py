@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from proxy.events import (
     AttemptFinished,
@@ -43,6 +47,11 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Admissions without any wait (most calls through a rate limit far above its load)
+        # are counted here, by upstream, and folded into `rl_wait` when the registry is
+        # collected: registered before `rl_wait`, so it runs first on every collection.
+        self._zero_waits: dict[str, int] = {}
+        r.register(_Flush(self._flush_zero_waits))
         self.requests = Counter(
             "egressd_requests",
             "Calls answered, by upstream, status and outcome.",
@@ -90,44 +99,79 @@ class Metrics:
         self._attempts: dict[tuple[str, str], Counter] = {}
         self._waits: dict[str, Histogram] = {}
 
+        # Handlers by event type (one dict lookup instead of a chain of isinstance checks).
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            CallFinished: self._call_finished,
+            AttemptFinished: self._attempt_finished,
+            RetryScheduled: lambda e: self.retries.labels(e.upstream, e.reason).inc(),
+            RetrySkipped: lambda e: self.retries_skipped.labels(e.upstream, e.reason).inc(),
+            CircuitChanged: lambda e: self.circuit.labels(e.upstream).set(CIRCUIT_VALUE.get(e.state, 0)),
+            RateLimitWaited: self._rate_limit_waited,
+            RateLimited: lambda e: self.rate_limited.labels(e.upstream).inc(),
+            CacheResult: lambda e: self.cache.labels(e.upstream, e.result).inc(),
+            FailoverResult: lambda e: self.failovers.labels(e.source, e.target, e.result).inc(),
+            ConfigReloaded: lambda e: self.reloads.labels(e.result).inc(),
+            StateBackendError: lambda e: self.backend_errors.labels(e.backend).inc(),
+        }
+
     def __call__(self, event: Event) -> None:
-        if isinstance(event, CallFinished):
-            key = (event.route, event.status, event.outcome)
-            counter = self._requests.get(key)
-            if counter is None:
-                counter = self._requests[key] = self.requests.labels(event.route, str(event.status), event.outcome)
-            counter.inc()
-            histogram = self._durations.get(event.route)
-            if histogram is None:
-                histogram = self._durations[event.route] = self.duration.labels(event.route)
-            histogram.observe(event.duration)
-        elif isinstance(event, AttemptFinished):
-            akey = (event.upstream, event.result)
-            attempts = self._attempts.get(akey)
-            if attempts is None:
-                attempts = self._attempts[akey] = self.attempts.labels(event.upstream, event.result)
-            attempts.inc()
-        elif isinstance(event, RetryScheduled):
-            self.retries.labels(event.upstream, event.reason).inc()
-        elif isinstance(event, RetrySkipped):
-            self.retries_skipped.labels(event.upstream, event.reason).inc()
-        elif isinstance(event, CircuitChanged):
-            self.circuit.labels(event.upstream).set(CIRCUIT_VALUE.get(event.state, 0))
-        elif isinstance(event, RateLimitWaited):
-            wait = self._waits.get(event.upstream)
+        if type(event) is RateLimitWaited and event.seconds == 0.0:  # most admitted calls
+            zero = self._zero_waits
+            zero[event.upstream] = zero.get(event.upstream, 0) + 1
+            return
+        handler = self._handlers.get(type(event))
+        if handler is None:
+            # A subclass of an event type (or a type nobody handles): resolve once.
+            handler = next((h for t, h in self._handlers.items() if isinstance(event, t)), _ignore)
+            self._handlers[type(event)] = handler
+        handler(event)
+
+    def _call_finished(self, event: CallFinished) -> None:
+        key = (event.route, event.status, event.outcome)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.requests.labels(event.route, str(event.status), event.outcome)
+        counter.inc()
+        histogram = self._durations.get(event.route)
+        if histogram is None:
+            histogram = self._durations[event.route] = self.duration.labels(event.route)
+        histogram.observe(event.duration)
+
+    def _attempt_finished(self, event: AttemptFinished) -> None:
+        akey = (event.upstream, event.result)
+        attempts = self._attempts.get(akey)
+        if attempts is None:
+            attempts = self._attempts[akey] = self.attempts.labels(event.upstream, event.result)
+        attempts.inc()
+
+    def _rate_limit_waited(self, event: RateLimitWaited) -> None:
+        if event.seconds == 0.0:
+            zero = self._zero_waits
+            zero[event.upstream] = zero.get(event.upstream, 0) + 1
+            return
+        wait = self._waits.get(event.upstream)
+        if wait is None:
+            wait = self._waits[event.upstream] = self.rl_wait.labels(event.upstream)
+        wait.observe(event.seconds)
+
+    def _flush_zero_waits(self) -> None:
+        """Fold the counted zero waits into the histogram (as `observe(0.0)` each would)."""
+        if not self._zero_waits:
+            return
+        pending, self._zero_waits = self._zero_waits, {}
+        for upstream, n in pending.items():
+            wait = self._waits.get(upstream)
             if wait is None:
-                wait = self._waits[event.upstream] = self.rl_wait.labels(event.upstream)
-            wait.observe(event.seconds)
-        elif isinstance(event, RateLimited):
-            self.rate_limited.labels(event.upstream).inc()
-        elif isinstance(event, CacheResult):
-            self.cache.labels(event.upstream, event.result).inc()
-        elif isinstance(event, FailoverResult):
-            self.failovers.labels(event.source, event.target, event.result).inc()
-        elif isinstance(event, ConfigReloaded):
-            self.reloads.labels(event.result).inc()
-        elif isinstance(event, StateBackendError):
-            self.backend_errors.labels(event.backend).inc()
+                wait = self._waits[upstream] = self.rl_wait.labels(upstream)
+            buckets = getattr(wait, "_buckets", None)
+            bounds = getattr(wait, "_upper_bounds", None)
+            if buckets is None or bounds is None or len(buckets) != len(bounds):
+                for _ in range(n):  # not the prometheus_client layout this was written for
+                    wait.observe(0.0)
+                continue
+            # observe(0.0): the sum gains nothing, the first bucket whose bound is >= 0 one.
+            index = next(i for i, bound in enumerate(bounds) if 0.0 <= bound)
+            buckets[index].inc(n)
 
     def declare_upstream(self, name: str) -> None:
         """Make an upstream's series visible at 0 before its first call."""
@@ -135,3 +179,21 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _ignore(event: Event) -> None:
+    return None
+
+
+class _Flush:
+    """A collector that exports nothing and runs `flush` whenever the registry is collected."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+
+    def collect(self) -> Iterable[Metric]:
+        self._flush()
+        return ()
+
+    def describe(self) -> Iterable[Metric]:
+        return ()

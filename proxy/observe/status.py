@@ -79,11 +79,12 @@ class RecentCounter:
 
     def add(self, now: float, n: int = 1) -> None:
         second = int(now)
-        if self.buckets and self.buckets[-1][0] == second:
-            self.buckets[-1][1] += n
+        buckets = self.buckets
+        if buckets and buckets[-1][0] == second:
+            buckets[-1][1] += n  # nothing new to prune since this bucket began (count() prunes)
         else:
-            self.buckets.append([second, n])
-        self._prune(now)
+            buckets.append([second, n])
+            self._prune(now)
 
     def count(self, now: float, seconds: float | None = None) -> int:
         self._prune(now)
@@ -148,6 +149,18 @@ class StatusBoard:
         return st
 
     def __call__(self, event: Event) -> None:
+        # Every call through a rate limit brings a RateLimitWaited: handled first, briefly.
+        if type(event) is RateLimitWaited:
+            st = self.upstreams.get(event.upstream)
+            if st is None:
+                st = self._get(event.upstream)
+            st.admitted.add(time.monotonic())
+            if event.seconds > 0:
+                st.rate_waited += 1
+            return
+        self._other(event)
+
+    def _other(self, event: Event) -> None:
         now = time.monotonic()
         if isinstance(event, CallFinished):
             if event.route == "-":

@@ -10,13 +10,13 @@ The state lives in the state backend (one circuit for every replica with Redis).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from proxy.errors import ProxyError
 from proxy.events import CircuitChanged
 from proxy.model import Call, Response
 from proxy.pipeline import Handler, StageContext
-from proxy.state.base import CircuitSettings, state_key
+from proxy.state.base import CircuitAdmission, CircuitSettings, StateBackend, SyncLimits, state_key, sync_limits
 
 if TYPE_CHECKING:
     from proxy.config.schema import CircuitBreaker
@@ -43,18 +43,47 @@ class CircuitStage:
         # The last state this stage saw; None until the first observation, so that a
         # rebuilt stage (reload) does not report a change it did not witness.
         self._seen: str | None = None
+        # The backend's synchronous face (memory), looked up again whenever ctx.state is
+        # another object than last time.
+        self._state: StateBackend | None = None
+        self._sync: SyncLimits | None = None
 
     async def __call__(self, call: Call, nxt: Handler) -> Response:
         state = self.ctx.state
+        if state is not self._state:
+            self._state, self._sync = state, sync_limits(state)
+        sync = self._sync
+        if sync is None:
+            return await self._call_async(state, call, nxt)
+        # In-process state: the same steps as `_call_async`, without the coroutines.
+        key, settings = self.key, self.settings
+        admission = sync.circuit_admit_now(key, settings)
+        if admission.state != self._seen:
+            self._observe(admission.state)
+        if not admission.allowed:
+            self._refuse(admission)
+        verdict: bool | None = None  # True: failure, False: success, None: no verdict
+        try:
+            response = await nxt(call)
+            verdict = response.status >= 500
+            return response
+        except ProxyError as exc:
+            if exc.code in FAILURE_CODES:
+                verdict = True
+            raise
+        finally:
+            if verdict is not None:
+                transition = sync.circuit_record_now(key, settings, verdict, admission.trial)
+                if transition.after != transition.before:
+                    self._changed(transition.before, transition.after)
+            elif admission.trial:
+                sync.circuit_release_now(key, settings)
+
+    async def _call_async(self, state: StateBackend, call: Call, nxt: Handler) -> Response:
         admission = await state.circuit_admit(self.key, self.settings)
         self._observe(admission.state)
         if not admission.allowed:
-            raise ProxyError(
-                "circuit_open",
-                f"circuit of upstream {self.upstream} is {admission.state.replace('_', '-')}",
-                retry_after=admission.retry_after,
-                detail=admission.state,
-            )
+            self._refuse(admission)
         verdict: bool | None = None  # True: failure, False: success, None: no verdict
         try:
             response = await nxt(call)
@@ -71,6 +100,14 @@ class CircuitStage:
                     self._changed(transition.before, transition.after)
             elif admission.trial:
                 await state.circuit_release(self.key, self.settings)
+
+    def _refuse(self, admission: CircuitAdmission) -> NoReturn:
+        raise ProxyError(
+            "circuit_open",
+            f"circuit of upstream {self.upstream} is {admission.state.replace('_', '-')}",
+            retry_after=admission.retry_after,
+            detail=admission.state,
+        )
 
     def _observe(self, current: str) -> None:
         if self._seen is not None and current != self._seen:

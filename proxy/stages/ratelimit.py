@@ -22,7 +22,7 @@ from proxy.events import RateLimited, RateLimitWaited, UpstreamPaused
 from proxy.model import Call, Response
 from proxy.pipeline import Handler, StageContext
 from proxy.stages.retry import parse_retry_after
-from proxy.state.base import state_key
+from proxy.state.base import StateBackend, SyncLimits, state_key, sync_limits
 
 if TYPE_CHECKING:
     from proxy.config.schema import RateLimit
@@ -88,42 +88,94 @@ class RateLimitStage:
         # `shared: false` keeps the budget in this process even when --redis is on; an
         # upstream's pause (respect_upstream) is still shared through ctx.state.
         self.limiter = ctx.state if rl.shared else getattr(ctx.state, "local", ctx.state)
+        # Synchronous faces (memory backends) for the hot path; None: async protocol only.
+        self._take_sync: SyncLimits | None = sync_limits(self.limiter)
+        self._state: StateBackend | None = None  # ctx.state as of the last call
+        self._pause_sync: SyncLimits | None = None
+        self._admitted_at_once = RateLimitWaited(self.upstream, 0.0)  # immutable: sent again and again
 
     async def __call__(self, call: Call, nxt: Handler) -> Response:
-        await self._admit(call)
+        take = self._take_sync
+        if take is None:
+            await self._admit(call, self.ctx.clock.now())
+        else:
+            # The limiter is in process memory: a caller that is neither paused nor queued
+            # is admitted with plain calls; any other case goes on in `_admit`.
+            state = self.ctx.state
+            if state is not self._state:
+                self._state, self._pause_sync = state, sync_limits(state)
+            pause = self._pause_sync
+            paused = pause.paused_for_now(self.key) if pause is not None else await state.paused_for(self.key)
+            start = self.ctx.clock.now()
+            if paused > 0:
+                await self._admit(call, start, paused=paused)
+            else:
+                reserved = self._take_now(call, take, start)
+                if reserved > 0:
+                    await self._admit(call, start, reserved=reserved)
+                else:
+                    self.ctx.events.emit(self._admitted_at_once)
         response = await nxt(call)
         if self.respect_upstream:
-            wait = upstream_wait(response.status, response.headers, self.ctx.clock.wall())
-            if wait is not None:
-                wait = min(wait, self.max_pause)
-                await self.ctx.state.pause(self.key, wait)
-                self.ctx.events.emit(UpstreamPaused(self.upstream, wait))
+            headers = response.headers
+            # upstream_wait() is None unless one of these holds (skips the clock otherwise).
+            if response.status == 429 or _REMAINING_HEADERS[0] in headers or _REMAINING_HEADERS[1] in headers:
+                wait = upstream_wait(response.status, headers, self.ctx.clock.wall())
+                if wait is not None:
+                    wait = min(wait, self.max_pause)
+                    await self.ctx.state.pause(self.key, wait)
+                    self.ctx.events.emit(UpstreamPaused(self.upstream, wait))
         return response
 
-    async def _admit(self, call: Call) -> None:
+    def _take_now(self, call: Call, take: SyncLimits, start: float) -> float:
+        """One GCRA take from a limiter in memory for a caller that found no pause at
+        `start`: the wait of the slot it got (0: go now); raises when refused."""
+        max_wait = self.max_wait
+        full = max_wait > 0 and self.waiting >= self.max_size
+        if full:
+            room = 0.0
+        else:
+            room = min(start + max_wait, call.deadline) - start
+            if room < 0.0:
+                room = 0.0
+        decision = take.rate_take_now(self.key, self.interval, self.burst, room)
+        if not decision.allowed:
+            self._reject("queue_full" if full else "max_wait", decision.wait)
+        return decision.wait
+
+    async def _admit(
+        self, call: Call, start: float, *, paused: float | None = None, reserved: float | None = None
+    ) -> None:
+        """Admit a caller that arrived at `start`, queueing it if need be. `paused`: the pause
+        it already found; `reserved`: the wait of the slot it already holds."""
         clock, state = self.ctx.clock, self.ctx.state
-        start = clock.now()
         # The latest moment this caller may still be waiting in the queue.
         give_up = min(start + self.max_wait, call.deadline)
         while True:
-            paused = await state.paused_for(self.key)
-            if paused > 0:
-                if self.max_wait <= 0 or clock.now() + paused > give_up + _EPS:
-                    self._reject("paused", paused)
-                if self.waiting >= self.max_size:
-                    self._reject("queue_full", paused)
-                await self._sleep(paused)
-                continue
-            full = self.max_wait > 0 and self.waiting >= self.max_size
-            room = 0.0 if full else max(give_up - clock.now(), 0.0)
-            decision = await self.limiter.rate_take(
-                self.key, interval=self.interval, burst=self.burst, max_wait=room
-            )
-            if not decision.allowed:
-                self._reject("queue_full" if full else "max_wait", decision.wait)
-            if decision.wait <= 0:
-                break
-            await self._sleep(decision.wait)
+            if reserved is None:
+                if paused is None:
+                    paused = await state.paused_for(self.key)
+                if paused > 0:
+                    if self.max_wait <= 0 or clock.now() + paused > give_up + _EPS:
+                        self._reject("paused", paused)
+                    if self.waiting >= self.max_size:
+                        self._reject("queue_full", paused)
+                    await self._sleep(paused)
+                    paused = None
+                    continue
+                paused = None
+                full = self.max_wait > 0 and self.waiting >= self.max_size
+                room = 0.0 if full else max(give_up - clock.now(), 0.0)
+                decision = await self.limiter.rate_take(
+                    self.key, interval=self.interval, burst=self.burst, max_wait=room
+                )
+                if not decision.allowed:
+                    self._reject("queue_full" if full else "max_wait", decision.wait)
+                if decision.wait <= 0:
+                    break
+                reserved = decision.wait
+            await self._sleep(reserved)
+            reserved = None
             # A pause that began while this caller waited holds it too (its slot is lost).
             if await state.paused_for(self.key) <= 0:
                 break

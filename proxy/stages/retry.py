@@ -25,7 +25,7 @@ from proxy.errors import ProxyError
 from proxy.events import RetryScheduled, RetrySkipped
 from proxy.model import Call, Response, unsafe_method
 from proxy.pipeline import Handler, StageContext
-from proxy.state.base import state_key
+from proxy.state.base import StateBackend, SyncLimits, state_key, sync_limits
 
 if TYPE_CHECKING:
     from proxy.config.schema import Retry
@@ -108,12 +108,16 @@ class RetryStage:
         self.max_body = ctx.policy.limits.max_body
         self.budget_key = state_key(ctx.policy.upstream, "budget", ctx.policy.fingerprint("retry"))
         self.rng = random.Random()
+        self._state: StateBackend | None = None  # ctx.state as of the last budget operation
+        self._sync: SyncLimits | None = None
+        self._may_retry = retry.attempts > 1
+        self._budget_settings = retry.budget
 
     # -- what is retryable -----------------------------------------------------------------
     def _reason(self, result: Response | ProxyError) -> str | None:
         """Why this result deserves a retry (status or error word), or None."""
         if isinstance(result, Response):
-            if result.status in self.on_status or (_should_retry(result) == "true" and result.status >= 400):
+            if result.status in self.on_status or (result.status >= 400 and _should_retry(result) == "true"):
                 return str(result.status)
             return None
         words = _ERROR_WORD.get(result.code, ())
@@ -145,28 +149,41 @@ class RetryStage:
 
     # -- the loop --------------------------------------------------------------------------
     async def __call__(self, call: Call, nxt: Handler) -> Response:
-        retry = self.retry
         body = call.body
-        if retry.attempts > 1 and not body.replayable and body.length is not None and body.length <= self.max_body:
+        if self._may_retry and not body.replayable and body.length is not None and body.length <= self.max_body:
             await body.read()  # small enough to keep: makes the call replayable
-        budget = retry.budget
-        state = self.ctx.state
+        budget = self._budget_settings
         if budget is not None:
-            await state.budget_record(self.budget_key, window=budget.window, retry=False)
+            state = self.ctx.state
+            if state is not self._state:
+                self._state, self._sync = state, sync_limits(state)
+            sync = self._sync
+            if sync is not None:
+                sync.budget_record_now(self.budget_key, budget.window, False)
+            else:
+                await state.budget_record(self.budget_key, window=budget.window, retry=False)
 
-        attempt = 0
+        result: Response | ProxyError
+        try:
+            result = await nxt(call)
+        except ProxyError as exc:
+            result = exc
+        # The common case: an answer no status rule or `Stripe-Should-Retry` can make
+        # retryable (`_reason` is None for it), so there is nothing to decide.
+        if type(result) is Response and result.status < 400 and result.status not in self.on_status:
+            result.attempts = 1
+            return result
+        attempt = 1
         while True:
+            skip = await self._why_not_retry(call, result, attempt)
+            if not isinstance(skip, float):
+                return self._finish(result, attempt, skip)
+            await self._before_retry(result, skip)
             attempt += 1
-            result: Response | ProxyError
             try:
                 result = await nxt(call)
             except ProxyError as exc:
                 result = exc
-            skip = await self._why_not_retry(call, result, attempt)
-            if isinstance(skip, float):
-                await self._before_retry(result, skip)
-                continue
-            return self._finish(result, attempt, skip)
 
     async def _why_not_retry(self, call: Call, result: Response | ProxyError, attempt: int) -> float | str | None:
         """The delay before the next try (float), or why not to retry (str), or None."""
@@ -201,12 +218,19 @@ class RetryStage:
         if budget is not None:
             # One atomic check-and-take: concurrent callers cannot all pass the check
             # before any of them records its retry.
-            allowed = await self.ctx.state.budget_try_retry(
-                self.budget_key,
-                window=budget.window,
-                ratio=budget.ratio,
-                min_per_second=budget.min_per_second,
-            )
+            state = self.ctx.state
+            if state is not self._state:
+                self._state, self._sync = state, sync_limits(state)
+            sync = self._sync
+            if sync is not None:
+                allowed = sync.budget_try_retry_now(self.budget_key, budget.window, budget.ratio, budget.min_per_second)
+            else:
+                allowed = await state.budget_try_retry(
+                    self.budget_key,
+                    window=budget.window,
+                    ratio=budget.ratio,
+                    min_per_second=budget.min_per_second,
+                )
             if not allowed:
                 return "budget"
         self.ctx.events.emit(RetryScheduled(self.upstream, reason, delay))

@@ -86,6 +86,39 @@ class IdempotencyClaim:
     response: StoredResponse | None = None
 
 
+class SyncLimits(Protocol):
+    """Optional: the limit operations of an in-process backend as plain calls.
+
+    A backend whose limit operations never wait (memory) may expose this as its
+    `sync_limits` attribute (None or absent otherwise); each `*_now` method is exactly the
+    async `StateBackend` operation of the same name, without the coroutine. The stages
+    look it up and use it on their hot path; a backend without it (Redis, the resilient
+    wrapper) is always called through the async protocol.
+    """
+
+    def rate_take_now(self, key: str, interval: float, burst: int, max_wait: float) -> RateDecision: ...
+
+    def paused_for_now(self, key: str) -> float: ...
+
+    def budget_record_now(self, key: str, window: float, retry: bool) -> None: ...
+
+    def budget_try_retry_now(self, key: str, window: float, ratio: float, min_per_second: float) -> bool: ...
+
+    def circuit_admit_now(self, key: str, settings: CircuitSettings) -> CircuitAdmission: ...
+
+    def circuit_record_now(
+        self, key: str, settings: CircuitSettings, failure: bool, trial: bool
+    ) -> CircuitTransition: ...
+
+    def circuit_release_now(self, key: str, settings: CircuitSettings) -> None: ...
+
+
+def sync_limits(state: object) -> SyncLimits | None:
+    """The synchronous limit operations of `state`, or None when it only has the async ones."""
+    found: SyncLimits | None = getattr(state, "sync_limits", None)
+    return found
+
+
 class StateBackend(Protocol):
     name: str
 

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 from proxy.clock import Clock
-from proxy.state.base import CircuitAdmission, CircuitSettings, CircuitTransition, RateDecision
+from proxy.state.base import CircuitAdmission, CircuitSettings, CircuitTransition, RateDecision, SyncLimits
 
 # Sliding windows (retry budget, circuit breaker) are kept as this many buckets of
 # window/BUCKETS seconds each: memory per key is constant whatever the request rate,
@@ -34,27 +34,42 @@ _EPS = 1e-9
 
 @dataclass(slots=True)
 class _Window:
-    """Counts in buckets of `width` seconds; bucket index = floor(now / width)."""
+    """Counts in buckets of `width` seconds; bucket index = floor(now / width).
+
+    `total_a` / `total_b` are the running sums over the buckets held (kept up to date by
+    `add` and `_prune`), so reading the totals costs nothing whatever the traffic.
+    """
 
     width: float
     buckets: dict[int, list[int]] = field(default_factory=dict)  # index -> [a, b]
+    total_a: int = 0
+    total_b: int = 0
+    pruned_at: int | None = None  # the bucket index of the last prune
 
     def _prune(self, now: float) -> int:
         current = math.floor(now / self.width)
-        oldest = current - BUCKETS + 1
-        for index in [i for i in self.buckets if i < oldest]:
-            del self.buckets[index]
+        if current != self.pruned_at:  # within one bucket nothing more can slide out
+            self.pruned_at = current
+            oldest = current - BUCKETS + 1
+            for index in [i for i in self.buckets if i < oldest]:
+                counts = self.buckets.pop(index)
+                self.total_a -= counts[0]
+                self.total_b -= counts[1]
         return current
 
     def add(self, now: float, a: int, b: int) -> None:
         current = self._prune(now)
-        counts = self.buckets.setdefault(current, [0, 0])
+        counts = self.buckets.get(current)
+        if counts is None:
+            counts = self.buckets[current] = [0, 0]
         counts[0] += a
         counts[1] += b
+        self.total_a += a
+        self.total_b += b
 
     def totals(self, now: float) -> tuple[int, int]:
         self._prune(now)
-        return sum(c[0] for c in self.buckets.values()), sum(c[1] for c in self.buckets.values())
+        return self.total_a, self.total_b
 
     def empty(self, now: float) -> bool:
         self._prune(now)
@@ -106,8 +121,24 @@ class MemoryLimits:
         """How many records are held (for tests and the status page)."""
         return len(self._tat) + len(self._pauses) + len(self._budgets) + len(self._circuits)
 
+    # -- the synchronous face ---------------------------------------------------------------
+    @property
+    def sync_limits(self) -> SyncLimits | None:
+        """This backend as plain (non-async) calls, for the stages' in-process fast path.
+
+        Each `*_now` method below is the whole operation (the async protocol methods only
+        wrap them), so a stage may call it directly instead of awaiting a coroutine. None
+        when a subclass overrides an async operation (e.g. a test double that yields in
+        it): then only the async protocol tells the whole story.
+        """
+        cls = type(self)
+        for name in _ASYNC_OPERATIONS:
+            if getattr(cls, name) is not getattr(MemoryLimits, name):
+                return None
+        return self
+
     # -- rate limiting (GCRA) --------------------------------------------------------------
-    async def rate_take(self, key: str, *, interval: float, burst: int, max_wait: float) -> RateDecision:
+    def rate_take_now(self, key: str, interval: float, burst: int, max_wait: float) -> RateDecision:
         """GCRA with emission interval `interval` and `burst` calls allowed back to back.
 
         TAT (theoretical arrival time) is stored per key. A call may go at
@@ -116,14 +147,22 @@ class MemoryLimits:
         caller therefore always gets a later slot (FIFO). Otherwise nothing changes.
         """
         now = self.clock.now()
-        self._maybe_sweep(now)
-        tolerance = max(burst - 1, 0) * interval
-        tat = max(self._tat.get(key, now), now)
-        wait = max(tat - tolerance - now, 0.0)
+        if now - self._last_sweep >= SWEEP_EVERY:
+            self._maybe_sweep(now)
+        tolerance = (burst - 1) * interval if burst > 1 else 0.0
+        tat = self._tat.get(key, now)
+        if tat < now:
+            tat = now
+        wait = tat - tolerance - now
+        if wait < 0.0:
+            wait = 0.0
         if wait <= max_wait + _EPS:
             self._tat[key] = tat + interval
-            return RateDecision(True, wait)
+            return _ADMIT_NOW if wait == 0.0 else RateDecision(True, wait)
         return RateDecision(False, wait)
+
+    async def rate_take(self, key: str, *, interval: float, burst: int, max_wait: float) -> RateDecision:
+        return self.rate_take_now(key, interval, burst, max_wait)
 
     async def pause(self, key: str, seconds: float) -> None:
         if seconds <= 0:
@@ -134,7 +173,7 @@ class MemoryLimits:
         if until > self._pauses.get(key, 0.0):
             self._pauses[key] = until
 
-    async def paused_for(self, key: str) -> float:
+    def paused_for_now(self, key: str) -> float:
         until = self._pauses.get(key)
         if until is None:
             return 0.0
@@ -144,6 +183,9 @@ class MemoryLimits:
             return 0.0
         return left
 
+    async def paused_for(self, key: str) -> float:
+        return self.paused_for_now(key)
+
     # -- retry budget ----------------------------------------------------------------------
     def _budget(self, key: str, window: float) -> _Window:
         width = window / BUCKETS
@@ -152,13 +194,16 @@ class MemoryLimits:
             w = self._budgets[key] = _Window(width)
         return w
 
-    async def budget_record(self, key: str, *, window: float, retry: bool) -> None:
+    def budget_record_now(self, key: str, window: float, retry: bool) -> None:
         now = self.clock.now()
         self._maybe_sweep(now)
         # [requests, retries]
         self._budget(key, window).add(now, 0 if retry else 1, 1 if retry else 0)
 
-    async def budget_try_retry(self, key: str, *, window: float, ratio: float, min_per_second: float) -> bool:
+    async def budget_record(self, key: str, *, window: float, retry: bool) -> None:
+        self.budget_record_now(key, window, retry)
+
+    def budget_try_retry_now(self, key: str, window: float, ratio: float, min_per_second: float) -> bool:
         """Take one retry from the budget if retries in the window stay under
         `ratio * requests + min_per_second * window`; True when taken (and recorded)."""
         now = self.clock.now()
@@ -170,8 +215,11 @@ class MemoryLimits:
         self._budget(key, window).add(now, 0, 1)
         return True
 
+    async def budget_try_retry(self, key: str, *, window: float, ratio: float, min_per_second: float) -> bool:
+        return self.budget_try_retry_now(key, window, ratio, min_per_second)
+
     # -- circuit breaker -------------------------------------------------------------------
-    async def circuit_admit(self, key: str, settings: CircuitSettings) -> CircuitAdmission:
+    def circuit_admit_now(self, key: str, settings: CircuitSettings) -> CircuitAdmission:
         """closed: admit. open: refuse until `open_for` is over, then turn half-open.
 
         half_open: hand out exactly `half_open_requests` trial slots; extra callers are
@@ -179,10 +227,11 @@ class MemoryLimits:
         vanished), the unanswered slots are handed out again.
         """
         now = self.clock.now()
-        self._maybe_sweep(now)
+        if now - self._last_sweep >= SWEEP_EVERY:
+            self._maybe_sweep(now)
         c = self._circuits.get(key)
         if c is None or c.state == "closed":
-            return CircuitAdmission(True, "closed", False, 0.0)
+            return _ADMIT_CLOSED
         if c.state == "open":
             if now < c.open_until:
                 return CircuitAdmission(False, "open", False, c.open_until - now)
@@ -197,9 +246,10 @@ class MemoryLimits:
             return CircuitAdmission(True, "half_open", True, 0.0)
         return CircuitAdmission(False, "half_open", False, HALF_OPEN_RETRY_AFTER)
 
-    async def circuit_record(
-        self, key: str, settings: CircuitSettings, *, failure: bool, trial: bool
-    ) -> CircuitTransition:
+    async def circuit_admit(self, key: str, settings: CircuitSettings) -> CircuitAdmission:
+        return self.circuit_admit_now(key, settings)
+
+    def circuit_record_now(self, key: str, settings: CircuitSettings, failure: bool, trial: bool) -> CircuitTransition:
         """Count one result. Trials decide a half-open circuit; others feed the window.
 
         Results that arrive in a state they were not admitted in (a slow call admitted
@@ -207,14 +257,15 @@ class MemoryLimits:
         trial reopened the circuit) are ignored.
         """
         now = self.clock.now()
-        self._maybe_sweep(now)
+        if now - self._last_sweep >= SWEEP_EVERY:
+            self._maybe_sweep(now)
         c = self._circuits.get(key)
         if c is None:
             c = self._circuits[key] = _Circuit()
         before = c.state
         if trial:
-            if c.state != "half_open":
-                return CircuitTransition(before, before)
+            if before != "half_open":
+                return _UNCHANGED[before]
             if failure:
                 _open(c, now, settings)
             else:
@@ -224,22 +275,31 @@ class MemoryLimits:
                     c.window = None  # a fresh window
                     c.trials_admitted = c.trials_passed = 0
             return CircuitTransition(before, c.state)
-        if c.state != "closed":
-            return CircuitTransition(before, before)
-        width = settings.window / BUCKETS
-        if c.window is None or c.window.width != width:
-            c.window = _Window(width)
-        c.window.add(now, 1, 1 if failure else 0)  # [total, failures]
-        total, failures = c.window.totals(now)
+        if before != "closed":
+            return _UNCHANGED[before]
+        w = c.window
+        if w is None or w.width != settings.window / BUCKETS:
+            w = c.window = _Window(settings.window / BUCKETS)
+        w.add(now, 1, 1 if failure else 0)  # [total, failures]; add() prunes, so the sums are current
+        total, failures = w.total_a, w.total_b
         if total >= settings.min_requests and failures >= settings.failure_rate * total - _EPS:
             _open(c, now, settings)
-        return CircuitTransition(before, c.state)
+            return CircuitTransition(before, c.state)
+        return _UNCHANGED_CLOSED
 
-    async def circuit_release(self, key: str, settings: CircuitSettings) -> None:
+    async def circuit_record(
+        self, key: str, settings: CircuitSettings, *, failure: bool, trial: bool
+    ) -> CircuitTransition:
+        return self.circuit_record_now(key, settings, failure, trial)
+
+    def circuit_release_now(self, key: str, settings: CircuitSettings) -> None:
         """Give back a half-open trial slot whose call ended without a verdict."""
         c = self._circuits.get(key)
         if c is not None and c.state == "half_open" and c.trials_admitted > c.trials_passed:
             c.trials_admitted -= 1
+
+    async def circuit_release(self, key: str, settings: CircuitSettings) -> None:
+        self.circuit_release_now(key, settings)
 
     async def circuit_state(self, key: str, settings: CircuitSettings) -> str:
         """The state a caller would meet now (an open circuit past `open_for` reads half_open)."""
@@ -249,6 +309,24 @@ class MemoryLimits:
         if c.state == "open" and self.clock.now() >= c.open_until:
             return "half_open"
         return c.state
+
+
+# Shared immutable answers for the common cases (the values are frozen dataclasses).
+_ADMIT_NOW = RateDecision(True, 0.0)
+_ADMIT_CLOSED = CircuitAdmission(True, "closed", False, 0.0)
+_UNCHANGED = {s: CircuitTransition(s, s) for s in ("closed", "open", "half_open")}
+_UNCHANGED_CLOSED = _UNCHANGED["closed"]
+_ASYNC_OPERATIONS = (
+    "rate_take",
+    "pause",
+    "paused_for",
+    "budget_record",
+    "budget_try_retry",
+    "circuit_admit",
+    "circuit_record",
+    "circuit_release",
+    "circuit_state",
+)
 
 
 def _open(c: _Circuit, now: float, settings: CircuitSettings) -> None:
