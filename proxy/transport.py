@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -261,16 +262,12 @@ class Transport:
         except BaseException as exc:
             if resp is not None:
                 resp.close()
-            if sent_body_error and isinstance(sent_body_error[0], ProxyError):
-                raise sent_body_error[0] from exc
-            if isinstance(exc, asyncio.CancelledError):
+            failure = self._failed(
+                call, exc, sent_body_error, started, functools.partial(self._map_lean_error, exc, budget)
+            )
+            if failure is exc:
                 raise
-            err = self._map_lean_error(exc, budget)
-            self._attempt_event(err.detail or "error", None, started)
-            attempt_log = call.attr("egressd.attempt_log")  # read by the failover stage
-            if isinstance(attempt_log, list):
-                attempt_log.append(err.detail or "error")
-            raise err from exc
+            raise failure from exc
         self._attempt_event(_status_class(status), status, started)
         out_headers = strip_hop_by_hop(resp.headers, drop=("content-length",) if payload is not None else ())
         if payload is not None:
@@ -350,9 +347,7 @@ class Transport:
         # aiohttp's own timers bound the try: `sock_read` (the attempt timeout) fires when the
         # upstream sends nothing for that long, before or between answer bytes; `total` is
         # what is left of the call's deadline and also bounds a streamed answer.
-        timeout = aiohttp.ClientTimeout(
-            total=call.deadline - started, connect=self._connect_timeout, sock_read=budget
-        )
+        timeout = aiohttp.ClientTimeout(total=call.deadline - started, connect=self._connect_timeout, sock_read=budget)
         try:
             resp = await self.session().request(
                 call.method, url, headers=headers, data=data, allow_redirects=False, compress=False, timeout=timeout
@@ -370,16 +365,10 @@ class Transport:
         except BaseException as exc:
             if resp is not None:
                 resp.close()
-            if sent_body_error and isinstance(sent_body_error[0], ProxyError):
-                raise sent_body_error[0] from exc
-            if isinstance(exc, asyncio.CancelledError):
+            failure = self._failed(call, exc, sent_body_error, started, functools.partial(self._map_error, exc, budget))
+            if failure is exc:
                 raise
-            err = self._map_error(exc, budget)
-            self._attempt_event(err.detail or "error", None, started)
-            attempt_log = call.attr("egressd.attempt_log")  # read by the failover stage
-            if isinstance(attempt_log, list):
-                attempt_log.append(err.detail or "error")
-            raise err from exc
+            raise failure from exc
         assert resp is not None
         self._attempt_event(_status_class(resp.status), resp.status, started)
         out_headers = strip_hop_by_hop(resp.headers, drop=("content-length",) if payload is not None else ())
@@ -432,6 +421,27 @@ class Transport:
             return ProxyError("upstream_unreachable", f"connection to upstream {name} was reset", detail="reset")
         log.exception("unexpected transport failure for %s", name)
         return ProxyError("upstream_unreachable", f"upstream {name} failed", detail="protocol_error")
+
+    def _failed(
+        self,
+        call: Call,
+        exc: BaseException,
+        body_errors: list[BaseException],
+        started: float,
+        mapped: Callable[[], ProxyError],
+    ) -> BaseException:
+        """What a failed try raises: the request body's own error (413), a cancellation
+        as it is, or the transport failure mapped to a ProxyError, counted and logged."""
+        if body_errors and isinstance(body_errors[0], ProxyError):
+            return body_errors[0]
+        if isinstance(exc, asyncio.CancelledError):
+            return exc
+        err = mapped()
+        self._attempt_event(err.detail or "error", None, started)
+        attempt_log = call.attr("egressd.attempt_log")  # read by the failover stage
+        if isinstance(attempt_log, list):
+            attempt_log.append(err.detail or "error")
+        return err
 
     def _attempt_event(self, result: str, status: int | None, started: float) -> None:
         self.events.emit(AttemptFinished(self.name, result, status, self.clock.now() - started))
