@@ -471,3 +471,30 @@ async def test_a_success_between_timeouts_resets_the_count() -> None:
         assert state.up
     finally:
         await state.close()
+
+
+async def test_a_completion_redis_loses_is_replayed_and_restored(
+    redis_server: RedisServer, resilient: Callable[..., Awaitable[ResilientState]]
+) -> None:
+    """Redis acknowledged a completion, then lost it (asynchronous replication during a
+    Cluster failover, a restart without persistence): a repeat on the replica that completed
+    it is replayed from its copy, and the record is written back for the other replicas."""
+    import redis.asyncio as aioredis
+
+    prefix = _prefix()
+    one = await resilient(redis_server.url, prefix=prefix)
+    two = await resilient(redis_server.url, prefix=prefix)
+    assert (await one.idem_claim("k", "fp", ttl=60, lock_ttl=5)).state == "new"
+    await one.idem_complete("k", answer(b'{"id": 1}'), ttl=60)
+    client = aioredis.from_url(redis_server.url)
+    try:
+        lost = [key async for key in client.scan_iter(match=prefix + "*")]
+        assert lost
+        await client.delete(*lost)  # the record is gone from Redis
+    finally:
+        await client.aclose()
+    again = await one.idem_claim("k", "fp", ttl=60, lock_ttl=5)
+    assert again.state == "completed" and again.response is not None and again.response.body == b'{"id": 1}'
+    assert (await one.idem_claim("k", "other", ttl=60, lock_ttl=5)).state == "mismatch"
+    elsewhere = await two.idem_claim("k", "fp", ttl=60, lock_ttl=5)
+    assert elsewhere.state == "completed"  # written back to Redis

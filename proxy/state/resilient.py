@@ -72,6 +72,13 @@ def failure_kind(exc: BaseException) -> str:
     return "other"
 DEFAULT_BUDGET = 0.05
 _MAX_LOCAL_CLAIMS = 100_000
+# Completions this replica stored in Redis are also remembered here for a while. Redis
+# replication is asynchronous: a Cluster master (or a lone Redis without persistence) can
+# lose a record it had acknowledged. A repeat that then reaches this replica finds the
+# answer here, is replayed, and the record is written to Redis again.
+_RECENT_COMPLETIONS = 10_000
+_RECENT_FOR = 300.0
+_RECENT_MAX_BODY = 64 * 1024  # bounds the copies' memory: at most ~640 MB in the worst case
 
 
 class ResilientState:
@@ -116,6 +123,8 @@ class ResilientState:
         # Claims Redis granted and that are not completed yet: key -> (fingerprint, lock_ttl),
         # so a completion Redis cannot take is kept locally instead (see `idem_complete`).
         self._redis_claims: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # key -> (fingerprint, answer, until): see _RECENT_COMPLETIONS.
+        self._recent: OrderedDict[str, tuple[str, StoredResponse, float]] = OrderedDict()
         self._probe: asyncio.Task[None] | None = None
         self._closed = False
         self._warm = False
@@ -300,7 +309,21 @@ class ResilientState:
         )
 
     # -- idempotency ledger ---------------------------------------------------------------------
+    def _remembered(self, key: str, fingerprint: str) -> IdempotencyClaim | None:
+        """The answer to a claim from this replica's copy of a recent completion, if any."""
+        remembered = self._recent.get(key)
+        if remembered is None or remembered[2] <= self.clock.now():
+            return None
+        known_fingerprint, answer, _ = remembered
+        if known_fingerprint != fingerprint:
+            return IdempotencyClaim("mismatch")
+        return IdempotencyClaim("completed", answer)
+
     async def _claim_locally(self, key: str, fingerprint: str, ttl: float, lock_ttl: float) -> IdempotencyClaim:
+        # Redis is away: a call this replica completed through Redis is still replayed.
+        known = self._remembered(key, fingerprint)
+        if known is not None:
+            return known
         claim = await self.fallback.idem_claim(key, fingerprint, ttl=ttl, lock_ttl=lock_ttl)
         if claim.state == "new":
             self._local_claims[key] = None
@@ -320,6 +343,15 @@ class ResilientState:
     async def _claim_in_redis(self, key: str, fingerprint: str, ttl: float, lock_ttl: float) -> IdempotencyClaim:
         claim = await self.primary.idem_claim(key, fingerprint, ttl=ttl, lock_ttl=lock_ttl)
         if claim.state == "new":
+            known = self._remembered(key, fingerprint)
+            if known is not None:
+                # Redis lost a record this replica completed: answer from the copy, and
+                # put the record back so other replicas see it again.
+                if known.response is None:
+                    await self.primary.idem_release(key)
+                else:
+                    await self.primary.idem_complete(key, known.response, ttl=ttl)
+                return known
             self._redis_claims[key] = (fingerprint, lock_ttl)
             while len(self._redis_claims) > _MAX_LOCAL_CLAIMS:
                 self._redis_claims.popitem(last=False)
@@ -342,6 +374,11 @@ class ResilientState:
                 await self.fallback.idem_complete(key, response, ttl=ttl)
 
         await self._guard("idem_complete", lambda: self.primary.idem_complete(key, response, ttl=ttl), keep_locally)
+        if claimed is not None and len(response.body) <= _RECENT_MAX_BODY:
+            self._recent[key] = (claimed[0], response, self.clock.now() + min(ttl, _RECENT_FOR))
+            self._recent.move_to_end(key)
+            while len(self._recent) > _RECENT_COMPLETIONS:
+                self._recent.popitem(last=False)
 
     async def idem_release(self, key: str) -> None:
         self._redis_claims.pop(key, None)
