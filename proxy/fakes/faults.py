@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 FaultKind = Literal[
     "status",
@@ -58,19 +58,7 @@ FaultKind = Literal[
     "outage",
     "random",
 ]
-FAULT_KINDS: tuple[str, ...] = (
-    "status",
-    "delay",
-    "drip",
-    "hang",
-    "reset",
-    "reset_mid_body",
-    "truncate",
-    "garbage",
-    "rate_limit",
-    "outage",
-    "random",
-)
+FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)  # one list: the Literal above
 DelayPhase = Literal["before", "during", "after"]
 FailMode = Literal["status", "reset"]
 
