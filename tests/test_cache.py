@@ -10,15 +10,15 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import SecretStr
 
-from plugins.base import GenericPlugin
 from proxy.clock import FakeClock
 from proxy.config.schema import Auth, Cache, Policy
 from proxy.errors import ProxyError
 from proxy.events import CacheResult, Event, EventBus
 from proxy.model import Call, RequestBody, Response
-from proxy.pipeline import Handler, StageContext
+from proxy.pipeline import Handler
 from proxy.stages.cache import build
 from proxy.state.memory import MemoryState
+from tests.stagekit import stage_context
 
 Answer = Callable[[Call, int], Response]
 
@@ -51,16 +51,7 @@ class Harness:
         bus = EventBus()
         bus.subscribe(self.events.append)
         self.state = MemoryState(self.clock)
-        stage = build(
-            StageContext(
-                policy=policy,
-                clock=self.clock,
-                events=bus,
-                state=self.state,
-                plugin=GenericPlugin(),
-                lookup=lambda name: None,
-            )
-        )
+        stage = build(stage_context(policy, self.clock, events=bus, state=self.state))
         assert stage is not None
         self.stage = stage
 
@@ -104,19 +95,6 @@ def make_call(
         request_id="r",
         route="api",
     )
-
-
-def test_build_none_without_block() -> None:
-    clock = FakeClock()
-    ctx = StageContext(
-        policy=Policy(upstream="x", target="https://x.example"),
-        clock=clock,
-        events=EventBus(),
-        state=MemoryState(clock),
-        plugin=GenericPlugin(),
-        lookup=lambda name: None,
-    )
-    assert build(ctx) is None
 
 
 async def test_miss_then_hit() -> None:
@@ -227,9 +205,7 @@ async def test_private_answers_are_not_shared_with_followers() -> None:
 
 async def test_tenants_never_share_entries() -> None:
     h = Harness(policy())
-    up = Upstream(
-        h.clock, lambda call, n: Response(200, CIMultiDict(), call.headers.get("Authorization", "").encode())
-    )
+    up = Upstream(h.clock, lambda call, n: Response(200, CIMultiDict(), call.headers.get("Authorization", "").encode()))
     handle = h.handler(up)
     a = await handle(make_call(h.clock, auth="Bearer tenant-a"))
     b = await handle(make_call(h.clock, auth="Bearer tenant-b"))
@@ -246,9 +222,7 @@ async def test_concurrent_tenants_are_not_coalesced() -> None:
     h = Harness(policy())
     up = Upstream(h.clock, latency=0.2)
     handle = h.handler(up)
-    await asyncio.gather(
-        handle(make_call(h.clock, auth="Bearer a")), handle(make_call(h.clock, auth="Bearer b"))
-    )
+    await asyncio.gather(handle(make_call(h.clock, auth="Bearer a")), handle(make_call(h.clock, auth="Bearer b")))
     assert len(up.calls) == 2
 
 

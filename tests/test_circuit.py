@@ -9,15 +9,14 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from plugins.base import GenericPlugin
 from proxy.clock import FakeClock
 from proxy.config.schema import Policy
 from proxy.errors import ProxyError
 from proxy.events import CircuitChanged, Event, EventBus
 from proxy.model import Call, RequestBody, Response
-from proxy.pipeline import StageContext
 from proxy.stages.circuit import CircuitStage, build
 from proxy.state.memory import MemoryState
+from tests.stagekit import stage_context
 
 CB = {"window": "10s", "min_requests": 4, "failure_rate": 0.5, "open_for": "5s", "half_open_requests": 2}
 
@@ -30,14 +29,7 @@ def make_stage(
     events: list[Event] = []
     bus = EventBus()
     bus.subscribe(events.append)
-    ctx = StageContext(
-        policy=policy,
-        clock=clock,
-        events=bus,
-        state=state or MemoryState(clock),
-        plugin=GenericPlugin(),
-        lookup=lambda name: None,
-    )
+    ctx = stage_context(policy, clock, events=bus, state=state)
     stage = build(ctx)
     assert stage is not None
     return stage, events, clock
@@ -222,19 +214,6 @@ async def test_snapshot_and_shared_state_across_rebuild() -> None:
     assert snap["state"] == "open" and snap["half_open_requests"] == 2
     assert await send(rebuilt, clock, Upstream(200)) == "circuit_open"
     assert changes(events2) == []  # it did not witness a change
-
-
-def test_build_without_circuit_breaker() -> None:
-    clock = FakeClock()
-    ctx = StageContext(
-        policy=Policy(upstream="up", target="http://127.0.0.1:9"),
-        clock=clock,
-        events=EventBus(),
-        state=MemoryState(clock),
-        plugin=GenericPlugin(),
-        lookup=lambda name: None,
-    )
-    assert build(ctx) is None
 
 
 # -- in-process fast path vs the async protocol ----------------------------------------------

@@ -20,11 +20,10 @@ from plugins.base import (
 from proxy.clock import FakeClock
 from proxy.config.schema import Policy
 from proxy.errors import ProxyError
-from proxy.events import EventBus
 from proxy.model import Call, RequestBody, Response
-from proxy.pipeline import StageContext, UpstreamHandle
+from proxy.pipeline import UpstreamHandle
 from proxy.stages.failover import ATTEMPT_LOG, FailoverStage, build
-from proxy.state.memory import MemoryState
+from tests.stagekit import stage_context
 
 
 def _translate(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
@@ -78,14 +77,7 @@ class Harness:
             return Response(200, CIMultiDict(), b"1", upstream="fb", attempts=1)
 
         handle = UpstreamHandle("fb", fallback, Fallback(), fb_policy)
-        ctx = StageContext(
-            policy=policy,
-            clock=self.clock,
-            events=EventBus(),
-            state=MemoryState(self.clock),
-            plugin=primary,
-            lookup=lambda name: handle if name == "fb" else None,
-        )
+        ctx = stage_context(policy, self.clock, plugin=primary, lookup=lambda name: handle if name == "fb" else None)
         stage = build(ctx)
         assert isinstance(stage, FailoverStage)
         self.stage = stage

@@ -9,15 +9,15 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from plugins.base import GenericPlugin
 from proxy.clock import FakeClock
 from proxy.config.schema import Auth, Idempotency, Limits, Policy
 from proxy.errors import ProxyError
 from proxy.events import Event, EventBus, IdempotencyResult
 from proxy.model import Call, RequestBody, Response
-from proxy.pipeline import Handler, StageContext
+from proxy.pipeline import Handler
 from proxy.stages.idempotency import build
 from proxy.state.memory import MemoryState
+from tests.stagekit import stage_context
 
 
 class Upstream:
@@ -51,14 +51,7 @@ class Harness:
         bus = EventBus()
         bus.subscribe(self.events.append)
         self.state = MemoryState(self.clock)
-        ctx = StageContext(
-            policy=policy,
-            clock=self.clock,
-            events=bus,
-            state=self.state,
-            plugin=GenericPlugin(),
-            lookup=lambda name: None,
-        )
+        ctx = stage_context(policy, self.clock, events=bus, state=self.state)
         stage = build(ctx)
         assert stage is not None
         self.stage = stage
@@ -106,18 +99,6 @@ def make_call(
         request_id="req-1",
         route="stripe",
     )
-
-
-def test_build_none_without_block() -> None:
-    ctx = StageContext(
-        policy=Policy(upstream="x", target="https://x.example"),
-        clock=FakeClock(),
-        events=EventBus(),
-        state=MemoryState(FakeClock()),
-        plugin=GenericPlugin(),
-        lookup=lambda name: None,
-    )
-    assert build(ctx) is None
 
 
 async def test_replay_returns_stored_answer_without_upstream() -> None:
@@ -494,9 +475,7 @@ async def test_streamed_answer_within_limit_is_buffered_and_stored() -> None:
             yield b'{"id":'
             yield b'"ch_1"}'
 
-        return Response(
-            201, CIMultiDict({"Content-Length": "13"}), body=None, stream=stream(), release=release
-        )
+        return Response(201, CIMultiDict({"Content-Length": "13"}), body=None, stream=stream(), release=release)
 
     up = Upstream(h.clock, answer=answer)
     handle = h.handler(up)

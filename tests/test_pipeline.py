@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 
 import pytest
 
-from plugins.base import GenericPlugin
 from proxy import pipeline
 from proxy.clock import FakeClock
 from proxy.config.schema import Policy
@@ -15,18 +15,20 @@ from proxy.model import Call, Response
 from proxy.pipeline import StageContext, build_pipeline
 from proxy.runtime import Runtime, _close_later
 from proxy.state.memory import MemoryState
+from tests.stagekit import stage_context
 
 
 def _ctx() -> StageContext:
-    clock = FakeClock()
-    return StageContext(
-        policy=Policy.model_validate({"upstream": "up", "target": "https://up.example", "retry": {"attempts": 2}}),
-        clock=clock,
-        events=EventBus(),
-        state=MemoryState(clock),
-        plugin=GenericPlugin(),
-        lookup=lambda name: None,
-    )
+    policy = Policy.model_validate({"upstream": "up", "target": "https://up.example", "retry": {"attempts": 2}})
+    return stage_context(policy, FakeClock())
+
+
+@pytest.mark.parametrize(("block", "spec"), pipeline.STAGE_ORDER)
+def test_a_stage_is_left_out_when_its_block_is(block: str, spec: str) -> None:
+    """Every stage factory returns None for a policy without its block: it costs nothing."""
+    module, _, attr = spec.partition(":")
+    factory = getattr(importlib.import_module(module), attr)
+    assert factory(stage_context(Policy(upstream="up", target="http://127.0.0.1:9"), FakeClock())) is None
 
 
 async def _terminal(call: Call) -> Response:

@@ -10,15 +10,14 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from plugins.base import GenericPlugin
 from proxy.clock import FakeClock
 from proxy.config.schema import Policy
 from proxy.errors import ProxyError
 from proxy.events import Event, EventBus, RateLimited, RateLimitWaited, UpstreamPaused
 from proxy.model import Call, RequestBody, Response
-from proxy.pipeline import StageContext
 from proxy.stages.ratelimit import RateLimitStage, build, upstream_wait
 from proxy.state.memory import MemoryState
+from tests.stagekit import stage_context
 
 WALL = 1_800_000_000.0
 
@@ -37,14 +36,7 @@ def make_stage(
     events: list[Event] = []
     bus = EventBus()
     bus.subscribe(events.append)
-    ctx = StageContext(
-        policy=policy,
-        clock=clock,
-        events=bus,
-        state=state_cls(clock),
-        plugin=GenericPlugin(),
-        lookup=lambda name: None,
-    )
+    ctx = stage_context(policy, clock, events=bus, state=state_cls(clock))
     stage = build(ctx)
     assert stage is not None
     return stage, events, clock
@@ -260,19 +252,6 @@ async def test_pause_from_ratelimit_headers() -> None:
 def test_upstream_wait(status: int, headers: dict[str, str], expected: float | None) -> None:
     got = upstream_wait(status, CIMultiDict(headers), WALL)
     assert got == (pytest.approx(expected) if expected is not None else None)
-
-
-def test_build_without_rate_limit() -> None:
-    clock = FakeClock()
-    ctx = StageContext(
-        policy=Policy(upstream="up", target="http://127.0.0.1:9"),
-        clock=clock,
-        events=EventBus(),
-        state=MemoryState(clock),
-        plugin=GenericPlugin(),
-        lookup=lambda name: None,
-    )
-    assert build(ctx) is None
 
 
 # -- shared vs per-replica budgets with a real Redis ------------------------------------------

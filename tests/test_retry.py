@@ -11,16 +11,16 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from plugins.base import GenericPlugin, ProviderPlugin
+from plugins.base import ProviderPlugin
 from plugins.stripe import StripePlugin
 from proxy.clock import FakeClock
 from proxy.config.schema import Policy
 from proxy.errors import ProxyError
 from proxy.events import Event, EventBus, RetryScheduled, RetrySkipped
 from proxy.model import Call, RequestBody, Response
-from proxy.pipeline import StageContext
 from proxy.stages.retry import RetryStage, backoff_delay, build, is_exhausted, parse_retry_after
 from proxy.state.memory import MemoryState
+from tests.stagekit import stage_context
 
 Result = Response | ProxyError
 
@@ -40,14 +40,7 @@ def make_stage(
     events: list[Event] = []
     bus = EventBus()
     bus.subscribe(events.append)
-    ctx = StageContext(
-        policy=policy,
-        clock=clock,
-        events=bus,
-        state=MemoryState(clock),
-        plugin=plugin or GenericPlugin(),
-        lookup=lambda name: None,
-    )
+    ctx = stage_context(policy, clock, events=bus, plugin=plugin)
     stage = build(ctx)
     assert stage is not None
     return stage, events, clock
@@ -465,19 +458,6 @@ async def test_single_attempt_policy_does_not_buffer() -> None:
     assert not body.buffered
 
 
-def test_build_without_retry_block() -> None:
-    clock = FakeClock()
-    ctx = StageContext(
-        policy=Policy(upstream="up", target="http://127.0.0.1:9"),
-        clock=clock,
-        events=EventBus(),
-        state=MemoryState(clock),
-        plugin=GenericPlugin(),
-        lookup=lambda name: None,
-    )
-    assert build(ctx) is None
-
-
 # -- the three limit stages together ----------------------------------------------------------
 
 
@@ -498,14 +478,7 @@ async def test_retry_circuit_ratelimit_chain_honours_upstream_pause() -> None:
     events: list[Event] = []
     bus = EventBus()
     bus.subscribe(events.append)
-    ctx = StageContext(
-        policy=policy,
-        clock=clock,
-        events=bus,
-        state=MemoryState(clock),
-        plugin=StripePlugin(),
-        lookup=lambda name: None,
-    )
+    ctx = stage_context(policy, clock, events=bus, plugin=StripePlugin())
     up = Upstream(clock, [resp(429, {"Retry-After": "2"}), resp(200)])
     pipeline = build_pipeline(ctx, up)
     assert pipeline.stage_names == ("retry", "circuit_breaker", "rate_limit")
@@ -532,14 +505,7 @@ async def test_policy_can_declare_that_a_generic_upstream_dedupes_by_key(dedupes
             "retry": {"attempts": 3, "backoff": {"initial": 0.01, "jitter": "none"}, "on": ["timeout"]},
         }
     )
-    ctx = StageContext(
-        policy=policy,
-        clock=clock,
-        events=EventBus(),
-        state=MemoryState(clock),
-        plugin=GenericPlugin(),
-        lookup=lambda name: None,
-    )
+    ctx = stage_context(policy, clock)
     stage = build(ctx)
     assert stage is not None
     up = Upstream(clock, [timeout(), resp(200)])
