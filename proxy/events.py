@@ -2,11 +2,18 @@
 
 Stages emit small frozen values; subscribers (proxy.observe) turn them into metrics,
 log lines and status data. Stages never import prometheus_client or logging handlers.
+
+One event happens on nearly every call and carries nothing but its upstream: a call
+admitted by the rate limiter without waiting (`RateLimitWaited(upstream, 0.0)`). Sending
+it through the bus each time cost ~3 us of a ~75 us call under load, so it is a *tally*:
+the stage adds 1 to an integer (`EventBus.tally`), and the subscribers that report it
+read how far the count moved when they report (metrics at scrape, the status page once a
+second). The count is the same as the events would have made; only the delivery differs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 
@@ -118,6 +125,31 @@ Event = (
 Subscriber = Callable[[Event], None]
 
 
+class Tally:
+    """How many times one event value happened, counted instead of sent (see the module
+    docstring). The producer does `tally.n += 1`; a reader keeps the `n` it saw last
+    and takes the difference."""
+
+    __slots__ = ("event", "n")
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+        self.n = 0
+
+
+def tally_gains(tallies: Iterable[Tally], seen: dict[Tally, int]) -> list[tuple[Event, int]]:
+    """Each tally that moved since the counts in `seen`, with how much; updates `seen`.
+    (What a reader of tallies does when it reports.)"""
+    gains: list[tuple[Event, int]] = []
+    for tally in tallies:
+        n = tally.n
+        gained = n - seen.get(tally, 0)
+        if gained > 0:
+            seen[tally] = n
+            gains.append((tally.event, gained))
+    return gains
+
+
 class EventBus:
     """Synchronous fan-out to subscribers; a failing subscriber never breaks a call.
 
@@ -129,6 +161,7 @@ class EventBus:
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
         self._routes: dict[type, tuple[Subscriber, ...]] = {}
+        self._tallies: dict[Event, Tally] = {}
 
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.append(subscriber)
@@ -140,6 +173,17 @@ class EventBus:
         )
         self._routes[kind] = route
         return route
+
+    def tally(self, event: Event) -> Tally:
+        """The tally of `event` (one per distinct event value, kept for the bus's life, so
+        a stage rebuilt on reload counts on where the old one stopped)."""
+        found = self._tallies.get(event)
+        if found is None:
+            found = self._tallies[event] = Tally(event)
+        return found
+
+    def tallies(self) -> tuple[Tally, ...]:
+        return tuple(self._tallies.values())
 
     def emit(self, event: Event) -> None:
         route = self._routes.get(type(event))

@@ -16,7 +16,9 @@ from proxy.events import CircuitChanged, Event, EventBus
 from proxy.model import Call, RequestBody, Response
 from proxy.stages.circuit import CircuitStage, build
 from proxy.state.memory import MemoryState
-from tests.stagekit import stage_context
+from tests.stagekit import driven, stage_context
+
+pytestmark = pytest.mark.usefixtures("stage_mode")
 
 CB = {"window": "10s", "min_requests": 4, "failure_rate": 0.5, "open_for": "5s", "half_open_requests": 2}
 
@@ -30,9 +32,7 @@ def make_stage(
     bus = EventBus()
     bus.subscribe(events.append)
     ctx = stage_context(policy, clock, events=bus, state=state)
-    stage = build(ctx)
-    assert stage is not None
-    return stage, events, clock
+    return driven(build(ctx)), events, clock
 
 
 def make_call(clock: FakeClock) -> Call:
@@ -251,10 +251,3 @@ async def test_memory_fast_path_behaves_like_the_async_protocol() -> None:
         ("open", "half_open"),
         ("half_open", "closed"),
     ]
-
-
-async def test_replaced_state_is_picked_up() -> None:
-    stage, _events, clock = make_stage()
-    await open_it(stage, clock)
-    stage.ctx.state = AsyncOnlyState(clock)  # a fresh backend: closed again
-    assert await send(stage, clock, Upstream(200)) == 200

@@ -17,7 +17,9 @@ from proxy.events import Event, EventBus, RateLimited, RateLimitWaited, Upstream
 from proxy.model import Call, RequestBody, Response
 from proxy.stages.ratelimit import RateLimitStage, build, upstream_wait
 from proxy.state.memory import MemoryState
-from tests.stagekit import stage_context
+from tests.stagekit import driven, stage_context
+
+pytestmark = pytest.mark.usefixtures("stage_mode")
 
 WALL = 1_800_000_000.0
 
@@ -37,9 +39,12 @@ def make_stage(
     bus = EventBus()
     bus.subscribe(events.append)
     ctx = stage_context(policy, clock, events=bus, state=state_cls(clock))
-    stage = build(ctx)
-    assert stage is not None
-    return stage, events, clock
+    return driven(build(ctx)), events, clock
+
+
+def at_once(stage: RateLimitStage) -> int:
+    """Calls the stage admitted without a wait: a tally of the bus, not events."""
+    return stage.ctx.events.tally(RateLimitWaited("up", 0.0)).n
 
 
 def make_call(clock: FakeClock, *, total: float = 3600.0, rid: str = "r") -> Call:
@@ -106,7 +111,8 @@ async def test_admitted_rate_is_accurate_with_many_callers(rate: int, workers: i
     gaps = [b - a for a, b in itertools.pairwise(admitted)]
     assert min(gaps) >= 1.0 / rate - 1e-9  # smooth: never two inside one interval
     waited = [e.seconds for e in events if isinstance(e, RateLimitWaited)]
-    assert len(waited) == len(up.seen) and max(waited) > 0
+    assert min(waited) > 0  # a zero wait is tallied, never sent (proxy/events.py)
+    assert len(waited) + at_once(stage) == len(up.seen) and at_once(stage) >= 1
 
 
 async def test_queue_is_fifo() -> None:
@@ -298,7 +304,7 @@ class AsyncOnlyState(MemoryState):
     sync_limits = None
 
 
-async def _queue_story(state_cls: type[MemoryState]) -> tuple[list[object], list[Event]]:
+async def _queue_story(state_cls: type[MemoryState]) -> tuple[list[object], list[Event], int]:
     """Burst, a queue, a full queue, an upstream pause met on arrival and while queued."""
     stage, events, clock = make_stage(
         {"rate": "2/s", "burst": 2, "queue": {"max_size": 3, "max_wait": "3s"}}, state_cls=state_cls
@@ -316,17 +322,17 @@ async def _queue_story(state_cls: type[MemoryState]) -> tuple[list[object], list
     results.append(await one("p", busy))  # pauses everyone for 1 s
     results.extend(await asyncio.gather(*(one(f"q{i}") for i in range(3))))
     results.append(await one("late"))
-    return results, events
+    return results, events, at_once(stage)
 
 
 async def test_memory_fast_path_behaves_like_the_async_protocol() -> None:
     fast = await _queue_story(MemoryState)
     assert fast == await _queue_story(AsyncOnlyState)
-    results, events = fast
+    results, events, admitted_at_once = fast
     assert [r[0] for r in results[:7]].count(200) == 5 and rejected(events)[:2] == ["queue_full", "queue_full"]
     assert any(isinstance(e, UpstreamPaused) for e in events)
     waits = [e.seconds for e in events if isinstance(e, RateLimitWaited)]
-    assert waits[:2] == [0.0, 0.0] and max(waits) > 0
+    assert admitted_at_once == 2 and min(waits) > 0  # the burst of 2; every later call queued
 
 
 async def test_fast_path_for_local_budget_with_a_shared_async_state() -> None:
@@ -348,7 +354,7 @@ async def test_fast_path_for_local_budget_with_a_shared_async_state() -> None:
     with pytest.raises(ProxyError) as err:
         await stage(make_call(clock), ok)
     assert err.value.detail == "paused"
-    assert [type(e).__name__ for e in events] == ["RateLimitWaited", "RateLimited", "RateLimited"]
+    assert [type(e).__name__ for e in events] == ["RateLimited", "RateLimited"] and at_once(stage) == 1
 
 
 def test_metrics_fold_zero_waits_into_the_histogram() -> None:
@@ -365,3 +371,43 @@ def test_metrics_fold_zero_waits_into_the_histogram() -> None:
     metrics(RateLimitWaited("up", 0.0))
     value = metrics.registry.get_sample_value("egressd_rate_limit_wait_seconds_count", {"upstream": "up"})
     assert value == 5.0  # any collection of the registry folds them in
+
+
+def test_zero_waits_come_from_the_bus_tally_at_collection() -> None:
+    """Calls admitted at once are a tally of the bus, read by the metrics when scraped."""
+    from proxy.observe.metrics import Metrics
+
+    bus = EventBus()
+    metrics = Metrics(tallies=bus.tallies)
+    bus.subscribe(metrics)
+    tally = bus.tally(RateLimitWaited("up", 0.0))
+    assert bus.tally(RateLimitWaited("up", 0.0)) is tally  # one per event value: a reload counts on
+    tally.n += 3
+    bus.emit(RateLimitWaited("up", 0.5))
+
+    def sample(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"upstream": "up"})
+
+    assert sample("egressd_rate_limit_wait_seconds_count") == 4.0
+    assert (
+        metrics.registry.get_sample_value("egressd_rate_limit_wait_seconds_bucket", {"upstream": "up", "le": "0.0"})
+        == 3.0
+    )
+    tally.n += 2
+    assert sample("egressd_rate_limit_wait_seconds_count") == 6.0  # only what it gained since
+    assert sample("egressd_rate_limit_wait_seconds_count") == 6.0
+
+
+def test_status_board_counts_tallied_admissions_as_rate_limit_use() -> None:
+    from proxy.observe.status import USE_WINDOW, StatusBoard
+
+    bus = EventBus()
+    board = StatusBoard(tallies=bus.tallies)
+    bus.subscribe(board)
+    bus.tally(RateLimitWaited("up", 0.0)).n += 90
+    bus.emit(RateLimitWaited("up", 2.0))  # one call that waited
+    rl = {"rate_per_second": 10.0, "burst": 1, "waiting": 0}
+    snap = board.upstream_snapshot("up", {"rate_limit": rl})["rate_limit"]
+    assert snap["admitted_per_second_1m"] == round(91 / USE_WINDOW, 3) and snap["waited"] == 1
+    snap = board.upstream_snapshot("up", {"rate_limit": rl})["rate_limit"]
+    assert snap["admitted_per_second_1m"] == round(91 / USE_WINDOW, 3)  # read once, not twice

@@ -20,7 +20,9 @@ from proxy.events import Event, EventBus, RetryScheduled, RetrySkipped
 from proxy.model import Call, RequestBody, Response
 from proxy.stages.retry import RetryStage, backoff_delay, build, is_exhausted, parse_retry_after
 from proxy.state.memory import MemoryState
-from tests.stagekit import stage_context
+from tests.stagekit import driven, stage_context
+
+pytestmark = pytest.mark.usefixtures("stage_mode")
 
 Result = Response | ProxyError
 
@@ -31,6 +33,7 @@ def make_stage(
     plugin: ProviderPlugin | None = None,
     clock: FakeClock | None = None,
     limits: dict[str, Any] | None = None,
+    state_cls: type[MemoryState] = MemoryState,
 ) -> tuple[RetryStage, list[Event], FakeClock]:
     clock = clock or FakeClock()
     retry = {"attempts": 4, "backoff": {"initial": 0.1, "max": 1.0, "jitter": "none"}, **(retry or {})}
@@ -40,10 +43,8 @@ def make_stage(
     events: list[Event] = []
     bus = EventBus()
     bus.subscribe(events.append)
-    ctx = stage_context(policy, clock, events=bus, plugin=plugin)
-    stage = build(ctx)
-    assert stage is not None
-    return stage, events, clock
+    ctx = stage_context(policy, clock, events=bus, plugin=plugin, state=state_cls(clock))
+    return driven(build(ctx)), events, clock
 
 
 def make_call(
@@ -405,8 +406,9 @@ class RoundTripState(MemoryState):
 
 
 async def test_budget_holds_under_concurrent_retries() -> None:
-    stage, _events, clock = make_stage({"attempts": 2, "budget": {"ratio": 0.1, "min_per_second": 0, "window": "10s"}})
-    stage.ctx.state = RoundTripState(clock)
+    stage, _events, clock = make_stage(
+        {"attempts": 2, "budget": {"ratio": 0.1, "min_per_second": 0, "window": "10s"}}, state_cls=RoundTripState
+    )
     up = Upstream(clock, [resp(503)])
     answers = await asyncio.gather(*(stage(make_call(clock), up) for _ in range(50)))
     retried = sum(1 for a in answers if a.attempts == 2)
@@ -505,9 +507,7 @@ async def test_policy_can_declare_that_a_generic_upstream_dedupes_by_key(dedupes
             "retry": {"attempts": 3, "backoff": {"initial": 0.01, "jitter": "none"}, "on": ["timeout"]},
         }
     )
-    ctx = stage_context(policy, clock)
-    stage = build(ctx)
-    assert stage is not None
+    stage = driven(build(stage_context(policy, clock)))
     up = Upstream(clock, [timeout(), resp(200)])
     call = make_call(clock, "POST", headers={"Idempotency-Key": "k-1"}, body=RequestBody(data=b"a=1"))
     if sends == 2:
@@ -531,8 +531,9 @@ async def test_first_try_success_is_returned_as_is() -> None:
 
 @pytest.mark.parametrize("state_cls", [MemoryState, RoundTripState])
 async def test_budget_same_through_fast_path_and_protocol(state_cls: type[MemoryState]) -> None:
-    stage, _events, clock = make_stage({"attempts": 2, "budget": {"ratio": 0.2, "min_per_second": 0, "window": "10s"}})
-    stage.ctx.state = state_cls(clock)
+    stage, _events, clock = make_stage(
+        {"attempts": 2, "budget": {"ratio": 0.2, "min_per_second": 0, "window": "10s"}}, state_cls=state_cls
+    )
     up = Upstream(clock, [resp(503)])
     attempts = [(await stage(make_call(clock), up)).attempts for _ in range(20)]
     assert attempts.count(2) == 4  # 0.2 * 20 requests, taken as they come

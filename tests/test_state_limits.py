@@ -333,6 +333,25 @@ async def test_memory_sync_operations_match_the_async_ones(clock: FakeClock) -> 
     assert {type(x).__name__ for x, _ in answers} >= {"RateDecision", "CircuitAdmission", "CircuitTransition"}
 
 
+async def test_rate_take_free_now_is_pause_check_then_take_without_wait(clock: FakeClock) -> None:
+    """The guard's one-step fast path equals `paused_for` and `rate_take(max_wait=0)`, and
+    a refusal changes nothing (the next caller's slot is where it was)."""
+    a, b = MemoryState(clock), MemoryState(clock)
+    sync = a.sync_limits
+    assert sync is not None
+    answers: list[tuple[bool, bool]] = []
+    for step in range(300):
+        if step in (40, 41, 200):
+            sync.pause_now("r", 0.5)
+            await b.pause("r", 0.5)
+        free = (await b.paused_for("r")) <= 0 and (await b.rate_take("r", interval=0.1, burst=3, max_wait=0.0)).allowed
+        answers.append((sync.rate_take_free_now("r", 0.1, 3), free))
+        clock.advance(0.03 if step % 5 else 0.2)
+    assert all(x == y for x, y in answers)
+    assert {x for x, _ in answers} == {True, False}
+    assert a._tat == b._tat
+
+
 async def test_window_running_totals_equal_the_bucket_sums(clock: FakeClock) -> None:
     from proxy.state.memory_limits import _Window
 

@@ -21,6 +21,8 @@ from proxy.events import (
     RetryScheduled,
     RetrySkipped,
     StateBackendError,
+    Tally,
+    tally_gains,
 )
 
 CIRCUIT_VALUE = {"closed": 0, "half_open": 1, "open": 2}
@@ -44,13 +46,18 @@ class Metrics:
         StateBackendError,
     )
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, tallies: Callable[[], Iterable[Tally]] | None = None
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         # Admissions without any wait (most calls through a rate limit far above its load)
-        # are counted here, by upstream, and folded into `rl_wait` when the registry is
-        # collected: registered before `rl_wait`, so it runs first on every collection.
+        # arrive as tallies of the bus (`tallies`, proxy/events.py) or as zero-second events;
+        # both are counted here, by upstream, and folded into `rl_wait` when the registry
+        # is collected: registered before `rl_wait`, so it runs first on every collection.
         self._zero_waits: dict[str, int] = {}
+        self._tallies = tallies
+        self._tallies_seen: dict[Tally, int] = {}
         r.register(_Flush(self._flush_zero_waits))
         self.requests = Counter(
             "egressd_requests",
@@ -154,8 +161,18 @@ class Metrics:
             wait = self._waits[event.upstream] = self.rl_wait.labels(event.upstream)
         wait.observe(event.seconds)
 
+    def _read_tallies(self) -> None:
+        """Count the zero waits the tallies gained since the last collection."""
+        if self._tallies is None:
+            return
+        zero = self._zero_waits
+        for event, gained in tally_gains(self._tallies(), self._tallies_seen):
+            if type(event) is RateLimitWaited and event.seconds == 0.0:
+                zero[event.upstream] = zero.get(event.upstream, 0) + gained
+
     def _flush_zero_waits(self) -> None:
         """Fold the counted zero waits into the histogram (as `observe(0.0)` each would)."""
+        self._read_tallies()
         if not self._zero_waits:
             return
         pending, self._zero_waits = self._zero_waits, {}

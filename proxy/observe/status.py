@@ -12,6 +12,7 @@ import html
 import re
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +28,8 @@ from proxy.events import (
     RateLimitWaited,
     RetryScheduled,
     StateBackendError,
+    Tally,
+    tally_gains,
 )
 from proxy.observe.logs import redact_text
 
@@ -122,7 +125,12 @@ class UpstreamStatus:
 
 
 class StatusBoard:
-    def __init__(self) -> None:
+    def __init__(self, *, tallies: Callable[[], Iterable[Tally]] | None = None) -> None:
+        # Calls admitted by a rate limiter without waiting come as tallies of the bus
+        # (proxy/events.py), read at most once a second and whenever a snapshot is made.
+        self._tallies = tallies
+        self._tallies_seen: dict[Tally, int] = {}
+        self._next_tally_read = 0.0
         self.upstreams: dict[str, UpstreamStatus] = {}
         self.reloads: deque[dict[str, Any]] = deque(maxlen=5)
         self.backend_errors: deque[dict[str, Any]] = deque(maxlen=MAX_ERRORS)
@@ -148,21 +156,20 @@ class StatusBoard:
             st = self.upstreams[name] = UpstreamStatus()
         return st
 
-    def __call__(self, event: Event) -> None:
-        # Every call through a rate limit brings a RateLimitWaited: handled first, briefly.
-        if type(event) is RateLimitWaited:
-            st = self.upstreams.get(event.upstream)
-            if st is None:
-                st = self._get(event.upstream)
-            st.admitted.add(time.monotonic())
-            if event.seconds > 0:
-                st.rate_waited += 1
+    def _read_tallies(self, now: float) -> None:
+        """Add what the zero-wait tallies gained since the last read to `admitted`."""
+        self._next_tally_read = now + 1.0
+        if self._tallies is None:
             return
-        self._other(event)
+        for event, gained in tally_gains(self._tallies(), self._tallies_seen):
+            if type(event) is RateLimitWaited and event.seconds == 0.0:
+                self._get(event.upstream).admitted.add(now, gained)
 
-    def _other(self, event: Event) -> None:
+    def __call__(self, event: Event) -> None:
         now = time.monotonic()
         if isinstance(event, CallFinished):
+            if now >= self._next_tally_read:
+                self._read_tallies(now)
             if event.route == "-":
                 return  # unknown upstream: a client must not create entries here
             st = self._get(event.route)
@@ -232,8 +239,9 @@ class StatusBoard:
         """Everything `/status.json` says about one upstream; `stages` holds the stages' own
         `snapshot()` results by stage name (circuit_breaker, rate_limit)."""
         stages = stages or {}
-        st = self._get(name)
         now = time.monotonic()
+        self._read_tallies(now)
+        st = self._get(name)
         cutoff = now - WINDOW
         while st.samples and st.samples[0][0] < cutoff:
             st.samples.popleft()

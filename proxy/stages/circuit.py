@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, NoReturn
 from proxy.errors import ProxyError
 from proxy.events import CircuitChanged
 from proxy.model import Call, Response
-from proxy.pipeline import Handler, StageContext
-from proxy.state.base import CircuitAdmission, CircuitSettings, StateBackend, SyncLimits, state_key, sync_limits
+from proxy.pipeline import Flow, Guard, Handler, Result, StageContext
+from proxy.state.base import CircuitAdmission, CircuitSettings, SyncLimits, state_key, sync_limits
 
 if TYPE_CHECKING:
     from proxy.config.schema import CircuitBreaker
@@ -26,7 +26,7 @@ log = logging.getLogger("egressd.circuit")
 FAILURE_CODES = frozenset({"upstream_unreachable", "upstream_timeout"})
 
 
-class CircuitStage:
+class CircuitStage(Guard):
     name = "circuit_breaker"
 
     def __init__(self, ctx: StageContext, cb: CircuitBreaker) -> None:
@@ -43,43 +43,12 @@ class CircuitStage:
         # The last state this stage saw; None until the first observation, so that a
         # rebuilt stage (reload) does not report a change it did not witness.
         self._seen: str | None = None
-        # The backend's synchronous face (memory), looked up again whenever ctx.state is
-        # another object than last time.
-        self._state: StateBackend | None = None
-        self._sync: SyncLimits | None = None
+        # The backend's synchronous face (memory) for the guard's steps; None: async only.
+        # (ctx.state is one object for the stage's life: the runtime builds a stage per load.)
+        self._sync: SyncLimits | None = sync_limits(ctx.state)
 
     async def __call__(self, call: Call, nxt: Handler) -> Response:
         state = self.ctx.state
-        if state is not self._state:
-            self._state, self._sync = state, sync_limits(state)
-        sync = self._sync
-        if sync is None:
-            return await self._call_async(state, call, nxt)
-        # In-process state: the same steps as `_call_async`, without the coroutines.
-        key, settings = self.key, self.settings
-        admission = sync.circuit_admit_now(key, settings)
-        if admission.state != self._seen:
-            self._observe(admission.state)
-        if not admission.allowed:
-            self._refuse(admission)
-        verdict: bool | None = None  # True: failure, False: success, None: no verdict
-        try:
-            response = await nxt(call)
-            verdict = response.status >= 500
-            return response
-        except ProxyError as exc:
-            if exc.code in FAILURE_CODES:
-                verdict = True
-            raise
-        finally:
-            if verdict is not None:
-                transition = sync.circuit_record_now(key, settings, verdict, admission.trial)
-                if transition.after != transition.before:
-                    self._changed(transition.before, transition.after)
-            elif admission.trial:
-                sync.circuit_release_now(key, settings)
-
-    async def _call_async(self, state: StateBackend, call: Call, nxt: Handler) -> Response:
         admission = await state.circuit_admit(self.key, self.settings)
         self._observe(admission.state)
         if not admission.allowed:
@@ -100,6 +69,39 @@ class CircuitStage:
                     self._changed(transition.before, transition.after)
             elif admission.trial:
                 await state.circuit_release(self.key, self.settings)
+
+    # -- the same steps without coroutines, for a state in process memory (Guard) ----------
+    # The ticket is the admission's `trial` flag.
+    def enter(self, call: Call) -> bool | Flow:
+        sync = self._sync
+        if sync is None:
+            return Flow.ASYNC
+        admission = sync.circuit_admit_now(self.key, self.settings)
+        if admission.state != self._seen:
+            self._observe(admission.state)
+        if not admission.allowed:
+            self._refuse(admission)
+        return admission.trial
+
+    def leave(self, call: Call, trial: bool, result: Result) -> Result:
+        sync = self._sync
+        assert sync is not None  # enter() gave a ticket
+        if type(result) is Response:
+            failure = result.status >= 500
+        elif isinstance(result, ProxyError) and result.code in FAILURE_CODES:
+            failure = True
+        else:  # refused below (e.g. rate_limited): says nothing about the upstream
+            if trial:
+                sync.circuit_release_now(self.key, self.settings)
+            return result
+        transition = sync.circuit_record_now(self.key, self.settings, failure, trial)
+        if transition.after != transition.before:
+            self._changed(transition.before, transition.after)
+        return result
+
+    def abandon(self, call: Call, trial: bool) -> None:
+        if trial and self._sync is not None:
+            self._sync.circuit_release_now(self.key, self.settings)
 
     def _refuse(self, admission: CircuitAdmission) -> NoReturn:
         raise ProxyError(

@@ -17,12 +17,14 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NoReturn
 
+from multidict import istr
+
 from proxy.errors import ProxyError
 from proxy.events import RateLimited, RateLimitWaited, UpstreamPaused
 from proxy.model import Call, Response
-from proxy.pipeline import Handler, StageContext
+from proxy.pipeline import Flow, Guard, Handler, Result, StageContext
 from proxy.stages.retry import parse_retry_after
-from proxy.state.base import StateBackend, SyncLimits, state_key, sync_limits
+from proxy.state.base import SyncLimits, state_key, sync_limits
 
 if TYPE_CHECKING:
     from proxy.config.schema import RateLimit
@@ -33,8 +35,9 @@ _EPS = 1e-9
 # them a count of seconds from now (GitHub/Twitter send epoch seconds, others a delta).
 _EPOCH_SECONDS = 1e9
 _EPOCH_MILLIS = 1e12
-_REMAINING_HEADERS = ("X-RateLimit-Remaining", "RateLimit-Remaining")
-_RESET_HEADERS = ("X-RateLimit-Reset", "RateLimit-Reset", "X-RateLimit-Reset-After")
+# istr: looked up in a CIMultiDict without case-folding the name again on every call.
+_REMAINING_HEADERS = (istr("X-RateLimit-Remaining"), istr("RateLimit-Remaining"))
+_RESET_HEADERS = (istr("X-RateLimit-Reset"), istr("RateLimit-Reset"), istr("X-RateLimit-Reset-After"))
 
 
 def upstream_wait(status: int, headers: Mapping[str, str], wall: float) -> float | None:
@@ -70,7 +73,7 @@ def upstream_wait(status: int, headers: Mapping[str, str], wall: float) -> float
     return None
 
 
-class RateLimitStage:
+class RateLimitStage(Guard):
     name = "rate_limit"
 
     def __init__(self, ctx: StageContext, rl: RateLimit) -> None:
@@ -88,69 +91,71 @@ class RateLimitStage:
         # `shared: false` keeps the budget in this process even when --redis is on; an
         # upstream's pause (respect_upstream) is still shared through ctx.state.
         self.limiter = ctx.state if rl.shared else getattr(ctx.state, "local", ctx.state)
-        # Synchronous faces (memory backends) for the hot path; None: async protocol only.
+        # Synchronous faces (memory backends) for the guard's fast path; None: async only.
+        # (ctx.state is one object for the stage's life: the runtime builds a stage per load.)
         self._take_sync: SyncLimits | None = sync_limits(self.limiter)
-        self._state: StateBackend | None = None  # ctx.state as of the last call
-        self._pause_sync: SyncLimits | None = None
-        self._admitted_at_once = RateLimitWaited(self.upstream, 0.0)  # immutable: sent again and again
+        self._pause_sync: SyncLimits | None = sync_limits(ctx.state)
+        # Calls admitted at once are tallied, not sent as events (proxy/events.py).
+        self._admitted_at_once = ctx.events.tally(RateLimitWaited(self.upstream, 0.0))
 
     async def __call__(self, call: Call, nxt: Handler) -> Response:
-        take = self._take_sync
-        if take is None:
-            await self._admit(call, self.ctx.clock.now())
-        else:
-            # The limiter is in process memory: a caller that is neither paused nor queued
-            # is admitted with plain calls; any other case goes on in `_admit`.
-            state = self.ctx.state
-            if state is not self._state:
-                self._state, self._pause_sync = state, sync_limits(state)
-            pause = self._pause_sync
-            paused = pause.paused_for_now(self.key) if pause is not None else await state.paused_for(self.key)
-            start = self.ctx.clock.now()
-            if paused > 0:
-                await self._admit(call, start, paused=paused)
-            else:
-                reserved = self._take_now(call, take, start)
-                if reserved > 0:
-                    await self._admit(call, start, reserved=reserved)
-                else:
-                    self.ctx.events.emit(self._admitted_at_once)
+        await self._admit(call, self.ctx.clock.now())
         response = await nxt(call)
-        if self.respect_upstream:
-            headers = response.headers
-            # upstream_wait() is None unless one of these holds (skips the clock otherwise).
-            if response.status == 429 or _REMAINING_HEADERS[0] in headers or _REMAINING_HEADERS[1] in headers:
-                wait = upstream_wait(response.status, headers, self.ctx.clock.wall())
-                if wait is not None:
-                    wait = min(wait, self.max_pause)
-                    await self.ctx.state.pause(self.key, wait)
-                    self.ctx.events.emit(UpstreamPaused(self.upstream, wait))
+        wait = self._upstream_wait(response)
+        if wait is not None:
+            await self.ctx.state.pause(self.key, wait)
+            self.ctx.events.emit(UpstreamPaused(self.upstream, wait))
         return response
 
-    def _take_now(self, call: Call, take: SyncLimits, start: float) -> float:
-        """One GCRA take from a limiter in memory for a caller that found no pause at
-        `start`: the wait of the slot it got (0: go now); raises when refused."""
-        max_wait = self.max_wait
-        full = max_wait > 0 and self.waiting >= self.max_size
-        if full:
-            room = 0.0
-        else:
-            room = min(start + max_wait, call.deadline) - start
-            if room < 0.0:
-                room = 0.0
-        decision = take.rate_take_now(self.key, self.interval, self.burst, room)
-        if not decision.allowed:
-            self._reject("queue_full" if full else "max_wait", decision.wait)
-        return decision.wait
+    def _upstream_wait(self, response: Response) -> float | None:
+        """The pause this answer asks for (capped), with `respect_upstream`; else None."""
+        if not self.respect_upstream:
+            return None
+        headers = response.headers
+        # upstream_wait() is None unless one of these holds (skips the clock otherwise).
+        if response.status == 429 or _REMAINING_HEADERS[0] in headers or _REMAINING_HEADERS[1] in headers:
+            wait = upstream_wait(response.status, headers, self.ctx.clock.wall())
+            if wait is not None:
+                return min(wait, self.max_pause)
+        return None
 
-    async def _admit(
-        self, call: Call, start: float, *, paused: float | None = None, reserved: float | None = None
-    ) -> None:
-        """Admit a caller that arrived at `start`, queueing it if need be. `paused`: the pause
-        it already found; `reserved`: the wait of the slot it already holds."""
+    # -- the common case without coroutines, for limits in process memory (Guard) --------
+    def enter(self, call: Call) -> SyncLimits | Flow:
+        """Admit a call that finds no pause and a free slot now; anything else (a pause, a
+        wait in the queue, a refusal with its reason) is left to `__call__`."""
+        take, pause = self._take_sync, self._pause_sync
+        if take is None or pause is None:
+            return Flow.ASYNC
+        if take is pause:  # one backend holds both the pause and the budget
+            if not take.rate_take_free_now(self.key, self.interval, self.burst):
+                return Flow.ASYNC
+        elif (
+            pause.paused_for_now(self.key) > 0
+            or not take.rate_take_now(self.key, self.interval, self.burst, 0.0).allowed
+        ):
+            return Flow.ASYNC  # (max_wait 0: a slot that is free now is taken, else nothing changes)
+        self._admitted_at_once.n += 1
+        return pause
+
+    def leave(self, call: Call, ticket: SyncLimits, result: Result) -> Result:
+        # The test of `_upstream_wait`, inline: most answers name no wait.
+        if self.respect_upstream and type(result) is Response:
+            headers = result.headers
+            if result.status == 429 or _REMAINING_HEADERS[0] in headers or _REMAINING_HEADERS[1] in headers:
+                wait = self._upstream_wait(result)
+                if wait is not None:
+                    ticket.pause_now(self.key, wait)
+                    self.ctx.events.emit(UpstreamPaused(self.upstream, wait))
+        return result
+
+    async def _admit(self, call: Call, start: float) -> None:
+        """Admit a caller that arrived at `start`, queueing it if need be."""
         clock, state = self.ctx.clock, self.ctx.state
         # The latest moment this caller may still be waiting in the queue.
         give_up = min(start + self.max_wait, call.deadline)
+        paused: float | None = None
+        reserved: float | None = None
+        slept = False
         while True:
             if reserved is None:
                 if paused is None:
@@ -161,6 +166,7 @@ class RateLimitStage:
                     if self.waiting >= self.max_size:
                         self._reject("queue_full", paused)
                     await self._sleep(paused)
+                    slept = True
                     paused = None
                     continue
                 paused = None
@@ -175,11 +181,15 @@ class RateLimitStage:
                     break
                 reserved = decision.wait
             await self._sleep(reserved)
+            slept = True
             reserved = None
             # A pause that began while this caller waited holds it too (its slot is lost).
             if await state.paused_for(self.key) <= 0:
                 break
-        self.ctx.events.emit(RateLimitWaited(self.upstream, clock.now() - start))
+        if slept:
+            self.ctx.events.emit(RateLimitWaited(self.upstream, clock.now() - start))
+        else:  # admitted without a wait (the time a state backend took is no queue wait)
+            self._admitted_at_once.n += 1
 
     async def _sleep(self, seconds: float) -> None:
         self.waiting += 1

@@ -19,13 +19,13 @@ import datetime as dt
 import email.utils
 import math
 import random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from proxy.errors import ProxyError
 from proxy.events import RetryScheduled, RetrySkipped
 from proxy.model import Call, Response, unsafe_method
-from proxy.pipeline import Handler, StageContext
-from proxy.state.base import StateBackend, SyncLimits, state_key, sync_limits
+from proxy.pipeline import Flow, Guard, Handler, Result, StageContext
+from proxy.state.base import SyncLimits, state_key, sync_limits
 
 if TYPE_CHECKING:
     from proxy.config.schema import Retry
@@ -96,7 +96,7 @@ def _should_retry(response: Response) -> str:
     return response.headers.get("Stripe-Should-Retry", "").strip().lower()
 
 
-class RetryStage:
+class RetryStage(Guard):
     name = "retry"
 
     def __init__(self, ctx: StageContext, retry: Retry) -> None:
@@ -108,8 +108,9 @@ class RetryStage:
         self.max_body = ctx.policy.limits.max_body
         self.budget_key = state_key(ctx.policy.upstream, "budget", ctx.policy.fingerprint("retry"))
         self.rng = random.Random()
-        self._state: StateBackend | None = None  # ctx.state as of the last budget operation
-        self._sync: SyncLimits | None = None
+        # The state's synchronous face (memory) for the guard's steps; None: async only.
+        # (ctx.state is one object for the stage's life: the runtime builds a stage per load.)
+        self._sync: SyncLimits | None = sync_limits(ctx.state)
         self._may_retry = retry.attempts > 1
         self._budget_settings = retry.budget
 
@@ -150,29 +151,48 @@ class RetryStage:
     # -- the loop --------------------------------------------------------------------------
     async def __call__(self, call: Call, nxt: Handler) -> Response:
         body = call.body
-        if self._may_retry and not body.replayable and body.length is not None and body.length <= self.max_body:
+        if self._needs_buffering(call):
             await body.read()  # small enough to keep: makes the call replayable
         budget = self._budget_settings
         if budget is not None:
-            state = self.ctx.state
-            if state is not self._state:
-                self._state, self._sync = state, sync_limits(state)
-            sync = self._sync
-            if sync is not None:
-                sync.budget_record_now(self.budget_key, budget.window, False)
-            else:
-                await state.budget_record(self.budget_key, window=budget.window, retry=False)
-
+            await self.ctx.state.budget_record(self.budget_key, window=budget.window, retry=False)
         result: Response | ProxyError
         try:
             result = await nxt(call)
         except ProxyError as exc:
             result = exc
+        settled = self.leave(call, None, result)
+        if isinstance(settled, Response):
+            return settled
+        return await self.resume(call, result, nxt)
+
+    def _needs_buffering(self, call: Call) -> bool:
+        body = call.body
+        return self._may_retry and not body.replayable and body.length is not None and body.length <= self.max_body
+
+    def enter(self, call: Call) -> Flow | None:
+        """Count the request in the budget (state in memory) for a call whose body needs no
+        buffering; anything else goes to `__call__`."""
+        body = call.body
+        if self._may_retry and not body.replayable and body.length is not None and body.length <= self.max_body:
+            return Flow.ASYNC  # the body must be read (buffered) first: an await
+        budget = self._budget_settings
+        if budget is not None:
+            if self._sync is None:
+                return Flow.ASYNC
+            self._sync.budget_record_now(self.budget_key, budget.window, False)
+        return None
+
+    def leave(self, call: Call, ticket: None, result: Result) -> Result | Literal[Flow.RESUME]:
         # The common case: an answer no status rule or `Stripe-Should-Retry` can make
         # retryable (`_reason` is None for it), so there is nothing to decide.
         if type(result) is Response and result.status < 400 and result.status not in self.on_status:
             result.attempts = 1
             return result
+        return Flow.RESUME
+
+    async def resume(self, call: Call, result: Result, nxt: Handler) -> Response:
+        """Go on after the first attempt ended in `result`: retry while useful and safe."""
         attempt = 1
         while True:
             skip = await self._why_not_retry(call, result, attempt)
@@ -218,14 +238,11 @@ class RetryStage:
         if budget is not None:
             # One atomic check-and-take: concurrent callers cannot all pass the check
             # before any of them records its retry.
-            state = self.ctx.state
-            if state is not self._state:
-                self._state, self._sync = state, sync_limits(state)
             sync = self._sync
             if sync is not None:
                 allowed = sync.budget_try_retry_now(self.budget_key, budget.window, budget.ratio, budget.min_per_second)
             else:
-                allowed = await state.budget_try_retry(
+                allowed = await self.ctx.state.budget_try_retry(
                     self.budget_key,
                     window=budget.window,
                     ratio=budget.ratio,

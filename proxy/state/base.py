@@ -91,12 +91,18 @@ class SyncLimits(Protocol):
 
     A backend whose limit operations never wait (memory) may expose this as its
     `sync_limits` attribute (None or absent otherwise); each `*_now` method is exactly the
-    async `StateBackend` operation of the same name, without the coroutine. The stages
-    look it up and use it on their hot path; a backend without it (Redis, the resilient
-    wrapper) is always called through the async protocol.
+    async `StateBackend` operation of the same name, without the coroutine, except
+    `rate_take_free_now`, the guard's common case in one step (`paused_for_now` and then
+    `rate_take_now` with `max_wait=0`). The guards (proxy/pipeline.py) look it up and use
+    it in `enter`/`leave`; a backend without it (Redis, the resilient wrapper) is always
+    called through the async protocol, by the stages' wrappers.
     """
 
     def rate_take_now(self, key: str, interval: float, burst: int, max_wait: float) -> RateDecision: ...
+
+    def rate_take_free_now(self, key: str, interval: float, burst: int) -> bool: ...
+
+    def pause_now(self, key: str, seconds: float) -> None: ...
 
     def paused_for_now(self, key: str) -> float: ...
 

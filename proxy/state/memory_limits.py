@@ -45,6 +45,10 @@ class _Window:
     total_a: int = 0
     total_b: int = 0
     pruned_at: int | None = None  # the bucket index of the last prune
+    # The bucket `add` wrote last and the times it covers: most adds land in it again.
+    current: list[int] | None = None
+    current_from: float = 0.0
+    current_until: float = 0.0
 
     def _prune(self, now: float) -> int:
         current = math.floor(now / self.width)
@@ -58,10 +62,16 @@ class _Window:
         return current
 
     def add(self, now: float, a: int, b: int) -> None:
-        current = self._prune(now)
-        counts = self.buckets.get(current)
-        if counts is None:
-            counts = self.buckets[current] = [0, 0]
+        counts = self.current
+        if counts is None or not self.current_from <= now < self.current_until:
+            # A new bucket (the prune can only matter here: within one bucket nothing slides out).
+            index = self._prune(now)
+            counts = self.buckets.get(index)
+            if counts is None:
+                counts = self.buckets[index] = [0, 0]
+            self.current = counts
+            self.current_from = index * self.width
+            self.current_until = (index + 1) * self.width
         counts[0] += a
         counts[1] += b
         self.total_a += a
@@ -81,6 +91,7 @@ class _Circuit:
     state: str = "closed"  # closed | open | half_open
     open_until: float = 0.0  # open: when trials may start
     window: _Window | None = None  # closed: [total, failures]
+    window_setting: float = 0.0  # the `window` (seconds) the window above was made for
     trials_admitted: int = 0  # half_open: trial slots handed out
     trials_passed: int = 0  # half_open: trials that succeeded
     last_trial_at: float = 0.0  # half_open: when the last slot was handed out
@@ -161,10 +172,28 @@ class MemoryLimits:
             return _ADMIT_NOW if wait == 0.0 else RateDecision(True, wait)
         return RateDecision(False, wait)
 
+    def rate_take_free_now(self, key: str, interval: float, burst: int) -> bool:
+        """The common case of `paused_for_now` + `rate_take_now(max_wait=0)` in one step:
+        take a slot that is free now unless `key` is paused. False changes nothing."""
+        now = self.clock.now()
+        if self._pauses:
+            until = self._pauses.get(key)
+            if until is not None and until > now:
+                return False
+        if now - self._last_sweep >= SWEEP_EVERY:
+            self._maybe_sweep(now)
+        tat = self._tat.get(key, now)
+        if tat < now:
+            tat = now
+        if tat - ((burst - 1) * interval if burst > 1 else 0.0) - now > _EPS:
+            return False  # the next free slot is later: a wait, which only rate_take can grant
+        self._tat[key] = tat + interval
+        return True
+
     async def rate_take(self, key: str, *, interval: float, burst: int, max_wait: float) -> RateDecision:
         return self.rate_take_now(key, interval, burst, max_wait)
 
-    async def pause(self, key: str, seconds: float) -> None:
+    def pause_now(self, key: str, seconds: float) -> None:
         if seconds <= 0:
             return
         now = self.clock.now()
@@ -172,6 +201,9 @@ class MemoryLimits:
         until = now + seconds
         if until > self._pauses.get(key, 0.0):
             self._pauses[key] = until
+
+    async def pause(self, key: str, seconds: float) -> None:
+        self.pause_now(key, seconds)
 
     def paused_for_now(self, key: str) -> float:
         until = self._pauses.get(key)
@@ -226,12 +258,12 @@ class MemoryLimits:
         refused. If every slot is out and no verdict came for `open_for` (trial callers
         vanished), the unanswered slots are handed out again.
         """
+        c = self._circuits.get(key)
+        if c is None or c.state == "closed":
+            return _ADMIT_CLOSED  # (the sweep runs from circuit_record_now, which follows)
         now = self.clock.now()
         if now - self._last_sweep >= SWEEP_EVERY:
             self._maybe_sweep(now)
-        c = self._circuits.get(key)
-        if c is None or c.state == "closed":
-            return _ADMIT_CLOSED
         if c.state == "open":
             if now < c.open_until:
                 return CircuitAdmission(False, "open", False, c.open_until - now)
@@ -278,9 +310,19 @@ class MemoryLimits:
         if before != "closed":
             return _UNCHANGED[before]
         w = c.window
-        if w is None or w.width != settings.window / BUCKETS:
+        if w is None or c.window_setting != settings.window:
             w = c.window = _Window(settings.window / BUCKETS)
-        w.add(now, 1, 1 if failure else 0)  # [total, failures]; add() prunes, so the sums are current
+            c.window_setting = settings.window
+        counts = w.current
+        if counts is not None and w.current_from <= now < w.current_until:
+            # `_Window.add` for the bucket it wrote last, inline: this runs on every call.
+            counts[0] += 1
+            w.total_a += 1
+            if failure:
+                counts[1] += 1
+                w.total_b += 1
+        else:
+            w.add(now, 1, 1 if failure else 0)  # [total, failures]; add() prunes, so the sums are current
         total, failures = w.total_a, w.total_b
         if total >= settings.min_requests and failures >= settings.failure_rate * total - _EPS:
             _open(c, now, settings)
