@@ -34,7 +34,7 @@ class RequestBody:
     aborted, incomplete request, never a complete one).
     """
 
-    __slots__ = ("_consumed", "_data", "_source", "length", "max_body")
+    __slots__ = ("_consumed", "_data", "_source", "length", "max_body", "replayable")
 
     def __init__(
         self,
@@ -46,6 +46,9 @@ class RequestBody:
     ) -> None:
         self._data = data
         self._source = source
+        # True when the body can be sent again (it is buffered, or there is none). A plain
+        # attribute, not a property: the retry guard reads it on every call.
+        self.replayable = data is not None or source is None
         self._consumed = False
         self.length = len(data) if data is not None else length
         self.max_body = max_body
@@ -83,13 +86,9 @@ class RequestBody:
                 raise self._too_large()
             parts.append(chunk)
         self._data = b"".join(parts)
+        self.replayable = True
         self.length = size
         return self._data
-
-    @property
-    def replayable(self) -> bool:
-        """True when the body can be sent again (it is buffered, or there is none)."""
-        return self._data is not None or (self._source is None)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Yield the body for sending; streams once, or replays the buffered bytes."""
