@@ -8,7 +8,7 @@ admitted by the rate limiter without waiting (`RateLimitWaited(upstream, 0.0)`).
 it through the bus each time cost ~3 us of a ~75 us call under load, so it is a *tally*:
 the stage adds 1 to an integer (`EventBus.tally`), and the subscribers that report it
 read how far the count moved when they report (metrics at scrape, the status page once a
-second). The count is the same as the events would have made; only the delivery differs.
+second). A tally is one per event type and value, kept for the bus's life.
 """
 
 from __future__ import annotations
@@ -161,7 +161,9 @@ class EventBus:
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
         self._routes: dict[type, tuple[Subscriber, ...]] = {}
-        self._tallies: dict[Event, Tally] = {}
+        # Keyed by type and value: NamedTuples of different types with equal fields are
+        # equal tuples (UpstreamPaused("up", 0.0) == RateLimitWaited("up", 0.0)).
+        self._tallies: dict[tuple[type, Event], Tally] = {}
 
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.append(subscriber)
@@ -175,11 +177,12 @@ class EventBus:
         return route
 
     def tally(self, event: Event) -> Tally:
-        """The tally of `event` (one per distinct event value, kept for the bus's life, so
+        """The tally of `event` (one per event type and value, kept for the bus's life, so
         a stage rebuilt on reload counts on where the old one stopped)."""
-        found = self._tallies.get(event)
+        key = (type(event), event)
+        found = self._tallies.get(key)
         if found is None:
-            found = self._tallies[event] = Tally(event)
+            found = self._tallies[key] = Tally(event)
         return found
 
     def tallies(self) -> tuple[Tally, ...]:

@@ -411,3 +411,34 @@ def test_status_board_counts_tallied_admissions_as_rate_limit_use() -> None:
     assert snap["admitted_per_second_1m"] == round(91 / USE_WINDOW, 3) and snap["waited"] == 1
     snap = board.upstream_snapshot("up", {"rate_limit": rl})["rate_limit"]
     assert snap["admitted_per_second_1m"] == round(91 / USE_WINDOW, 3)  # read once, not twice
+
+
+async def test_a_slot_due_within_float_residue_is_no_wait() -> None:
+    """Repeated `tat += interval` leaves ~1e-13 s residue: a call whose slot is that close to
+    now goes at once (tallied) on both paths, with no RateLimitWaited."""
+    clock = FakeClock(auto=False)
+    stage, events, _ = make_stage(
+        {"rate": "10/s", "burst": 1, "queue": {"max_wait": "1s", "max_size": 10}}, clock=clock
+    )
+    tasks = [asyncio.ensure_future(stage(make_call(clock, rid=str(i)), ok)) for i in range(3)]  # 1 now, 2 queued
+    for _ in range(10):
+        await asyncio.sleep(0)
+    clock.advance(0.3)
+    await asyncio.gather(*tasks)
+    events.clear()
+    before = at_once(stage)
+    late = asyncio.ensure_future(stage(make_call(clock, rid="late"), ok))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    clock.advance(1e-6)
+    assert (await late).status == 200
+    assert [e for e in events if isinstance(e, RateLimitWaited)] == [] and at_once(stage) == before + 1
+
+
+def test_tallies_of_equal_looking_events_of_two_types_are_apart() -> None:
+    from proxy.events import UpstreamPaused
+
+    bus = EventBus()
+    other = bus.tally(UpstreamPaused("up", 0.0))  # equal to RateLimitWaited("up", 0.0) as a tuple
+    tally = bus.tally(RateLimitWaited("up", 0.0))
+    assert tally is not other and type(tally.event) is RateLimitWaited

@@ -364,3 +364,37 @@ async def test_window_running_totals_equal_the_bucket_sums(clock: FakeClock) -> 
         assert failures == sum(c[1] for c in w.buckets.values())
     clock.advance(100)
     assert w.totals(clock.now()) == (0, 0) and w.empty(clock.now())
+
+
+def test_bucket_span_is_exactly_the_times_that_floor_to_the_index() -> None:
+    """The window's cached bucket covers the times `floor(t / width)` files under it, not
+    `[i * width, (i + 1) * width)`, which can be an ulp off (1.7 / 0.1 floors to 17, yet
+    1.7 < 17 * 0.1)."""
+    import math
+    import random
+
+    from proxy.state.memory_limits import _bucket_span
+
+    rng = random.Random(7)
+    for width in (0.1, 0.3, 1.0, 0.7, 6.0, 1 / 3):
+        times = [1.7, 4.3, 2.65, *(rng.uniform(0, 5000) for _ in range(2000))]
+        times += [k * width for k in range(1, 400)]  # the edges themselves
+        for t in times:
+            index = math.floor(t / width)
+            lo, hi = _bucket_span(index, width)
+            assert lo <= t < hi
+            assert math.floor(lo / width) == index and math.floor(math.nextafter(lo, -math.inf) / width) < index
+            assert math.floor(math.nextafter(hi, -math.inf) / width) == index and math.floor(hi / width) > index
+
+
+def test_a_result_at_a_bucket_edge_is_filed_where_floor_puts_it() -> None:
+    """1.6 then 1.7 with buckets of 0.1 s: the 1.7 failure belongs to bucket 17 and is still
+    in the window at 2.65 (buckets 17..26), so two failures of two calls open the circuit."""
+    clock = FakeClock(start=1.6, auto=False)
+    state = MemoryState(clock)
+    settings = CircuitSettings(window=1.0, min_requests=2, failure_rate=1.0, open_for=5.0, half_open_requests=1)
+    state.circuit_record_now("k", settings, False, False)
+    clock._now = 1.7  # exactly (1.6 + 0.1 is 1.7000000000000002)
+    state.circuit_record_now("k", settings, True, False)
+    clock._now = 2.65
+    assert state.circuit_record_now("k", settings, True, False).after == "open"

@@ -86,9 +86,9 @@ class CircuitStage(Guard):
     def leave(self, call: Call, trial: bool, result: Result) -> Result:
         sync = self._sync
         assert sync is not None  # enter() gave a ticket
-        if type(result) is Response:
+        if isinstance(result, Response):
             failure = result.status >= 500
-        elif isinstance(result, ProxyError) and result.code in FAILURE_CODES:
+        elif result.code in FAILURE_CODES:
             failure = True
         else:  # refused below (e.g. rate_limited): says nothing about the upstream
             if trial:

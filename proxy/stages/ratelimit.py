@@ -139,7 +139,7 @@ class RateLimitStage(Guard):
 
     def leave(self, call: Call, ticket: SyncLimits, result: Result) -> Result:
         # The test of `_upstream_wait`, inline: most answers name no wait.
-        if self.respect_upstream and type(result) is Response:
+        if self.respect_upstream and isinstance(result, Response):
             headers = result.headers
             if result.status == 429 or _REMAINING_HEADERS[0] in headers or _REMAINING_HEADERS[1] in headers:
                 wait = self._upstream_wait(result)
@@ -177,7 +177,7 @@ class RateLimitStage(Guard):
                 )
                 if not decision.allowed:
                     self._reject("queue_full" if full else "max_wait", decision.wait)
-                if decision.wait <= 0:
+                if decision.wait <= _EPS:  # due now (float residue of the TAT sums is no wait)
                     break
                 reserved = decision.wait
             await self._sleep(reserved)

@@ -173,7 +173,7 @@ class RetryStage(Guard):
     def enter(self, call: Call) -> Flow | None:
         """Count the request in the budget (state in memory) for a call whose body needs no
         buffering; anything else goes to `__call__`."""
-        body = call.body
+        body = call.body  # `_needs_buffering`, inline (one call less on every request)
         if self._may_retry and not body.replayable and body.length is not None and body.length <= self.max_body:
             return Flow.ASYNC  # the body must be read (buffered) first: an await
         budget = self._budget_settings

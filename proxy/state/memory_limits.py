@@ -70,8 +70,7 @@ class _Window:
             if counts is None:
                 counts = self.buckets[index] = [0, 0]
             self.current = counts
-            self.current_from = index * self.width
-            self.current_until = (index + 1) * self.width
+            self.current_from, self.current_until = _bucket_span(index, self.width)
         counts[0] += a
         counts[1] += b
         self.total_a += a
@@ -84,6 +83,23 @@ class _Window:
     def empty(self, now: float) -> bool:
         self._prune(now)
         return not self.buckets
+
+
+def _bucket_span(index: int, width: float) -> tuple[float, float]:
+    """[lo, hi): exactly the times t with floor(t / width) == index. `index * width` can be
+    an ulp off that edge (1.7 / 0.1 floors to 17, yet 1.7 < 17 * 0.1), so each bound is
+    moved by ulps until it agrees with the division the window (and the Redis script)
+    files a time by."""
+    lo, hi = index * width, (index + 1) * width
+    while math.floor(lo / width) < index:
+        lo = math.nextafter(lo, math.inf)
+    while math.floor(math.nextafter(lo, -math.inf) / width) >= index:
+        lo = math.nextafter(lo, -math.inf)
+    while math.floor(hi / width) <= index:
+        hi = math.nextafter(hi, math.inf)
+    while math.floor(math.nextafter(hi, -math.inf) / width) > index:
+        hi = math.nextafter(hi, -math.inf)
+    return lo, hi
 
 
 @dataclass(slots=True)
