@@ -147,7 +147,7 @@ class Guarded:
     bench/stages_ab.py, but never more expensive).
     """
 
-    __slots__ = ("guards", "inner", "run", "within", "wrapped")
+    __slots__ = ("guards", "inner", "run")
 
     def __init__(self, guards: Sequence[Guard], inner: Handler) -> None:
         self.guards = tuple(guards)
@@ -161,9 +161,7 @@ class Guarded:
             within.append(handler)
             handler = _bind(guard, handler)
             wrapped.append(handler)
-        self.wrapped = tuple(reversed(wrapped))
-        self.within = tuple(reversed(within))
-        self.run: Handler = _runner(self.guards, inner, self.wrapped, self.within)
+        self.run: Handler = _runner(self.guards, inner, tuple(reversed(wrapped)), tuple(reversed(within)))
 
     def __call__(self, call: Call) -> Awaitable[Response]:
         return self.run(call)
