@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -13,6 +14,9 @@ from pathlib import Path
 from proxy.observe.logs import configure_logging
 
 LEVELS = ("debug", "info", "warning", "error")
+DATA_DIR_NONE_WARNING = (
+    "--data-dir none: idempotency records and the failover ledger are kept in memory only and are lost on restart"
+)
 
 
 def _env(name: str, default: str) -> str:
@@ -29,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--admin", default=_env("EGRESSD_ADMIN", "127.0.0.1:9901"), help="admin listener HOST:PORT")
     run.add_argument("--redis", default=os.environ.get("EGRESSD_REDIS_URL"), help="Redis URL for shared state")
     run.add_argument("--redis-prefix", default=_env("EGRESSD_REDIS_PREFIX", "egressd:"), help="Redis key prefix")
+    run.add_argument(
+        "--data-dir",
+        default=_env("EGRESSD_DATA_DIR", "./egressd-data"),
+        help="the durable store (idempotency records, failover ledger; created if missing); "
+        "'none' keeps them in memory only",
+    )
     run.add_argument(
         "--log-format", default=_env("EGRESSD_LOG_FORMAT", "json"), choices=("json", "text"), help="log line format"
     )
@@ -74,6 +84,11 @@ def _run(args: argparse.Namespace) -> int:
     from proxy.server import Settings, parse_hostport, serve
 
     configure_logging(args.log_format, args.log_level)
+    data_dir: Path | None = None
+    if args.data_dir.strip().lower() == "none":
+        logging.getLogger("egressd").warning(DATA_DIR_NONE_WARNING)
+    else:
+        data_dir = Path(args.data_dir)
     try:
         drain = float(args.drain)
         header_timeout = float(args.header_timeout)
@@ -85,6 +100,7 @@ def _run(args: argparse.Namespace) -> int:
             admin=parse_hostport(args.admin),
             redis_url=args.redis or None,
             redis_prefix=args.redis_prefix,
+            data_dir=data_dir,
             drain=drain,
             header_timeout=header_timeout,
         )

@@ -20,6 +20,7 @@ STATUS_BY_CODE: Mapping[str, int] = {
     "upstream_auth_failed": 502,
     "circuit_open": 503,
     "draining": 503,
+    "state_unavailable": 503,
     "over_capacity": 503,
     "upstream_timeout": 504,
 }

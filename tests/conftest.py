@@ -95,6 +95,7 @@ from collections.abc import Iterator  # noqa: E402
 from proxy.clock import Clock  # noqa: E402
 from proxy.state.base import StateBackend  # noqa: E402
 from tests import stagekit  # noqa: E402
+from tests.egressd_process import egressd_factory  # noqa: E402, F401  (a fixture for every module)
 from tests.redis_server import RedisCluster, RedisServer, running_cluster, running_redis  # noqa: E402
 
 
@@ -112,15 +113,32 @@ def redis_cluster() -> Iterator[RedisCluster]:
         yield cluster
 
 
-@pytest.fixture(params=["memory", "redis", "redis-cluster"])
-async def state_backend_factory(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[Clock], StateBackend]]:
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis-cluster"])
+async def state_backend_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[[Clock], StateBackend]]:
     import uuid
 
     from proxy.state.memory import MemoryState
     from proxy.state.redis import RedisState
+    from proxy.state.sqlite import SQLiteState
 
     if request.param == "memory":
         yield lambda clock: MemoryState(clock)
+        return
+    if request.param == "sqlite":
+        opened: list[SQLiteState] = []
+
+        def sqlite_factory(clock: Clock) -> StateBackend:
+            # A data dir per test; a second state in the same test shares it (two processes).
+            state = SQLiteState(tmp_path / "data", clock)
+            opened.append(state)
+            return state
+
+        (tmp_path / "data").mkdir()
+        yield sqlite_factory
+        for opened_state in opened:
+            await opened_state.close()
         return
     fixture = "redis_server" if request.param == "redis" else "redis_cluster"
     url = request.getfixturevalue(fixture).url

@@ -1,7 +1,8 @@
-"""Backend-parameterised suite for the idempotency ledger, response cache and kv.
+"""Backend-parameterised suite for idempotency records, the routing ledger, cache and kv.
 
-Tests go only through the `StateBackend` protocol, so the Redis backend (a later issue)
-adds its id to `state_backend_factory` and must pass the same suite.
+Tests go only through the `StateBackend` protocol (proxy/state/base.py documents the
+rules), and run against every backend in `state_backend_factory`: memory, sqlite (the data
+dir), redis and redis-cluster.
 """
 
 from __future__ import annotations
@@ -72,12 +73,89 @@ async def test_completed_record_expires_after_ttl(backend: StateBackend, clock: 
     assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)).state == "new"
 
 
-async def test_in_flight_lock_lapses_after_lock_ttl(backend: StateBackend, clock: FakeClock) -> None:
-    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)
+async def test_in_flight_lock_lapse_makes_the_record_in_doubt(backend: StateBackend, clock: FakeClock) -> None:
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")).state == "new"
     clock.advance(9)
-    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)).state == "in_flight"
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_flight"
     clock.advance(2)
-    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)).state == "new"
+    # the owner's lock lapsed without an outcome: the upstream may or may not have acted
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_doubt"
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="c")).state == "in_doubt"
+    # the owner itself comes too late: the record is in doubt for it as well
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")).state == "in_doubt"
+
+
+async def test_in_doubt_lasts_until_the_record_lifetime_ends(backend: StateBackend, clock: FakeClock) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")
+    clock.advance(11)
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_doubt"
+    clock.advance(58)  # 69 s: lock (10) + ttl (60) not over yet
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_doubt"
+    clock.advance(2)
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "new"
+
+
+async def test_in_doubt_with_another_fingerprint_is_mismatch(backend: StateBackend, clock: FakeClock) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")
+    clock.advance(11)
+    assert (await backend.idem_claim("s|k1", "other", ttl=60, lock_ttl=10, owner="b")).state == "mismatch"
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_doubt"
+    claim = await backend.idem_claim("s|k1", "other", ttl=60, lock_ttl=10, owner="b", dedupes=True)
+    assert claim.state == "mismatch"
+
+
+async def test_dedupes_takes_over_a_lapsed_claim(backend: StateBackend, clock: FakeClock) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")
+    # within the owner's lock, dedupes changes nothing
+    claim = await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b", dedupes=True)
+    assert claim.state == "in_flight"
+    clock.advance(11)
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b", dedupes=True)).state == "new"
+    # b owns it now: a new in-flight record with its own lock
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="c")).state == "in_flight"
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "new"
+    await backend.idem_complete("s|k1", answer(), ttl=60, fingerprint="fp", owner="b")
+    claim = await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="c")
+    assert claim.state == "completed" and claim.response == answer()
+
+
+async def test_dedupes_takes_over_a_record_already_in_doubt(backend: StateBackend, clock: FakeClock) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")
+    clock.advance(11)
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_doubt"
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="c", dedupes=True)).state == "new"
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="d")).state == "in_flight"
+    # the new owner's release frees it (nothing is in doubt any more)
+    await backend.idem_release("s|k1", "c")
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="d")).state == "new"
+
+
+async def test_claims_are_idempotent_per_owner(backend: StateBackend) -> None:
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")).state == "new"
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")).state == "new"
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_flight"
+    # no owner never matches another claim
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)).state == "in_flight"
+    # the owner with another fingerprint is still a mismatch
+    assert (await backend.idem_claim("s|k1", "fp2", ttl=60, lock_ttl=10, owner="a")).state == "mismatch"
+
+
+async def test_owner_claiming_again_renews_its_lock(backend: StateBackend, clock: FakeClock) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")
+    clock.advance(8)
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")).state == "new"
+    clock.advance(8)  # 16 s after the first claim, 8 after the second
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_flight"
+    clock.advance(3)
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_doubt"
+
+
+async def test_owner_claiming_again_after_its_lock_lapsed_keeps_it(backend: StateBackend, clock: FakeClock) -> None:
+    # nobody else looked in between: the record is still the owner's in-flight claim
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")
+    clock.advance(11)
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")).state == "new"
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_flight"
 
 
 async def test_release_frees_in_flight_but_not_completed(backend: StateBackend) -> None:
@@ -94,6 +172,73 @@ async def test_complete_without_claim_stores_nothing(backend: StateBackend) -> N
     assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)).state == "new"
 
 
+async def test_complete_after_the_record_vanished_stores_it_under_the_fingerprint(backend: StateBackend) -> None:
+    # the record is gone (evicted, a store emptied): the answer is still kept
+    await backend.idem_complete("s|k1", answer(), ttl=60, fingerprint="fp", owner="a")
+    claim = await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")
+    assert claim.state == "completed" and claim.response == answer()
+    assert (await backend.idem_claim("s|k1", "other", ttl=60, lock_ttl=10, owner="b")).state == "mismatch"
+
+
+async def test_complete_after_lock_lapse_and_expiry(backend: StateBackend, clock: FakeClock) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")
+    clock.advance(71)  # the whole record expired
+    await backend.idem_complete("s|k1", answer(), ttl=60, fingerprint="fp", owner="a")
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "completed"
+    clock.advance(61)
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "new"
+
+
+async def test_first_completion_wins(backend: StateBackend) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")
+    await backend.idem_complete("s|k1", answer(b"first"), ttl=60, fingerprint="fp", owner="a")
+    await backend.idem_complete("s|k1", answer(b"second"), ttl=60, fingerprint="fp", owner="b")
+    await backend.idem_complete("s|k1", answer(b"third"), ttl=60)
+    claim = await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="c")
+    assert claim.state == "completed" and claim.response == answer(b"first")
+
+
+async def test_complete_of_any_owners_in_flight_or_in_doubt_record(backend: StateBackend, clock: FakeClock) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")
+    await backend.idem_complete("s|k1", answer(b"by-b"), ttl=60, owner="b")  # another owner's completion
+    claim = await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="c")
+    assert claim.state == "completed" and claim.response == answer(b"by-b")
+
+    await backend.idem_claim("s|k2", "fp", ttl=60, lock_ttl=10, owner="a")
+    clock.advance(11)
+    assert (await backend.idem_claim("s|k2", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_doubt"
+    await backend.idem_complete("s|k2", answer(b"late"), ttl=60, fingerprint="fp", owner="a")
+    claim = await backend.idem_claim("s|k2", "fp", ttl=60, lock_ttl=10, owner="b")
+    assert claim.state == "completed" and claim.response == answer(b"late")
+
+
+async def test_complete_never_answers_another_fingerprint(backend: StateBackend) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")
+    await backend.idem_complete("s|k1", answer(), ttl=60, fingerprint="other", owner="x")
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_flight"
+
+
+async def test_release_only_by_its_owner(backend: StateBackend) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")
+    await backend.idem_release("s|k1", "b")
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_flight"
+    await backend.idem_release("s|k1", "a")
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "new"
+    # "" matches any owner whose lock still runs
+    await backend.idem_release("s|k1")
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="c")).state == "new"
+
+
+async def test_release_leaves_in_doubt_and_lapsed_records(backend: StateBackend, clock: FakeClock) -> None:
+    await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="a")
+    clock.advance(11)
+    await backend.idem_release("s|k1")  # a lapsed claim of an unknown owner stays
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_doubt"
+    await backend.idem_release("s|k1", "a")  # in doubt now: not an in-flight record any more
+    await backend.idem_release("s|k1")
+    assert (await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10, owner="b")).state == "in_doubt"
+
+
 async def test_release_of_unknown_key_is_harmless(backend: StateBackend) -> None:
     await backend.idem_release("s|nothing")
 
@@ -101,6 +246,31 @@ async def test_release_of_unknown_key_is_harmless(backend: StateBackend) -> None
 async def test_keys_are_independent(backend: StateBackend) -> None:
     await backend.idem_claim("s|k1", "fp", ttl=60, lock_ttl=10)
     assert (await backend.idem_claim("s|k2", "fp", ttl=60, lock_ttl=10)).state == "new"
+
+
+# -- the failover routing ledger -------------------------------------------------------
+
+
+async def test_ledger_roundtrip_overwrite_and_expiry(backend: StateBackend, clock: FakeClock) -> None:
+    assert await backend.ledger_get("stripe:ledger|pi_1") is None
+    await backend.ledger_set("stripe:ledger|pi_1", b'{"owner":"paypal"}', ttl=30)
+    assert await backend.ledger_get("stripe:ledger|pi_1") == b'{"owner":"paypal"}'
+    await backend.ledger_set("stripe:ledger|pi_1", b'{"owner":"stripe"}', ttl=30)
+    assert await backend.ledger_get("stripe:ledger|pi_1") == b'{"owner":"stripe"}'
+    clock.advance(29.9)
+    assert await backend.ledger_get("stripe:ledger|pi_1") is not None
+    clock.advance(0.2)
+    assert await backend.ledger_get("stripe:ledger|pi_1") is None
+
+
+async def test_ledger_binary_values_and_separate_from_kv(backend: StateBackend) -> None:
+    value = bytes(range(256))
+    await backend.ledger_set("same", value, ttl=30)
+    await backend.kv_set("same", b"kv", ttl=30)
+    assert await backend.ledger_get("same") == value
+    assert await backend.kv_get("same") == b"kv"
+    await backend.ledger_set("gone", b"x", ttl=0)
+    assert await backend.ledger_get("gone") is None
 
 
 # -- cache --------------------------------------------------------------------------------

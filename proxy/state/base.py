@@ -1,10 +1,14 @@
 """The one small protocol behind which shared state lives.
 
-Two backends implement it with the same semantics: `memory` (one process) and `redis`
-(every replica that uses the same Redis). Keys passed in are already scoped by the
-caller to one upstream and one configuration fingerprint (see `state_key`), so an
-upstream whose relevant settings did not change keeps its state across a reload, and
-one whose settings changed starts fresh.
+Three backends implement it with the same semantics: `memory` (one process), `sqlite`
+(the durable store in `--data-dir`: memory for limits and cache, SQLite for the records
+that must survive a restart) and `redis` (every replica that uses the same Redis).
+
+Keys passed in are already scoped by the caller. Limits, circuits and the cache are
+scoped to one upstream and one configuration fingerprint (see `state_key`), so an
+upstream whose relevant settings did not change keeps that state across a reload, and one
+whose settings changed starts fresh. Idempotency and fingerprint records and the routing
+ledger are scoped by upstream only: they survive every reload (contract 7.2).
 
 Every operation that must be atomic is one call here (one Lua script in Redis).
 """
@@ -75,15 +79,32 @@ class StoredResponse:
 
 @dataclass(frozen=True, slots=True)
 class IdempotencyClaim:
-    """Result of claiming an idempotency key.
+    """Result of claiming an idempotency (or fingerprint) record.
 
-    state: "new" (caller owns it and must complete or release it), "in_flight" (someone
-    else owns it; wait and claim again), "completed" (`response` holds the stored answer),
-    "mismatch" (the key was used with a different request fingerprint).
+    state:
+
+    * "new": the caller now owns an in-flight record and must complete or release it
+      (also the answer to an owner that claims its own in-flight record again, e.g. after
+      a timeout whose reply was lost: claims are idempotent per `owner`);
+    * "in_flight": someone else owns it and is still within its lock; wait and claim again;
+    * "completed": `response` holds the recorded answer (a complete answer, or the
+      ambiguous one a keyless call got, see docs/resilience.md "Exactly once");
+    * "mismatch": the key was used with a different request fingerprint;
+    * "in_doubt": the record was in flight under an owner that is gone (its lock lapsed,
+      or, in the durable store, its process died) without an outcome: the upstream may or
+      may not have acted. The record stays in doubt until its `ttl` ends. A claim with
+      `dedupes=True` takes such a record over (answers "new") instead.
     """
 
     state: str
     response: StoredResponse | None = None
+
+
+class RecordsUnavailable(Exception):
+    """The shared store cannot decide a claim now (Redis slow or away) and the caller did
+    not allow a local decision (`dedupes=False`). Nothing was claimed, or what may have
+    been claimed is owned by `owner` and will be given back; the caller may try again
+    (same `owner`) or answer 503 `state_unavailable`."""
 
 
 class SyncLimits(Protocol):
@@ -165,20 +186,47 @@ class StateBackend(Protocol):
 
     async def circuit_state(self, key: str, settings: CircuitSettings) -> str: ...
 
-    # -- idempotency ledger --------------------------------------------------------------
-    async def idem_claim(self, key: str, fingerprint: str, *, ttl: float, lock_ttl: float) -> IdempotencyClaim: ...
+    # -- idempotency and fingerprint records ---------------------------------------------
+    # Keys are `<upstream>:idem|k:<digest>` (app keys) or `...|w:<digest>` (fingerprints):
+    # they depend on the upstream, the credential scope and the key or fingerprint only, so
+    # records survive reloads and restarts (contract 7.2).
+    async def idem_claim(
+        self, key: str, fingerprint: str, *, ttl: float, lock_ttl: float, owner: str = "", dedupes: bool = False
+    ) -> IdempotencyClaim:
+        """Claim `key` for `owner` (a token unique to the claiming call).
 
-    async def idem_complete(self, key: str, response: StoredResponse, *, ttl: float) -> None: ...
+        new record: in flight for `lock_ttl` seconds, then (if neither completed nor
+        released) in doubt until `ttl` more seconds have passed. `dedupes`: the upstream
+        deduplicates on the key that is sent, so a record in doubt may be taken over, and a
+        backend that cannot reach its shared store may decide locally instead of raising
+        `RecordsUnavailable`.
+        """
 
-    async def idem_release(self, key: str) -> None:
-        """Forget an in-flight claim whose call did not complete (so a retry may run)."""
+    async def idem_complete(
+        self, key: str, response: StoredResponse, *, ttl: float, fingerprint: str = "", owner: str = ""
+    ) -> None:
+        """Record `response` as the outcome of `key` for `ttl` seconds.
+
+        Stored even when the record is gone (a Redis restarted empty, an evicted record),
+        under `fingerprint`, so the answer of a call that may have acted is never lost; an
+        existing completed record is kept as it is."""
+
+    async def idem_release(self, key: str, owner: str = "") -> None:
+        """Forget an in-flight claim whose call did not reach the upstream (so a resend
+        may run). Only the owner's own in-flight record is removed (`owner` "" matches any
+        owner, for older callers)."""
+
+    # -- the failover routing ledger (durable where the backend is) ------------------------
+    async def ledger_get(self, key: str) -> bytes | None: ...
+
+    async def ledger_set(self, key: str, value: bytes, *, ttl: float) -> None: ...
 
     # -- response cache ------------------------------------------------------------------
     async def cache_get(self, key: str) -> StoredResponse | None: ...
 
     async def cache_set(self, key: str, response: StoredResponse, *, ttl: float) -> None: ...
 
-    # -- small shared values (routing ledger, OAuth tokens) ------------------------------
+    # -- small shared values (OAuth tokens; kept out of the durable store) ----------------
     async def kv_get(self, key: str) -> bytes | None: ...
 
     async def kv_set(self, key: str, value: bytes, *, ttl: float) -> None: ...

@@ -1,4 +1,5 @@
-"""In-process records: the idempotency ledger, the response cache and small shared values.
+"""In-process records: idempotency and fingerprint records, the failover routing ledger,
+the response cache and small shared values.
 
 A mixin of `proxy.state.memory.MemoryState` (which sets `self.clock` first). Each
 operation below is self-contained and mirrors one Redis Lua script of the Redis backend,
@@ -6,7 +7,7 @@ so both backends keep the same semantics (tests/test_state_records.py runs again
 
 Memory is bounded twice:
 
-* `max_records` caps each of the three stores (idempotency, cache, kv) for the whole
+* `max_records` caps each of the four stores (idempotency, ledger, cache, kv) for the whole
   process; past it expired records go first, then the least recently used one.
 * `limit_scope(scope, max_entries)` caps one scope (one upstream's stage under one
   configuration, the part of a key before `SCOPE_SEP`); stages call it with the policy's
@@ -17,10 +18,15 @@ What eviction means: an evicted cache entry is a later miss; an evicted *complet
 idempotency record means a later repeat of that call is sent upstream again (for Stripe
 and PayPal the provider itself still deduplicates by the key, which the proxy forwards).
 
-An *in-flight* idempotency claim is never evicted: dropping it would let a concurrent
-duplicate through while the first call is still running. When only in-flight claims are
-left to evict, the cap is exceeded until they complete, are released or lapse (at their
-owner's deadline plus a margin); so the overshoot is bounded by the calls in flight.
+An *in-flight* idempotency claim is never evicted while its owner's lock runs: dropping it
+would let a concurrent duplicate through while the first call is still running. When
+only such claims are left to evict, the cap is exceeded until they complete, are released
+or their lock lapses (at their owner's deadline plus a margin); so the overshoot is
+bounded by the calls in flight. A claim whose lock lapsed is kept as *in doubt* for the
+record's ttl (base.py), but may be evicted like a completed record.
+
+Times here are `clock.now()` (monotonic): nothing in memory survives a restart. The
+durable store (`proxy/state/sqlite.py`) keeps the same records with wall-clock times.
 """
 
 from __future__ import annotations
@@ -49,17 +55,15 @@ class _Record:
 
 @dataclass(slots=True)
 class _IdemValue:
-    state: str  # in_flight | completed
+    state: str  # in_flight | in_doubt | completed
     fingerprint: str
     response: StoredResponse | None = None
+    owner: str = ""  # in flight: the owner token ("" never matches a claim)
+    lock_until: float = 0.0  # in flight: the end of the owner's lock (clock.now() value)
 
 
 def _never_pinned(_value: Any) -> bool:
     return False
-
-
-def _in_flight(value: Any) -> bool:
-    return isinstance(value, _IdemValue) and value.state == "in_flight"
 
 
 class _Store:
@@ -144,6 +148,11 @@ class _Store:
         for key in [k for k, r in self._data.items() if r.expires <= now]:
             self.delete(key)
 
+    def expires_in(self, key: str) -> float:
+        """Seconds left of a record's life (0 when it is missing)."""
+        record = self._data.get(key)
+        return 0.0 if record is None else max(record.expires - self._clock.now(), 0.0)
+
     def delete(self, key: str) -> None:
         if self._data.pop(key, None) is None:
             return
@@ -158,53 +167,106 @@ class _Store:
 
 
 class MemoryRecords:
-    """Idempotency ledger, response cache and kv in process memory (see module doc)."""
+    """Idempotency records, the routing ledger, the response cache and kv in process
+    memory (see module doc)."""
 
     clock: Clock
 
     def __init__(self, *, max_records: int = 100_000) -> None:
         self.max_records = max_records
         self._scope_limits: LRUCache[str, int] = LRUCache(maxsize=_MAX_SCOPES)
-        self._idem = _Store(self.clock, max_records, self._scope_limits, pinned=_in_flight)
+        self._idem = _Store(self.clock, max_records, self._scope_limits, pinned=self._live_claim)
         self._cache = _Store(self.clock, max_records, self._scope_limits)
         self._kv = _Store(self.clock, max_records, self._scope_limits)
+        self._ledger = _Store(self.clock, max_records, self._scope_limits)
+
+    def _live_claim(self, value: Any) -> bool:
+        """An in-flight record whose owner is still within its lock: never evicted."""
+        return isinstance(value, _IdemValue) and value.state == "in_flight" and value.lock_until > self.clock.now()
 
     def limit_scope(self, scope: str, max_entries: int) -> None:
         """Cap the records of one scope (keys `scope|...`); memory backend only."""
         self._scope_limits[scope] = max(1, max_entries)
 
-    # -- idempotency ledger (one Lua script each in Redis) ------------------------------
+    # -- idempotency and fingerprint records (one Lua script each in Redis) -------------
     async def idem_claim(
-        self, key: str, fingerprint: str, *, ttl: float, lock_ttl: float
+        self, key: str, fingerprint: str, *, ttl: float, lock_ttl: float, owner: str = "", dedupes: bool = False
     ) -> IdempotencyClaim:
-        """new: the caller now owns an in-flight record that lapses after `lock_ttl`
-        (so a crashed owner does not block the key for ever); `ttl` is unused here and
-        is given for symmetry with `idem_complete`."""
+        """See `StateBackend.idem_claim`: a new record is in flight (owned by `owner`) for
+        `lock_ttl` seconds and lives `lock_ttl + ttl` seconds in all, so that a lapsed
+        claim is remembered as in doubt for `ttl` more seconds."""
+        now = self.clock.now()
+        ttl = max(ttl, 0.0)
         current: _IdemValue | None = self._idem.get(key)
-        if current is None:
-            self._idem.set(key, _IdemValue("in_flight", fingerprint), lock_ttl)
-            return IdempotencyClaim("new")
-        if current.fingerprint != fingerprint:
-            return IdempotencyClaim("mismatch")
-        if current.state == "completed":
-            return IdempotencyClaim("completed", current.response)
-        return IdempotencyClaim("in_flight")
+        if current is not None:
+            if current.fingerprint != fingerprint:
+                return IdempotencyClaim("mismatch")
+            if current.state == "completed":
+                return IdempotencyClaim("completed", current.response)
+            if current.state == "in_flight":
+                if owner and current.owner == owner:
+                    # The owner claims again (its first reply was lost): still its claim,
+                    # lock renewed, the record's life never shortened.
+                    if lock_ttl > 0:
+                        current.lock_until = now + lock_ttl
+                        left = self._idem.expires_in(key)
+                        self._idem.set(key, current, max(left, lock_ttl + ttl))
+                    return IdempotencyClaim("new")
+                if current.lock_until > now:
+                    return IdempotencyClaim("in_flight")
+                # The lock lapsed without an outcome: in doubt for the rest of its life.
+                current.state = "in_doubt"
+                current.owner = ""
+                current.lock_until = 0.0
+            if not dedupes:
+                return IdempotencyClaim("in_doubt")
+        # Missing, expired, or in doubt and taken over by a caller whose upstream dedupes.
+        self._idem.delete(key)
+        if lock_ttl > 0:
+            value = _IdemValue("in_flight", fingerprint, owner=owner, lock_until=now + lock_ttl)
+            self._idem.set(key, value, lock_ttl + ttl)
+        return IdempotencyClaim("new")
 
-    async def idem_complete(self, key: str, response: StoredResponse, *, ttl: float) -> None:
-        """Turn the in-flight record into a completed one kept for `ttl`.
+    async def idem_complete(
+        self, key: str, response: StoredResponse, *, ttl: float, fingerprint: str = "", owner: str = ""
+    ) -> None:
+        """See `StateBackend.idem_complete`. A live completed record is kept (the first
+        answer wins); an in-flight or in-doubt one (any owner) becomes completed; a missing
+        one is stored under `fingerprint` (nothing when it is ""). A live record of another
+        fingerprint is left alone: its answer must never be replayed to another request."""
+        current: _IdemValue | None = self._idem.get(key)
+        if current is not None:
+            if current.state == "completed":
+                return
+            if fingerprint and current.fingerprint != fingerprint:
+                return
+            fingerprint = current.fingerprint
+        elif not fingerprint:
+            return
+        self._idem.delete(key)
+        if ttl > 0:
+            self._idem.set(key, _IdemValue("completed", fingerprint, response), ttl)
 
-        When the record is gone (its lock lapsed and it was evicted or expired) nothing is
-        stored: the fingerprint is unknown, and a replay must never answer a different body.
-        """
+    async def idem_release(self, key: str, owner: str = "") -> None:
+        """Delete a live in-flight record owned by `owner` ("" matches any owner whose lock
+        has not lapsed: a lapsed claim of an unknown owner stays, to become in doubt)."""
         current: _IdemValue | None = self._idem.get(key)
         if current is None or current.state != "in_flight":
             return
-        self._idem.set(key, _IdemValue("completed", current.fingerprint, response), ttl)
+        if owner:
+            if current.owner != owner:
+                return
+        elif current.lock_until <= self.clock.now():
+            return
+        self._idem.delete(key)
 
-    async def idem_release(self, key: str) -> None:
-        current: _IdemValue | None = self._idem.get(key)
-        if current is not None and current.state == "in_flight":
-            self._idem.delete(key)
+    # -- the failover routing ledger ----------------------------------------------------
+    async def ledger_get(self, key: str) -> bytes | None:
+        value: bytes | None = self._ledger.get(key)
+        return value
+
+    async def ledger_set(self, key: str, value: bytes, *, ttl: float) -> None:
+        self._ledger.set(key, value, ttl)
 
     # -- response cache -----------------------------------------------------------------
     async def cache_get(self, key: str) -> StoredResponse | None:
