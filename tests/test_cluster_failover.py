@@ -4,9 +4,11 @@ A real 3-master Cluster with one replica per master (six `redis-server` processe
 egressd instances share it (`redis+cluster://`) and serve steady load against a fake
 upstream: idempotent POSTs (each repeated once: the repeat must be a replay), GETs, a
 shared rate limit. Then the master that holds the shared rate limit's key is SIGKILLed;
-its replica is promoted after the node timeout. Every call is answered 2xx, the backend
-reports `degraded` and then `ok` again (redis-py's Cluster client picks up the new slot
-map), and state is shared across the two instances again afterwards.
+its replica is promoted after the node timeout. Every call is answered 2xx (or, for a
+keyed POST whose claim no master could decide within its wait, 503 `state_unavailable`:
+not sent; no payment is ever sent twice), the backend reports `degraded` and then `ok`
+again (redis-py's Cluster client picks up the new slot map), and state is shared across
+the two instances again afterwards.
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ async def test_cluster_master_failover_under_load(start_proxy: Callable[..., Awa
                 servers = []
                 for _ in range(2):
                     state = open_shared_state(cluster.url, prefix=prefix)
+                    # health is "degraded" for this long after a refused claim (10 s by default)
+                    state.refusal_window = 0.5
                     states.append(state)
                     assert await state.connect()
                     servers.append(await start_proxy(policy, state=state))
@@ -107,6 +111,10 @@ async def test_cluster_master_failover_under_load(start_proxy: Callable[..., Awa
                 statuses: Counter[int] = Counter()
                 failures: list[str] = []
                 replays: Counter[str] = Counter()  # "replayed" / "sent again"
+                # A keyed POST whose claim no Redis master could decide within its wait
+                # (the claim's slot was on the failed master) is refused, not sent: 503
+                # state_unavailable (contract 7.2). Counted, never a failure.
+                refused: Counter[str] = Counter()
                 health: list[list[str]] = [[], []]  # health transitions seen, per instance
                 stop = asyncio.Event()
 
@@ -121,17 +129,23 @@ async def test_cluster_master_failover_under_load(start_proxy: Callable[..., Awa
                             ("POST", f"{base}/pay", key),  # the app repeats: a replay
                             ("GET", f"{base}/items/{i % 7}", None),
                         ]
+                        first_refused = False
                         for j, (method, url, idem) in enumerate(calls):
                             headers = {"Idempotency-Key": idem} if idem else {}
                             try:
                                 async with http.request(
                                     method, url, json={"n": n, "i": i} if idem else None, headers=headers
                                 ) as r:
-                                    await r.read()
+                                    text = await r.text()
                                     statuses[r.status] += 1
+                                    if idem and r.status == 503 and "state_unavailable" in text:
+                                        refused[method] += 1
+                                        first_refused = first_refused or j == 0
+                                        assert r.headers.get("Retry-After"), "a refusal says when to try again"
+                                        continue
                                     if not 200 <= r.status < 300:
-                                        failures.append(f"{method} {url}: {r.status} {await r.text()}"[:300])
-                                    if j == 1:
+                                        failures.append(f"{method} {url}: {r.status} {text}"[:300])
+                                    if j == 1 and not first_refused:  # (else the repeat is the first send)
                                         replayed = r.headers.get("Idempotent-Replayed") == "true"
                                         replays["replayed" if replayed else "sent again"] += 1
                             except Exception as exc:  # every failure is reported
@@ -176,6 +190,7 @@ async def test_cluster_master_failover_under_load(start_proxy: Callable[..., Awa
 
                     async with http.get(proxy_url(servers[0], "admin") + "/status.json") as r:
                         status_page = (await r.json())["state_backend"]
+                    records = [state.records_snapshot() for state in states]
 
                     # Shared again after the failover: a rate limit across the two instances...
                     tight = [(await http.get(bases[0] + "/tight/x")).status for _ in range(2)]
@@ -195,14 +210,15 @@ async def test_cluster_master_failover_under_load(start_proxy: Callable[..., Awa
                 await state.close()
 
     summary = (
-        f"statuses={dict(statuses)} calls_during_fault={during} replays={dict(replays)} health={health} "
+        f"statuses={dict(statuses)} calls_during_fault={during} replays={dict(replays)} "
+        f"refused={dict(refused)} health={health} "
         f"failover={failover_s:.1f}s recovered={recovered_s:.1f}s failures={failures[:5]} "
         f"errors before the fault={warmup_errors}"
     )
     print(summary)
     assert not failures, summary
     assert sum(statuses.values()) > 200 and during > 50, summary
-    assert set(statuses) == {200}, summary
+    assert set(statuses) <= {200, 503} and statuses[503] == sum(refused.values()), summary
     # every repeat was a replay: no payment reached the upstream twice
     assert replays["sent again"] == 0, summary
     assert max(requests_by_key.values()) == 1, summary
@@ -210,6 +226,7 @@ async def test_cluster_master_failover_under_load(start_proxy: Callable[..., Awa
     for seen in health:
         assert seen[0] == "ok" and "degraded" in seen and seen[-1] == "ok", summary
     assert status_page["health"] == "ok", status_page
+    assert all(r["write_backs_pending"] == 0 for r in records), records
     assert recovered_s < 20, summary
     assert tight == [200, 200] and over.status == 429, (tight, over.status)
     assert shared_circuit == "open" and not shared_admit
@@ -219,7 +236,8 @@ async def test_cluster_master_failover_under_load(start_proxy: Callable[..., Awa
 async def test_an_answer_redis_cannot_take_is_kept_for_a_replay_here() -> None:
     """Redis granted the claim, then went away (a master failing over) before the answer
     was stored: the answer is kept locally, so a repeat on this replica is a replay, not a
-    second side effect. (No redis-server needed.)"""
+    second side effect, and it is written to Redis once Redis takes it. (No redis-server
+    needed.)"""
     import redis.exceptions
 
     from proxy.state.base import IdempotencyClaim, StoredResponse
@@ -227,17 +245,28 @@ async def test_an_answer_redis_cannot_take_is_kept_for_a_replay_here() -> None:
 
     class FlakyRedis:
         up = True
+        takes_answers = False
 
-        async def idem_claim(self, key: str, fingerprint: str, *, ttl: float, lock_ttl: float) -> IdempotencyClaim:
+        def __init__(self) -> None:
+            self.completed: dict[str, tuple[str, StoredResponse]] = {}
+            self.released: list[tuple[str, str]] = []
+
+        async def idem_claim(
+            self, key: str, fingerprint: str, *, ttl: float, lock_ttl: float, owner: str = "", dedupes: bool = False
+        ) -> IdempotencyClaim:
             if not self.up:
                 raise redis.exceptions.ConnectionError("Connection refused")
             return IdempotencyClaim("new")
 
-        async def idem_complete(self, key: str, response: StoredResponse, *, ttl: float) -> None:
-            raise redis.exceptions.ConnectionError("Connection refused")
+        async def idem_complete(
+            self, key: str, response: StoredResponse, *, ttl: float, fingerprint: str = "", owner: str = ""
+        ) -> None:
+            if not self.takes_answers:
+                raise redis.exceptions.ConnectionError("Connection refused")
+            self.completed.setdefault(key, (fingerprint, response))
 
-        async def idem_release(self, key: str) -> None:
-            return None
+        async def idem_release(self, key: str, owner: str = "") -> None:
+            self.released.append((key, owner))
 
         async def warm(self) -> None:
             return None
@@ -251,19 +280,32 @@ async def test_an_answer_redis_cannot_take_is_kept_for_a_replay_here() -> None:
     primary = FlakyRedis()
     state = ResilientState(primary, MemoryState(), probe_interval=30)  # type: ignore[arg-type]
     answer = StoredResponse(status=200, headers=(("content-type", "application/json"),), body=b"{}", stored_at=0.0)
+    key = "up:idem:1|k"
     try:
-        assert (await state.idem_claim("up:idem:1|k", "fp", ttl=60, lock_ttl=10)).state == "new"
-        await state.idem_complete("up:idem:1|k", answer, ttl=60)  # Redis refuses: kept here
+        assert (await state.idem_claim(key, "fp", ttl=60, lock_ttl=10, owner="o1")).state == "new"
+        await state.idem_complete(key, answer, ttl=60, fingerprint="fp", owner="o1")  # refused: kept, queued
         assert not state.up
-        repeat = await state.idem_claim("up:idem:1|k", "fp", ttl=60, lock_ttl=10)
+        assert state.records_snapshot()["write_backs_pending"] == 1
+        assert state.health().startswith("degraded:") and "write-backs pending: 1" in state.health()
+        repeat = await state.idem_claim(key, "fp", ttl=60, lock_ttl=10, owner="o2")
         assert repeat.state == "completed" and repeat.response is not None and repeat.response.body == b"{}"
-        assert (await state.idem_claim("up:idem:1|k", "other", ttl=60, lock_ttl=10)).state == "mismatch"
+        assert (await state.idem_claim(key, "other", ttl=60, lock_ttl=10, owner="o3")).state == "mismatch"
+        # Redis is back but still refuses answers: the claim is answered from the queue
         primary.up = True
-        state.up = True  # Redis is back: the key stays local (Redis never got the answer)
-        assert (await state.idem_claim("up:idem:1|k", "fp", ttl=60, lock_ttl=10)).state == "completed"
+        state.up = True
+        assert (await state.idem_claim(key, "fp", ttl=60, lock_ttl=10, owner="o4")).state == "completed"
+        assert await state.flush_write_back() == 0 and state.records_snapshot()["write_backs_pending"] == 1
+        state.up = True
+        # ... and once it takes them, the answer is written back under its fingerprint
+        primary.takes_answers = True
+        assert await state.flush_write_back() == 1
+        assert primary.completed[key] == ("fp", answer)
+        assert state.records_snapshot()["write_backs_pending"] == 0 and state.health() == "ok"
+        assert (await state.idem_claim(key, "fp", ttl=60, lock_ttl=10, owner="o5")).state == "completed"
         # a released claim leaves nothing behind
-        assert (await state.idem_claim("up:idem:1|r", "fp", ttl=60, lock_ttl=10)).state == "new"
-        await state.idem_release("up:idem:1|r")
+        assert (await state.idem_claim("up:idem:1|r", "fp", ttl=60, lock_ttl=10, owner="o6")).state == "new"
+        await state.idem_release("up:idem:1|r", "o6")
         assert "up:idem:1|r" not in state._redis_claims
+        assert primary.released == [("up:idem:1|r", "o6")]
     finally:
         await state.close()

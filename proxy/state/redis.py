@@ -8,7 +8,9 @@ injected (tests), so replicas on different hosts agree.
 
 Key layout (docs/scaling.md): `<prefix>{<scope>}<rest>:<kind>`, where `<scope>` is the
 stage's `state_key` (`upstream:kind:fingerprint`); the braces are a Cluster hash tag,
-so all keys one script touches live in one slot. Every key carries a TTL.
+so all keys one script touches live in one slot. Every key carries a TTL. Idempotency
+and fingerprint records are `idem` hashes (owner, lock, in flight / in doubt /
+completed: see redis_scripts); the failover routing ledger is `ledger` (like `kv`).
 
 URL forms (`--redis`):
 
@@ -55,6 +57,10 @@ from proxy.state.base import (
 )
 
 REPLICA_TTL = 15.0  # a replica that sent no heartbeat for this long is not counted
+# An in-flight record whose owner's replica sent no heartbeat for this long is in doubt
+# (the owner died); replicas beat every 2 s (`ResilientState.heartbeat_interval`), so this
+# leaves room for a few missed beats of a busy replica before its calls are judged dead.
+OWNER_DEAD_AFTER = 10.0
 # How long a pause value read from Redis (by `rate_take`, `pause` or `paused_for`) is
 # trusted locally, so that the hot path (paused_for, then rate_take) costs one round trip
 # under load; a pause set by another replica is seen at the latest this much later.
@@ -191,6 +197,9 @@ class RedisState:
         self.prefix = prefix
         self.clock = clock
         self.replica_id = uuid.uuid4().hex[:12]
+        # None: no heartbeat yet; False: never judges others (a bare RedisState in tests);
+        # True: heartbeats were sent (see `_owner_dead`).
+        self._beating: bool | None = False
         self.client: RedisClient = client or connect(
             url,
             socket_timeout=socket_timeout,
@@ -245,13 +254,50 @@ class RedisState:
         """Open up to `connections` pooled connections now (per master on a Cluster), so a
         first burst of calls does not pay for connecting (and the handshake) inside its
         time budget. It is also the reconnect probe: it fails while any master is away."""
-        await asyncio.gather(*(self._ping() for _ in range(connections)))
+        await asyncio.gather(*(self._ping_twice() for _ in range(connections)))
         self._last_error = None
+
+    async def _ping_twice(self) -> bool:
+        """A pooled connection that the server closed (a Redis restart) fails once; redis-py
+        then drops it and connects afresh, so one more PING tells whether Redis is back."""
+        try:
+            return await self._ping()
+        except aioredis.ConnectionError:
+            return await self._ping()
 
     async def heartbeat(self) -> int:
         """Announce this replica; returns how many replicas were seen lately (>= 1)."""
         count = await self._run("heartbeat", [f"{self.prefix}replicas"], self.replica_id, REPLICA_TTL)
+        self._beating = True
         return max(int(count), 1)
+
+    def expect_heartbeats(self) -> None:
+        """This replica sends heartbeats (`ResilientState` does): it announces itself before
+        its first claim and may judge the owners of in-flight records dead."""
+        if self._beating is False:
+            self._beating = None
+
+    def _owner(self, owner: str) -> str:
+        """Owner tokens carry this replica's id, so others can tell when their owner died."""
+        return f"{self.replica_id}/{owner}" if owner else ""
+
+    async def _owner_dead(self, owner: str) -> bool:
+        """Whether the replica that owns an in-flight record stopped sending heartbeats.
+
+        Only while this replica sends heartbeats itself (every replica run by `egressd run`
+        does, through `ResilientState`): a bare `RedisState` never judges others dead."""
+        replica, sep, _ = owner.partition("/")
+        if self._beating is not True or not sep or replica == self.replica_id:
+            return False
+        seen = await self.client.zscore(f"{self.prefix}replicas", replica)
+        if seen is None:
+            return True
+        if self.clock is not None:
+            now = self.clock.now()
+        else:  # heartbeats are stamped with Redis's own TIME
+            secs, micros = await self.client.time()
+            now = secs + micros / 1e6
+        return now - float(seen) > OWNER_DEAD_AFTER
 
     # -- rate limiting (GCRA) and upstream back-pressure ------------------------------------
     def _remember_pause(self, key: str, left: float) -> None:
@@ -321,19 +367,48 @@ class RedisState:
     async def circuit_state(self, key: str, settings: CircuitSettings) -> str:
         return _text(await self._run("circuit_state", [self.key(key, "cb")], *self._cb_args(settings)))
 
-    # -- idempotency ledger ----------------------------------------------------------------
-    async def idem_claim(self, key: str, fingerprint: str, *, ttl: float, lock_ttl: float) -> IdempotencyClaim:
-        reply = await self._run("idem_claim", [self.key(key, "idem")], fingerprint, repr(lock_ttl))
+    # -- idempotency and fingerprint records (see redis_scripts for the record layout) -----
+    async def idem_claim(
+        self, key: str, fingerprint: str, *, ttl: float, lock_ttl: float, owner: str = "", dedupes: bool = False
+    ) -> IdempotencyClaim:
+        if owner and self._beating is None:
+            # Announce this replica before its first claim: an owner whose replica is not
+            # in the heartbeat set at all is then known to have stopped beating (died).
+            await self.heartbeat()
+        args = (fingerprint, repr(lock_ttl), repr(ttl), self._owner(owner), 1 if dedupes else 0)
+        reply = await self._run("idem_claim", [self.key(key, "idem")], *args)
         state = _text(reply[0])
+        if state == "in_flight" and len(reply) > 1 and await self._owner_dead(_text(reply[1])):
+            # Its owner was killed mid-call (kill -9): in doubt now, not when its lock lapses.
+            await self._run("idem_doubt", [self.key(key, "idem")], _text(reply[1]))
+            reply = await self._run("idem_claim", [self.key(key, "idem")], *args)
+            state = _text(reply[0])
         if state == "completed":
             return IdempotencyClaim(state, decode_response(reply[1]))
         return IdempotencyClaim(state)
 
-    async def idem_complete(self, key: str, response: StoredResponse, *, ttl: float) -> None:
-        await self._run("idem_complete", [self.key(key, "idem")], encode_response(response), repr(ttl))
+    async def idem_complete(
+        self, key: str, response: StoredResponse, *, ttl: float, fingerprint: str = "", owner: str = ""
+    ) -> None:
+        await self._run(
+            "idem_complete",
+            [self.key(key, "idem")],
+            encode_response(response),
+            repr(ttl),
+            fingerprint,
+            self._owner(owner),
+        )
 
-    async def idem_release(self, key: str) -> None:
-        await self._run("idem_release", [self.key(key, "idem")])
+    async def idem_release(self, key: str, owner: str = "") -> None:
+        await self._run("idem_release", [self.key(key, "idem")], self._owner(owner))
+
+    # -- the failover routing ledger (like kv, under its own key type) -------------------------
+    async def ledger_get(self, key: str) -> bytes | None:
+        blob = await self._run("value_get", [self.key(key, "ledger")])
+        return None if blob is None else bytes(blob)
+
+    async def ledger_set(self, key: str, value: bytes, *, ttl: float) -> None:
+        await self._run("value_set", [self.key(key, "ledger")], value, repr(ttl))
 
     # -- response cache and small shared values ----------------------------------------------
     async def cache_get(self, key: str) -> StoredResponse | None:

@@ -290,59 +290,128 @@ return st
 """
 )
 
-# -- idempotency ledger ---------------------------------------------------------------------------
-# One hash per key: s (in_flight|completed), fp, exp (logical expiry), r (stored answer).
+# -- idempotency and fingerprint records -----------------------------------------------------------
+# One hash per record:
+#   s    in_flight | in_doubt | completed
+#   fp   the request fingerprint the record belongs to
+#   exp  the end of the record's life (logical expiry; the key's PEXPIRE is a little later)
+#   lk   in flight: the end of the owner's lock
+#   o    in flight: the owner token ("" = none: never matches a claim, see IDEM_CLAIM)
+#   r    completed: the stored answer
+# Records written by older versions have no `lk` and no `o`: their `exp` is the lock of an
+# in-flight record (it then simply expires when the lock ends, as it did) or the end of a
+# completed one, and they read the same as before (never in doubt, owned by nobody).
 
-# KEYS: record.  ARGV: now, fingerprint, lock_ttl.  Returns {state[, response]}.
+# KEYS: record.  ARGV: now, fingerprint, lock_ttl, ttl, owner, dedupes (0/1).
+# Returns {state[, response]}: new | in_flight | in_doubt | completed | mismatch.
 IDEM_CLAIM = (
     _PRELUDE
     + """
 local key = KEYS[1]
-local cur = redis.call('HMGET', key, 's', 'fp', 'exp')
-local exp = tonumber(cur[3] or '')
-if not cur[1] or not exp or exp <= now then
-  local lock_ttl = tonumber(ARGV[3])
+local fp = ARGV[2]
+local lock_ttl = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+if ttl < 0 then ttl = 0 end
+local owner = ARGV[5]
+local dedupes = ARGV[6] == '1'
+local function take()
   redis.call('DEL', key)
   if lock_ttl > 0 then
-    redis.call('HSET', key, 's', 'in_flight', 'fp', ARGV[2], 'exp', fmt(now + lock_ttl))
-    redis.call('PEXPIRE', key, px(lock_ttl))
+    local life = lock_ttl + ttl
+    redis.call('HSET', key, 's', 'in_flight', 'fp', fp, 'o', owner, 'lk', fmt(now + lock_ttl), 'exp', fmt(now + life))
+    redis.call('PEXPIRE', key, px(life))
   end
   return {'new'}
 end
-if cur[2] ~= ARGV[2] then return {'mismatch'} end
-if cur[1] == 'completed' then return {'completed', redis.call('HGET', key, 'r')} end
-return {'in_flight'}
+local cur = redis.call('HMGET', key, 's', 'fp', 'exp', 'lk', 'o')
+local exp = tonumber(cur[3] or '')
+if not cur[1] or not exp or exp <= now then return take() end
+if cur[2] ~= fp then return {'mismatch'} end
+local s = cur[1]
+if s == 'completed' then return {'completed', redis.call('HGET', key, 'r')} end
+if s == 'in_flight' then
+  if owner ~= '' and cur[5] == owner then
+    -- the owner claims again (its first reply was lost): still its claim, lock renewed
+    if lock_ttl > 0 then
+      local life = math.max(exp, now + lock_ttl + ttl)
+      redis.call('HSET', key, 'lk', fmt(now + lock_ttl), 'exp', fmt(life))
+      redis.call('PEXPIRE', key, px(life - now))
+    end
+    return {'new'}
+  end
+  local lk = tonumber(cur[4] or '') or exp
+  if lk > now then return {'in_flight', cur[5] or ''} end
+  -- the lock lapsed without an outcome: in doubt for the rest of the record's life
+  redis.call('HSET', key, 's', 'in_doubt')
+  redis.call('HDEL', key, 'lk', 'o')
+end
+if dedupes then return take() end
+return {'in_doubt'}
 """
 )
 
-# KEYS: record.  ARGV: now, response blob, ttl.
+# KEYS: record.  ARGV: now, response blob, ttl, fingerprint, owner.  Returns 1 if stored.
+# A live completed record is kept (the first answer wins); an in-flight or in-doubt one
+# (any owner) becomes completed; a missing one is stored under `fingerprint` (nothing
+# when it is ""). A live record of another fingerprint is left alone: its answer must
+# never be replayed to a different request.
 IDEM_COMPLETE = (
     _PRELUDE
     + """
 local key = KEYS[1]
-local cur = redis.call('HMGET', key, 's', 'exp')
-local exp = tonumber(cur[2] or '')
-if cur[1] ~= 'in_flight' or not exp or exp <= now then return 0 end
 local ttl = tonumber(ARGV[3])
-if ttl <= 0 then redis.call('DEL', key) return 0 end
-redis.call('HSET', key, 's', 'completed', 'exp', fmt(now + ttl), 'r', ARGV[2])
+local fp = ARGV[4]
+local cur = redis.call('HMGET', key, 's', 'fp', 'exp')
+local exp = tonumber(cur[3] or '')
+if cur[1] and exp and exp > now then
+  if cur[1] == 'completed' then return 0 end
+  if fp ~= '' and cur[2] and cur[2] ~= fp then return 0 end
+  fp = cur[2] or fp
+elseif fp == '' then
+  return 0
+end
+redis.call('DEL', key)
+if ttl <= 0 then return 0 end
+redis.call('HSET', key, 's', 'completed', 'fp', fp, 'exp', fmt(now + ttl), 'r', ARGV[2])
 redis.call('PEXPIRE', key, px(ttl))
 return 1
 """
 )
 
-# KEYS: record.  ARGV: now.
-IDEM_RELEASE = (
+# KEYS: record.  ARGV: now, owner.  The in-flight record of `owner` (whose replica stopped
+# sending heartbeats: it died) becomes in doubt for the rest of its life.  Returns 1 if so.
+IDEM_DOUBT = (
     _PRELUDE
     + """
-local cur = redis.call('HMGET', KEYS[1], 's', 'exp')
-local exp = tonumber(cur[2] or '')
-if cur[1] == 'in_flight' and exp and exp > now then redis.call('DEL', KEYS[1]) return 1 end
-return 0
+local cur = redis.call('HMGET', KEYS[1], 's', 'o')
+if cur[1] ~= 'in_flight' or cur[2] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 's', 'in_doubt')
+redis.call('HDEL', KEYS[1], 'lk', 'o')
+return 1
 """
 )
 
-# -- cache and kv: a value with a logical expiry ------------------------------------------------
+# KEYS: record.  ARGV: now, owner.  Deletes a live in-flight record owned by `owner`;
+# owner "" (older callers) matches any owner whose lock has not lapsed.  Returns 1 if deleted.
+IDEM_RELEASE = (
+    _PRELUDE
+    + """
+local cur = redis.call('HMGET', KEYS[1], 's', 'exp', 'lk', 'o')
+local exp = tonumber(cur[2] or '')
+if cur[1] ~= 'in_flight' or not exp or exp <= now then return 0 end
+local owner = ARGV[2]
+if owner == '' then
+  local lk = tonumber(cur[3] or '') or exp
+  if lk <= now then return 0 end
+elseif cur[4] ~= owner then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+)
+
+# -- cache, kv and the failover routing ledger: a value with a logical expiry ----------------------
 
 # KEYS: record.  ARGV: now.  Returns the value or nil.
 VALUE_GET = (
@@ -395,6 +464,7 @@ ALL: dict[str, str] = {
     "idem_claim": IDEM_CLAIM,
     "idem_complete": IDEM_COMPLETE,
     "idem_release": IDEM_RELEASE,
+    "idem_doubt": IDEM_DOUBT,
     "value_get": VALUE_GET,
     "value_set": VALUE_SET,
     "heartbeat": HEARTBEAT,
