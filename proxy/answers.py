@@ -15,6 +15,9 @@ from proxy.errors import ProxyError
 from proxy.model import Response
 
 _GENERIC = GenericPlugin()
+#: Error details an app may act on, sent as `X-Egressd-Error-Detail` (contract 7.7): an
+#: `in_doubt` call may have acted upstream and must not simply be sent again.
+PUBLIC_DETAILS = frozenset({"in_doubt"})
 
 
 def retry_after_value(seconds: float) -> str:
@@ -33,4 +36,6 @@ def error_response(
     if error.retry_after is not None:
         headers["Retry-After"] = retry_after_value(error.retry_after)
     headers["X-Egressd-Error"] = error.code
+    if error.detail in PUBLIC_DETAILS:
+        headers["X-Egressd-Error-Detail"] = error.detail
     return Response(answer.status, headers, body=answer.body, upstream=upstream, error_code=error.code)

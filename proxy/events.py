@@ -25,7 +25,7 @@ class CallFinished(NamedTuple):
     method: str
     path: str
     status: int
-    outcome: str  # success | client_error | upstream_error | proxy_error | replayed | cached
+    outcome: str  # success | client_error | upstream_error | proxy_error | replayed | cached | aborted | app_gone
     attempts: int
     duration: float
     request_id: str
@@ -34,6 +34,9 @@ class CallFinished(NamedTuple):
     failover: str | None = None
     bytes_out: int = 0
     detail: str | None = None
+    # The app closed its connection before the answer: the call either ended there
+    # (outcome app_gone, status 499) or was owned by egressd to its outcome (contract 7.2).
+    app_gone: bool = False
 
 
 class AttemptFinished(NamedTuple):

@@ -7,7 +7,7 @@ object. A `Call` is immutable; a stage that needs a changed call makes one with
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -109,6 +109,53 @@ class RequestBody:
             yield chunk
 
 
+#: Kinds of failed attempts after which the upstream may have acted on the request: the
+#: request (or part of it) was written and no complete answer came back.
+AMBIGUOUS_KINDS = frozenset({"timeout", "reset", "protocol_error"})
+
+
+class Attempt(NamedTuple):
+    """One try the transport made to `upstream`: `kind` is "answered" (with `status` and
+    `headers`) or the failure kind (connect_error, timeout, reset, protocol_error)."""
+
+    upstream: str
+    kind: str
+    status: int = 0
+    headers: Mapping[str, str] | None = None
+
+
+class CallStory:
+    """What happened to one call so far: one typed record that the stages and the
+    transport of a call write and read (never strings in `notes`).
+
+    Shared by every `Call` value derived from the one the server made (a `replace` keeps
+    it), so whole-call facts are read at the top: whether any attempt may have reached
+    the upstream (failover's honesty rule, the idempotency stage's ambiguous outcomes),
+    and whether the app went away while egressd owned the call.
+    """
+
+    __slots__ = ("app_gone", "attempts", "failover_from", "sending")
+
+    def __init__(self, *, failover_from: str | None = None) -> None:
+        self.attempts: list[Attempt] = []  # finished tries, in order
+        self.sending = 0  # tries started (a request written or being written upstream)
+        self.app_gone = False  # the app closed its connection before the answer
+        self.failover_from: str | None = failover_from  # set on calls a failover sends
+
+    def may_have_acted(self, upstream: str, not_processed: Callable[[int, Mapping[str, str]], bool]) -> bool:
+        """Whether an upstream may have acted on this call without a complete answer,
+        judged over every attempt: a try that failed after its request was written, or a
+        5xx answer not documented as "not processed" by `not_processed` (the plugin of
+        `upstream`; a 5xx from another upstream, a fallback, counts as ambiguous)."""
+        for attempt in self.attempts:
+            if attempt.kind in AMBIGUOUS_KINDS:
+                return True
+            if attempt.kind == "answered" and attempt.status >= 500:
+                if attempt.upstream != upstream or not not_processed(attempt.status, attempt.headers or {}):
+                    return True
+        return False
+
+
 class Call(NamedTuple):
     """One proxied call as the stages see it: immutable (a NamedTuple, cheap to build on
     every call); a stage that needs a changed call makes one with `call.replace(...)`."""
@@ -125,6 +172,9 @@ class Call(NamedTuple):
     route: str = ""  # the upstream the app addressed (differs from `upstream` after failover)
     idempotency_key: str | None = None
     attrs: tuple[tuple[str, Any], ...] = ()  # small immutable annotations from stages
+    # What happened to the call so far (see `CallStory`); the server makes one per call.
+    # None for calls made without one (tests, internal calls): nothing is recorded then.
+    story: CallStory | None = None
 
     def replace(self, **changes: Any) -> Call:
         return self._replace(**changes)

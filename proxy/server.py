@@ -24,14 +24,14 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestHandler
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.answers import error_response
 from proxy.clock import Clock, RealClock
 from proxy.config.loader import LoadResult, load_policy_dir
 from proxy.errors import ProxyError
 from proxy.events import CallFinished, ConfigReloaded, EventBus
-from proxy.model import Call, RequestBody, Response
+from proxy.model import Call, CallStory, RequestBody, Response, unsafe_method
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.observe.status import CSP as STATUS_CSP
@@ -60,6 +60,8 @@ MAX_HEADERS = 128
 # echo the app's credentials back; RFC 9110 section 9.3.8 lets a server refuse it).
 _REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 _ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+# Marks a request whose call egressd owns after the app left (its line comes later).
+_ORPHAN = "egressd.orphan"
 _SAFE_REASON = re.compile(r"[A-Za-z0-9 `'_./,()-]{1,80}")
 
 
@@ -80,6 +82,9 @@ class Settings:
     # seconds after it opened, or after the first byte of a later head on a kept-alive
     # connection, is closed (slowloris). 0 turns the timer off.
     header_timeout: float = 10.0
+    # The durable store (`--data-dir`): idempotency and fingerprint records and the routing
+    # ledger survive a restart. None keeps them in process memory (`--data-dir none`).
+    data_dir: Path | None = None
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -482,7 +487,19 @@ class EgressServer:
             route = target.upstream
             path = target.path + ("?" + target.query if target.query else "")
             call = await self._make_call(request, rt, target.path, target.query, request_id, started)
-            response = await rt.pipeline.handle(call)
+            if unsafe_method(call.method):
+                response = await self._owned(call, rt, route, path, request, started)
+            else:
+                response = await rt.pipeline.handle(call)
+        except asyncio.CancelledError:
+            # The app went away before its answer: the call ends here (an unsafe call that
+            # was sent goes on in `_owned`, which writes its own line when it ends).
+            if not self._orphaned(request):
+                self._finish(
+                    Response(499, CIMultiDict(), upstream=rt.name if rt else ""),
+                    route, path, request_id, self.clock.now() - started, 0, request, None, app_gone=True,
+                )
+            raise
         except ProxyError as exc:
             response = error_response(
                 exc, request_id=request_id, plugin=rt.plugin if rt else None, upstream=rt.name if rt else ""
@@ -504,6 +521,81 @@ class EgressServer:
                 upstream=rt.name if rt else "",
             )
         return await self._write(request, response, route, path, request_id, started)
+
+    async def _owned(
+        self,
+        call: Call,
+        rt: UpstreamRuntime,
+        route: str,
+        path: str,
+        request: web.BaseRequest,
+        started: float,
+    ) -> Response:
+        """Run an unsafe call so that the app leaving does not cancel it once it may have
+        reached the upstream (contract 7.2): egressd owns it to its outcome, which the
+        stages record (idempotency, fingerprint), so a resend joins it or gets its answer."""
+        story = call.story
+        assert story is not None
+        task: asyncio.Task[Response] = asyncio.ensure_future(rt.pipeline.handle(call))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            story.app_gone = True
+            if task.done():
+                # Answered at the moment the app left: nobody will write the answer, so
+                # free its upstream connection.
+                if not task.cancelled() and task.exception() is None:
+                    self._spawn(task.result().close())
+                raise
+            if story.sending == 0:
+                task.cancel()  # nothing went upstream yet: the call ends here, unsent
+                raise
+            # Owned: it runs on (bounded by its own deadline); it counts as in flight for
+            # the drain, and its line is written when it ends.
+            request[_ORPHAN] = True
+            self._in_flight += 1
+            self._idle.clear()
+            task.add_done_callback(
+                lambda done: self._spawn(self._settle_orphan(done, route, path, call.request_id, started, request))
+            )
+            raise
+
+    @staticmethod
+    def _orphaned(request: web.BaseRequest) -> bool:
+        return bool(request.get(_ORPHAN))
+
+    async def _settle_orphan(
+        self,
+        task: asyncio.Task[Response],
+        route: str,
+        path: str,
+        request_id: str,
+        started: float,
+        request: web.BaseRequest,
+    ) -> None:
+        """An owned call whose app left has ended: free its answer, write its one line."""
+        try:
+            if task.cancelled():
+                response = Response(499, CIMultiDict(), upstream=route)
+            else:
+                exc = task.exception()
+                if isinstance(exc, ProxyError):
+                    response = error_response(exc, request_id=request_id, upstream=route)
+                    response.notes["detail"] = exc.detail
+                elif exc is not None:
+                    log.error("internal error in an owned call", exc_info=exc, extra={"request_id": request_id})
+                    response = Response(502, CIMultiDict(), upstream=route, error_code="upstream_unreachable")
+                else:
+                    response = task.result()
+                    with contextlib.suppress(Exception):
+                        await response.close()
+            self._finish(
+                response, route, path, request_id, self.clock.now() - started, 0, request, None, app_gone=True
+            )
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
     async def _make_call(
         self, request: web.BaseRequest, rt: UpstreamRuntime, path: str, query: str, request_id: str, started: float
@@ -532,6 +624,7 @@ class EgressServer:
             started=started,
             request_id=request_id,
             route=policy.upstream,
+            story=CallStory(),
         )
 
     async def _write(
@@ -591,6 +684,8 @@ class EgressServer:
         sent: int,
         request: web.BaseRequest,
         aborted: str | None,
+        *,
+        app_gone: bool = False,
     ) -> None:
         status = response.status
         noted = response.notes.get("outcome")  # "replayed" or "cached", set by the stages
@@ -606,6 +701,8 @@ class EgressServer:
             outcome = "success"
         if aborted:
             outcome = "aborted"
+        elif app_gone and status == 499:
+            outcome = "app_gone"
         self.events.emit(
             CallFinished(
                 route=route or "-",
@@ -622,6 +719,7 @@ class EgressServer:
                 failover=response.failover,
                 bytes_out=sent,
                 detail=response.notes.get("detail") or response.notes.get("retry_skipped"),
+                app_gone=app_gone,
             )
         )
 
@@ -677,9 +775,24 @@ class EgressServer:
             "ready": self.ready,
             "draining": self.draining,
             "in_flight": self._in_flight,
-            "state_backend": {"name": self.state.name, "health": health_text, **self.status.backend_snapshot()},
+            "state_backend": {
+                "name": self.state.name,
+                "health": health_text,
+                **self.status.backend_snapshot(),
+                **self._records_snapshot(),
+            },
             "upstreams": upstreams,
         }
+
+    def _records_snapshot(self) -> dict[str, Any]:
+        """Counts of claims refused and write-backs pending (Redis); never keys or values."""
+        snapshot: Callable[[], dict[str, Any]] | None = getattr(self.state, "records_snapshot", None)
+        if snapshot is None:
+            return {}
+        try:
+            return {"records": snapshot()}
+        except Exception as exc:
+            return {"records": {"error": type(exc).__name__}}
 
     async def _status_json(self, request: web.Request) -> web.Response:
         return web.Response(
@@ -703,13 +816,18 @@ class EgressServer:
 
 async def serve(settings: Settings, *, stop_event: asyncio.Event | None = None) -> int:
     """`egressd run`: serve until SIGTERM/SIGINT, reload on SIGHUP and on file changes."""
-    state: StateBackend | None = None
     events = EventBus()
-    if settings.redis_url:
-        # Redis wrapped with a time budget and a local fallback: Redis trouble never fails a call.
-        from proxy.state.resilient import open_shared_state
+    from proxy.state.factory import DataDirError, open_state
 
-        state = open_shared_state(settings.redis_url, prefix=settings.redis_prefix, events=events)
+    try:
+        # Redis (when given) is wrapped with a time budget and a local fallback; the data
+        # dir (when given) holds the records that must survive a restart.
+        state = open_state(
+            data_dir=settings.data_dir, redis_url=settings.redis_url, redis_prefix=settings.redis_prefix, events=events
+        )
+    except DataDirError as exc:
+        log.error(str(exc))
+        return 1
     server = EgressServer(settings, state=state, events=events)
     try:
         await server.start()

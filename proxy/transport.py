@@ -26,7 +26,7 @@ from proxy import _http1
 from proxy.clock import Clock
 from proxy.errors import ProxyError
 from proxy.events import AttemptFinished, EventBus
-from proxy.model import Call, Response
+from proxy.model import Attempt, Call, Response
 
 if TYPE_CHECKING:
     from proxy.config.schema import Policy
@@ -239,6 +239,9 @@ class Transport:
             data = _watch(body.chunks(), sent_body_error)
             length = body.length
         resp: _http1.HTTP1Response | None = None
+        story = call.story
+        if story is not None:
+            story.sending += 1
         try:
             resp = await self.pool().request(
                 call.method,
@@ -270,6 +273,8 @@ class Transport:
             raise failure from exc
         self._attempt_event(_status_class(status), status, started)
         out_headers = strip_hop_by_hop(resp.headers, drop=("content-length",) if payload is not None else ())
+        if story is not None:
+            story.attempts.append(Attempt(self.name, "answered", status, out_headers))
         if payload is not None:
             return Response(status, out_headers, body=payload, upstream=self.name, attempts=1)
         return Response(
@@ -344,6 +349,9 @@ class Transport:
         if data is not None and not isinstance(data, bytes):
             data = _watch(data, sent_body_error)
         resp: aiohttp.ClientResponse | None = None
+        story = call.story
+        if story is not None:
+            story.sending += 1
         # aiohttp's own timers bound the try: `sock_read` (the attempt timeout) fires when the
         # upstream sends nothing for that long, before or between answer bytes; `total` is
         # what is left of the call's deadline and also bounds a streamed answer.
@@ -372,6 +380,8 @@ class Transport:
         assert resp is not None
         self._attempt_event(_status_class(resp.status), resp.status, started)
         out_headers = strip_hop_by_hop(resp.headers, drop=("content-length",) if payload is not None else ())
+        if story is not None:
+            story.attempts.append(Attempt(self.name, "answered", resp.status, out_headers))
         if payload is not None:
             return Response(resp.status, out_headers, body=payload, upstream=self.name, attempts=1)
         return Response(
@@ -438,9 +448,8 @@ class Transport:
             return exc
         err = mapped()
         self._attempt_event(err.detail or "error", None, started)
-        attempt_log = call.attr("egressd.attempt_log")  # read by the failover stage
-        if isinstance(attempt_log, list):
-            attempt_log.append(err.detail or "error")
+        if call.story is not None:  # read by failover and idempotency (whole-call ambiguity)
+            call.story.attempts.append(Attempt(self.name, err.detail or "error"))
         return err
 
     def _attempt_event(self, result: str, status: int | None, started: float) -> None:

@@ -335,6 +335,7 @@ class EgressProcess:
             "--listen", f"127.0.0.1:{self.listen}",
             "--admin", f"127.0.0.1:{self.admin}",
             "--log-format", "text", "--log-level", log_level, "--drain", "0",
+            "--data-dir", tempfile.mkdtemp(prefix="egressd-data-"),
         ]  # fmt: skip
         if redis_url:
             cmd += ["--redis", redis_url, "--redis-prefix", prefix]

@@ -20,9 +20,9 @@ from plugins.base import (
 from proxy.clock import FakeClock
 from proxy.config.schema import Policy
 from proxy.errors import ProxyError
-from proxy.model import Call, RequestBody, Response
+from proxy.model import Attempt, Call, RequestBody, Response
 from proxy.pipeline import UpstreamHandle
-from proxy.stages.failover import ATTEMPT_LOG, FailoverStage, build
+from proxy.stages.failover import FailoverStage, build
 from tests.stagekit import stage_context
 
 
@@ -157,7 +157,8 @@ async def test_probe_answer_replaces_the_primary_and_closes_it() -> None:
     async def primary(call: Call) -> Response:
         sends.append(1)
         if len(sends) == 1:
-            call.attr(ATTEMPT_LOG).append("timeout")  # an earlier attempt timed out: ambiguous
+            assert call.story is not None  # an earlier attempt timed out: ambiguous
+            call.story.attempts.append(Attempt("prim", "timeout"))
             return tracked.answer(500, n=1)
         return Response(200, CIMultiDict(), b'{"id":"ch_1"}', upstream="prim")
 
@@ -176,7 +177,8 @@ async def test_probe_read_failure_keeps_the_primary_error() -> None:
     async def primary(call: Call) -> Response:
         sends.append(1)
         if len(sends) == 1:
-            call.attr(ATTEMPT_LOG).append("timeout")
+            assert call.story is not None
+            call.story.attempts.append(Attempt("prim", "timeout"))
             return Response(500, CIMultiDict(), b"primary", upstream="prim")
         return tracked.answer(200, body=b"x" * 100, n=2)  # over max_body: read() raises
 

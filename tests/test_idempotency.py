@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from plugins.registry import load_plugin
 from proxy.clock import FakeClock
 from proxy.config.schema import Auth, Idempotency, Limits, Policy
 from proxy.errors import ProxyError
@@ -51,7 +52,8 @@ class Harness:
         bus = EventBus()
         bus.subscribe(self.events.append)
         self.state = MemoryState(self.clock)
-        ctx = stage_context(policy, self.clock, events=bus, state=self.state)
+        plugin = load_plugin(policy.provider.name, policy.provider.settings)
+        ctx = stage_context(policy, self.clock, events=bus, state=self.state, plugin=plugin)
         stage = build(ctx)
         assert stage is not None
         self.stage = stage
@@ -343,7 +345,16 @@ async def test_joined_waiter_gets_the_owners_error() -> None:
 
     handle = h.handler(inner)
     results = await asyncio.gather(handle(make_call(h.clock)), handle(make_call(h.clock)), return_exceptions=True)
-    assert all(isinstance(r, ProxyError) and r.code == "upstream_timeout" for r in results)
+    # The owner gets its error; the timeout may have acted upstream (an ambiguous outcome,
+    # recorded), so the waiter gets the same answer, replayed (contract 7.7), not a send.
+    owner, waiter = results
+    assert isinstance(owner, ProxyError) and owner.code == "upstream_timeout"
+    assert isinstance(waiter, Response) and waiter.status == 504
+    assert waiter.headers["X-Egressd-Error"] == "upstream_timeout" and waiter.headers["Idempotent-Replayed"] == "true"
+    assert calls == 1
+    # And so does a resend after it ended.
+    again = await handle(make_call(h.clock))
+    assert again.status == 504 and again.headers["Idempotent-Replayed"] == "true"
     assert calls == 1
 
 
@@ -433,10 +444,12 @@ async def test_request_body_over_max_body_is_413() -> None:
     assert up.calls == []
 
 
-async def test_answer_over_max_body_is_streamed_not_stored() -> None:
+@pytest.mark.parametrize("provider", ["stripe", "generic"])
+async def test_answer_over_max_body_is_streamed_not_stored(provider: str) -> None:
     p = Policy(
         upstream="stripe",
         target="https://api.stripe.com",
+        provider=provider,
         idempotency=Idempotency(),
         limits=Limits(max_body=100),
     )
@@ -458,9 +471,18 @@ async def test_answer_over_max_body_is_streamed_not_stored() -> None:
     first = await handle(make_call(h.clock))
     assert first.stream is not None
     assert len(await first.read()) == 300
-    await handle(make_call(h.clock))
-    assert len(up.calls) == 2
     assert released == [True]
+    if provider == "stripe":
+        # Stripe deduplicates on the key: the repeat goes upstream and Stripe answers it.
+        await handle(make_call(h.clock))
+        assert len(up.calls) == 2
+        return
+    # An upstream that does not deduplicate: the answer could not be recorded, so the
+    # record stays in flight and a repeat is refused, never sent a second time.
+    with pytest.raises(ProxyError) as info:
+        await handle(make_call(h.clock, timeout=1.0))
+    assert info.value.code == "upstream_timeout"
+    assert len(up.calls) == 1
 
 
 async def test_streamed_answer_within_limit_is_buffered_and_stored() -> None:

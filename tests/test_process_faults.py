@@ -8,14 +8,7 @@ in the test's event loop and count what reached them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -31,82 +24,10 @@ from proxy.fakes import FakeServer
 from proxy.server import EgressServer
 from proxy.state.resilient import open_shared_state
 from tests.conftest import proxy_url
-from tests.redis_server import REPO_ROOT, RedisServer, free_port, require_redis
+from tests.egressd_process import Egressd
+from tests.redis_server import RedisServer, require_redis
 
 StartProxy = Callable[..., Awaitable[EgressServer]]
-
-
-class Egressd:
-    """One `python -m proxy run` on fixed free ports, restartable on the same ports."""
-
-    def __init__(self, policies: Path, *, redis_url: str | None = None, drain: float = 5.0) -> None:
-        self.policies = policies
-        self.redis_url = redis_url
-        self.drain = drain
-        self.prefix = f"proc-{uuid.uuid4().hex[:6]}:"  # kept across restarts: the records are found again
-        self.listen = free_port()
-        self.admin = free_port()
-        self.log_path = Path(tempfile.mkstemp(prefix="egressd-proc-", suffix=".log")[1])
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.listen}"
-
-    def start(self, timeout: float = 20.0) -> None:
-        cmd = [
-            sys.executable, "-m", "proxy", "run", "--policies", str(self.policies),
-            "--listen", f"127.0.0.1:{self.listen}", "--admin", f"127.0.0.1:{self.admin}",
-            "--log-format", "text", "--log-level", "warning", "--drain", str(self.drain),
-        ]  # fmt: skip
-        if self.redis_url:
-            cmd += ["--redis", self.redis_url, "--redis-prefix", self.prefix]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EGRESSD_")}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"egressd exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/readyz", timeout=0.5) as r:
-                    if r.status == 200:
-                        return
-            time.sleep(0.05)
-        raise RuntimeError(f"egressd not ready within {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 15.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-
-
-@pytest.fixture
-def egressd_factory(tmp_path: Path) -> Iterator[Callable[..., Egressd]]:
-    made: list[Egressd] = []
-
-    def make(docs: list[dict[str, Any]], **kwargs: Any) -> Egressd:
-        directory = tmp_path / f"policies{len(made)}"
-        directory.mkdir()
-        (directory / "p.yaml").write_text(yaml.safe_dump_all(docs))
-        proc = Egressd(directory, **kwargs)
-        made.append(proc)
-        return proc
-
-    yield make
-    for proc in made:
-        proc.stop()
 
 
 def classify(exc: BaseException) -> str:

@@ -136,7 +136,8 @@ class AccessLog:
                 f'"method":{_js(event.method)},"path":{_js(path)},"status":{event.status},'
                 f'"outcome":"{event.outcome}","attempts":{event.attempts},'
                 f'"duration_ms":{round(event.duration * 1000, 3)},"cache":{_js(event.cache)},'
-                f'"failover":{_js(event.failover)},"error_code":{_js(event.error_code)},"detail":{_js(event.detail)}}}'
+                f'"failover":{_js(event.failover)},"error_code":{_js(event.error_code)},"detail":{_js(event.detail)}'
+                + (',"app_gone":true}' if event.app_gone else "}")
             )
         else:
             pairs = (
@@ -144,7 +145,7 @@ class AccessLog:
                 ("method", event.method), ("path", path), ("status", event.status), ("outcome", event.outcome),
                 ("attempts", event.attempts), ("duration_ms", round(event.duration * 1000, 3)),
                 ("cache", event.cache), ("failover", event.failover), ("error_code", event.error_code),
-                ("detail", event.detail),
+                ("detail", event.detail), ("app_gone", "true" if event.app_gone else None),
             )
             line = f"{stamp[11:19]} INFO    egressd.access: call " + " ".join(
                 f"{k}={v}" for k, v in pairs if v is not None

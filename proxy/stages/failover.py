@@ -6,11 +6,13 @@ Honesty rules, in the order they are checked:
 
 * A call that may already have taken effect at the primary is never failed over, unless
   the primary's plugin can ask the primary (`ambiguity_probe`) and the answer says it
-  was not processed. Ambiguous: an unsafe method (any method outside
-  `IDEMPOTENT_METHODS`) whose send timed out or was cut short, or that the primary
-  answered with a 5xx its plugin does not call "not processed" (`not_processed`): a 500
-  may follow partial execution, and a 502/504 from a gateway says nothing about the
-  application behind it. This holds for status codes listed in `on` too.
+  was not processed. Ambiguity is a property of the whole call (its `CallStory`), not
+  of the last attempt: an unsafe method (any method outside `IDEMPOTENT_METHODS`) any of
+  whose attempts timed out or was cut short after it was written, or was answered with
+  a 5xx its plugin does not call "not processed" (`not_processed`): a 500 may follow
+  partial execution, and a 502/504 from a gateway says nothing about the application
+  behind it. So a call whose second attempt meets an open circuit after a first that
+  503'd is still ambiguous. This holds for status codes listed in `on` too.
 * A call the translator cannot express faithfully (`Refused`) is not failed over; the app
   gets the primary's own error with `X-Egressd-Failover: refused; reason=...`.
 * A fallback without its own `auth` is never sent the app's primary credentials.
@@ -34,20 +36,13 @@ from proxy.answers import error_response
 from proxy.config.schema import Failover
 from proxy.errors import ProxyError
 from proxy.events import FailoverResult
-from proxy.model import Call, RequestBody, Response, unsafe_method
+from proxy.model import AMBIGUOUS_KINDS, Call, CallStory, RequestBody, Response, unsafe_method
 from proxy.pipeline import Handler, StageContext, UpstreamHandle
 from proxy.stages.retry import is_exhausted
 
 log = logging.getLogger("egressd.failover")
 
-#: Attribute on a `Call` holding a list the transport appends each failed attempt's kind to
-#: (connect_error, timeout, reset, protocol_error): an ambiguous attempt may hide behind a
-#: later clean connect error.
-ATTEMPT_LOG = "egressd.attempt_log"
-#: Attribute marking a call that a failover stage sends to a fallback.
-FAILOVER_CALL = "egressd.failover_call"
 LEDGER_TTL = 400 * 86400.0  # refunds may come months later
-AMBIGUOUS_KINDS = frozenset({"timeout", "reset", "protocol_error"})
 
 
 def _attempts(result: Response | ProxyError) -> int:
@@ -101,7 +96,11 @@ class FailoverStage:
 
     # -- the stage ---------------------------------------------------------------------------
     async def __call__(self, call: Call, nxt: Handler) -> Response:
-        if call.attr(FAILOVER_CALL):
+        story = call.story
+        if story is None:
+            story = CallStory()
+            call = call.replace(story=story)
+        elif story.failover_from is not None:
             return await nxt(call)  # a call made by another upstream's failover: never chain
         body = call.body
         if not body.buffered and (body.length is None or body.length <= self.max_body):
@@ -112,11 +111,9 @@ class FailoverStage:
         if sticky is not None:
             return sticky
 
-        attempts: list[str] = []
-        primary_call = call.with_attr(ATTEMPT_LOG, attempts)
         result: Response | ProxyError
         try:
-            result = await nxt(primary_call)
+            result = await nxt(call)
         except ProxyError as exc:
             result = exc
         matched = [
@@ -127,7 +124,7 @@ class FailoverStage:
         if not matched or not body.buffered:
             return self._pass(result)
 
-        if unsafe_method(call.method) and self._ambiguous(result, attempts):
+        if unsafe_method(call.method) and self._ambiguous(result, story):
             probed = await self._probe(call, nxt, request)
             if isinstance(probed, Response):
                 await self._close(result)  # the probe's answer replaces the primary's
@@ -167,10 +164,12 @@ class FailoverStage:
         if isinstance(result, Response):
             await result.close()
 
-    def _ambiguous(self, result: Response | ProxyError, attempts: list[str]) -> bool:
-        """May the primary have acted on this (unsafe) call?"""
-        if any(kind in AMBIGUOUS_KINDS for kind in attempts):
+    def _ambiguous(self, result: Response | ProxyError, story: CallStory) -> bool:
+        """May the primary have acted on this (unsafe) call, in any of its attempts?"""
+        if story.may_have_acted(self.source, self.ctx.plugin.not_processed):
             return True
+        # The result itself, for answers that no transport attempt recorded (a terminal
+        # other than the transport).
         if isinstance(result, ProxyError):
             return result.detail in AMBIGUOUS_KINDS
         if result.error_code is not None:
@@ -186,12 +185,13 @@ class FailoverStage:
         headers = CIMultiDict(call.headers)
         for k, v in probe.headers.items():
             headers[k] = v
+        # The probe's attempts go in the call's own story: if it too is cut short, the
+        # whole call stays ambiguous.
         probe_call = call.replace(
             method=probe.method, path=probe.path, query=probe.query, body=RequestBody(data=probe.body)
         ).with_headers(headers)
-        attempts: list[str] = []
         try:
-            response = await nxt(probe_call.with_attr(ATTEMPT_LOG, attempts))
+            response = await nxt(probe_call)
         except ProxyError:
             return "unknown"
         try:
@@ -210,7 +210,7 @@ class FailoverStage:
             return None
         records: dict[str, Mapping[str, Any]] = {}
         for object_id in ids:
-            raw = await self.ctx.state.kv_get(ledger_key(self.source, object_id))
+            raw = await self.ctx.state.ledger_get(ledger_key(self.source, object_id))
             if raw is not None:
                 try:
                     records[object_id] = json.loads(raw)
@@ -309,9 +309,15 @@ class FailoverStage:
             request_id=call.request_id,
             route=call.route or self.source,
             idempotency_key=key,
-            attrs=((FAILOVER_CALL, self.source),),
+            story=CallStory(failover_from=self.source),
         )
-        response = await target.handle(fcall)
+        try:
+            response = await target.handle(fcall)
+        finally:
+            # The fallback's tries belong to the whole call's story too (the idempotency
+            # stage above judges the call's outcome over all of them).
+            if call.story is not None and fcall.story is not None:
+                call.story.attempts.extend(fcall.story.attempts)
         data = await response.read(target.policy.limits.max_body)
         if response.error_code is not None and response.status >= 500:
             error = ProxyError(
@@ -323,7 +329,7 @@ class FailoverStage:
 
     async def _finish(self, translated: Translated, target: UpstreamHandle, attempts: int) -> Response:
         for object_id, record in translated.ledger:
-            await self.ctx.state.kv_set(
+            await self.ctx.state.ledger_set(
                 ledger_key(self.source, object_id), json.dumps(record, default=str).encode(), ttl=LEDGER_TTL
             )
         answer = translated.answer

@@ -1,20 +1,38 @@
-"""Idempotency keys and proxy-side replay for unsafe calls (POST, PATCH).
+"""Idempotency keys, proxy-side replay and exactly-once ownership of unsafe calls.
 
 * Key: the app's, from the policy's `header` (`Idempotency-Key`; PayPal names its own,
   `PayPal-Request-Id`). Without one and with `generate`, a uuid4 is put in that header
   and in `call.idempotency_key`, so every retry and failover below sends the same key.
-* Replay (`replay_ttl` > 0, app keys only): the ledger record is scoped by upstream,
-  configuration, credentials hash and key. A completed repeat with the same request
-  fingerprint (method, path, query, body) gets the stored answer with
-  `Idempotent-Replayed: true`; a different fingerprint gets 422 `idempotency_mismatch`;
-  a repeat while the first is in flight waits for it (until its own deadline).
+* Replay (`replay_ttl` > 0, app keys only): the record is keyed by upstream, credentials
+  hash and key (never by policy settings, so it survives reloads and restarts). A
+  completed repeat with the same request fingerprint (method, path, query, body) gets
+  the recorded answer with `Idempotent-Replayed: true`; a different fingerprint gets
+  422 `idempotency_mismatch`; a repeat while the first is in flight joins it and gets
+  its answer (until its own deadline).
 * Fingerprint window (`fingerprint_window` > 0): keyless calls identical in method,
   path + query, credentials hash and body count as one for that long after the first
-  completed (generated keys do not count as app keys).
+  (generated keys do not count as app keys).
 
-What is stored: any answer except 5xx, 429 and proxy-made ones (`error_code`), up to
-`limits.max_body` bytes. Anything else (and a connection failure) releases the record,
-so the app's own retry runs for real.
+What is recorded when the call ends (contract 7.2, docs/resilience.md "Exactly once"):
+
+* a complete answer (not 5xx, not 429, not proxy-made): for the record's ttl;
+* an *ambiguous* outcome (the call's story says an attempt may have acted without a
+  complete answer: a timeout or reset after the request was written, or a 5xx the
+  plugin does not call "not processed"): recorded too, so a resend gets the same answer
+  instead of a second send, except for an app key the upstream itself deduplicates on
+  (Stripe, PayPal, `upstream_dedupes`): there the resend goes upstream with the same key
+  and the provider answers for it;
+* anything else (nothing was sent, connect errors, 429, circuit open, "not processed"):
+  the record is released, so a resend runs for real.
+
+Claims: each call claims with an owner token of its own. Where the state backend cannot
+decide a claim now (Redis slow or away, `RecordsUnavailable`), the claim is tried again
+within the call's deadline (at most `CLAIM_WAIT`), then the call gets 503
+`state_unavailable`; it is never decided from this replica's memory alone, unless the
+upstream deduplicates on the key. A record left in flight by an owner that died (kill -9)
+is *in doubt*: a resend gets 502 `upstream_unreachable` with
+`X-Egressd-Error-Detail: in_doubt` and is not sent, unless the upstream deduplicates on
+the key.
 """
 
 from __future__ import annotations
@@ -22,23 +40,39 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
+from proxy.answers import error_response
 from proxy.credentials import credentials_hash
 from proxy.errors import ProxyError
 from proxy.events import IdempotencyResult
 from proxy.hashing import digest
-from proxy.model import Call, Response, unsafe_method
+from proxy.model import AMBIGUOUS_KINDS, Call, CallStory, Response, unsafe_method
 from proxy.pipeline import Handler, Stage, StageContext
 from proxy.stages._answers import buffer_answer, from_snapshot, snapshot
-from proxy.state.base import SCOPE_SEP, StoredResponse, state_key
+from proxy.state.base import SCOPE_SEP, RecordsUnavailable, StoredResponse
+
+if TYPE_CHECKING:
+    from plugins.base import ProviderPlugin
+    from proxy.config.schema import Policy
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 POLL_MIN = 0.01
 POLL_MAX = 0.2
 LOCK_MARGIN = 5.0  # an owner's record outlives its deadline by this much
+CLAIM_WAIT = 5.0  # the longest a call waits for a shared store that cannot decide a claim
+
+
+def dedupes_on_key(policy: Policy, plugin: ProviderPlugin, call: Call) -> bool:
+    """Whether the upstream itself deduplicates this call on the key it carries: the
+    policy's `idempotency.upstream_dedupes` when set (and the key header is there), else
+    the provider plugin's word (Stripe `Idempotency-Key`, PayPal `PayPal-Request-Id`)."""
+    idem = policy.idempotency
+    if idem is not None and idem.upstream_dedupes is not None:
+        return idem.upstream_dedupes and bool(call.headers.get(idem.header))
+    return plugin.honours_idempotency(call.method, call.path, call.headers)
 
 
 def complete_answer(response: Response) -> bool:
@@ -56,7 +90,7 @@ class _Outcome:
     """
 
     stored: StoredResponse | None = None
-    completed: bool = False  # `stored` is also in the ledger
+    completed: bool = False  # `stored` is also in the record (a complete or ambiguous answer)
     error: ProxyError | None = None
     too_big: bool = False
 
@@ -69,12 +103,15 @@ class IdempotencyStage:
         assert cfg is not None
         self.cfg = cfg
         self.policy = ctx.policy
+        self.plugin = ctx.plugin
         self.clock = ctx.clock
         self.events = ctx.events
         self.state = ctx.state
         self.upstream = ctx.policy.upstream
         self.max_body = ctx.policy.limits.max_body
-        self.scope = state_key(self.upstream, "idem", ctx.policy.fingerprint("idempotency"))
+        # Upstream and kind only: no policy fingerprint, so a reload that touches this
+        # block (a ttl, a size) keeps every record (contract 7.2).
+        self.scope = f"{self.upstream}:idem"
         limit = getattr(ctx.state, "limit_scope", None)
         if callable(limit):
             limit(self.scope, cfg.max_entries)
@@ -106,37 +143,84 @@ class IdempotencyStage:
             creds = credentials_hash(call.headers, self.policy)
             record = f"{self.scope}{SCOPE_SEP}k:{digest(creds, app_key)}"
             fingerprint = digest(call.method, call.path, call.query, body)
-            return await self._guarded(call, nxt, record, fingerprint, self.cfg.replay_ttl, "replayed")
+            dedupes = dedupes_on_key(self.policy, self.plugin, call)
+            return await self._guarded(call, nxt, record, fingerprint, self.cfg.replay_ttl, "replayed", dedupes)
         if app_key is None and self.cfg.fingerprint_window > 0:
             body = await call.body.read()
             creds = credentials_hash(call.headers, self.policy)
             fingerprint = digest(call.method, call.path, call.query, creds, body)
             record = f"{self.scope}{SCOPE_SEP}w:{fingerprint}"
+            # A resend of a keyless call carries no key the upstream could deduplicate on.
             return await self._guarded(
-                call, nxt, record, fingerprint, self.cfg.fingerprint_window, "fingerprint_duplicate"
+                call, nxt, record, fingerprint, self.cfg.fingerprint_window, "fingerprint_duplicate", False
             )
         return await nxt(call)
 
+    async def _claim(
+        self, call: Call, record: str, fingerprint: str, ttl: float, owner: str, dedupes: bool
+    ) -> tuple[str, StoredResponse | None]:
+        """Claim `record`; a store that cannot decide now is asked again within the
+        call's deadline (at most `CLAIM_WAIT`), then the call gets 503 state_unavailable."""
+        give_up = min(call.deadline, self.clock.now() + CLAIM_WAIT)
+        delay = POLL_MIN * 5
+        while True:
+            lock_ttl = max(call.deadline - self.clock.now(), 0.0) + LOCK_MARGIN
+            try:
+                claim = await self.state.idem_claim(
+                    record, fingerprint, ttl=ttl, lock_ttl=lock_ttl, owner=owner, dedupes=dedupes
+                )
+                return claim.state, claim.response
+            except RecordsUnavailable:
+                if self.clock.now() + delay >= give_up:
+                    abandon = getattr(self.state, "abandon_claim", None)
+                    if callable(abandon):
+                        await asyncio.shield(abandon(record, owner))
+                    self._emit("state_unavailable")
+                    raise ProxyError(
+                        "state_unavailable",
+                        "the shared state store cannot decide whether this call was already sent; "
+                        "it was not sent (try again)",
+                        retry_after=1,
+                    ) from None
+                await self.clock.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
     async def _guarded(
-        self, call: Call, nxt: Handler, record: str, fingerprint: str, ttl: float, replay_result: str
+        self,
+        call: Call,
+        nxt: Handler,
+        record: str,
+        fingerprint: str,
+        ttl: float,
+        replay_result: str,
+        dedupes: bool,
     ) -> Response:
         delay = POLL_MIN
         joined = False
         flight: asyncio.Future[_Outcome] | None = None  # a same-process owner's call we joined
+        owner = uuid.uuid4().hex
         while True:
             if flight is not None and flight.done():
                 outcome = flight.result()
                 if outcome.stored is not None or outcome.error is not None or outcome.too_big:
                     return self._shared(outcome, replay_result)
                 flight = None  # the owner was cancelled before an answer: claim again
-            lock_ttl = max(call.deadline - self.clock.now(), 0.0) + LOCK_MARGIN
-            claim = await self.state.idem_claim(record, fingerprint, ttl=ttl, lock_ttl=lock_ttl)
-            if claim.state == "new":
-                return await self._own(call, nxt, record, ttl)
-            if claim.state == "completed" and claim.response is not None:
+            state, response = await self._claim(call, record, fingerprint, ttl, owner, dedupes)
+            if state == "new":
+                return await self._own(call, nxt, record, fingerprint, ttl, owner, dedupes)
+            if state == "in_doubt":
+                self._emit("in_doubt")
+                raise ProxyError(
+                    "upstream_unreachable",
+                    f"an earlier call with the same {self._what(replay_result)} was cut off without an outcome "
+                    "(egressd stopped while it was in flight); it may have taken effect upstream, so it was "
+                    "not sent again",
+                    detail="in_doubt",
+                )
+            if state == "completed" and response is not None:
                 self._emit(replay_result)
-                return self._replay(claim.response, replay_result)
-            if claim.state == "mismatch":
+                return self._replay(response, replay_result)
+            if state == "mismatch":
                 self._emit("mismatch")
                 raise ProxyError(
                     "idempotency_mismatch",
@@ -171,6 +255,9 @@ class IdempotencyStage:
 
     def _shared(self, outcome: _Outcome, replay_result: str) -> Response:
         """A joined waiter's answer: a copy of the owner's (never a send of its own)."""
+        if outcome.completed and outcome.stored is not None:
+            self._emit(replay_result)
+            return self._replay(outcome.stored, replay_result)
         if outcome.error is not None:
             err = outcome.error
             raise ProxyError(err.code, err.message, retry_after=err.retry_after, status=err.status, detail=err.detail)
@@ -180,36 +267,65 @@ class IdempotencyStage:
                 f"an earlier call with the same {self.cfg.header} was sent and answered, but its answer was "
                 "too large to keep; it was not sent again",
             )
-        if outcome.completed:
-            self._emit(replay_result)
-            return self._replay(outcome.stored, replay_result)
-        # Not kept (a 5xx, 429 or proxy-made answer): the copy is the owner's failure, and
-        # is counted by its status like any answer, not as a replay.
+        # Not kept (a 5xx, 429 or proxy-made answer that proves nothing was done): the copy
+        # is the owner's failure, counted by its status like any answer, not as a replay.
         self._emit("shared")
         response = self._replay(outcome.stored, "shared")
         del response.notes["outcome"]
         return response
 
-    async def _own(self, call: Call, nxt: Handler, record: str, ttl: float) -> Response:
+    def _what(self, replay_result: str) -> str:
+        return "request (same body, within fingerprint_window)" if replay_result != "replayed" else self.cfg.header
+
+    def _ambiguous(self, story: CallStory, error: ProxyError | None) -> bool:
+        """May the upstream have acted on this call without a complete answer?"""
+        if story.may_have_acted(self.upstream, self.plugin.not_processed):
+            return True
+        # An error no transport attempt recorded (another terminal): judge it by its kind.
+        return error is not None and not story.attempts and error.detail in AMBIGUOUS_KINDS
+
+    async def _own(
+        self, call: Call, nxt: Handler, record: str, fingerprint: str, ttl: float, owner: str, dedupes: bool
+    ) -> Response:
+        story = call.story
+        if story is None:
+            story = CallStory()
+            call = call.replace(story=story)
         flight: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
         self._local[record] = flight
         outcome = _Outcome()
+        keep = False  # the record stays in flight (in doubt): a cancelled call that was sent
         try:
             try:
                 response = await nxt(call)
             except ProxyError as exc:
                 outcome.error = exc
+                if not dedupes and self._ambiguous(story, exc):
+                    # The first caller's answer is what every resend gets (contract 7.7).
+                    shaped = error_response(exc, request_id=call.request_id, plugin=self.plugin, upstream=self.upstream)
+                    stored = snapshot(shaped, shaped.body or b"", self.clock.wall())
+                    await self._complete(record, stored, ttl, fingerprint, owner, outcome)
+                    outcome.stored = stored
+                raise
+            except asyncio.CancelledError:
+                # Cancelled (shutdown; the server does not cancel an unsafe call that was
+                # sent when the app leaves): if a request went out, the record stays in
+                # flight, and is in doubt once its lock lapses.
+                keep = story.sending > 0
                 raise
             try:
                 # Buffered whatever it is: a waiter that joined gets a copy, even of a 5xx.
                 body = await buffer_answer(response, self.max_body)
                 if body is None:
+                    # Too big to record: the record stays in flight (in doubt once its lock
+                    # lapses), so a resend is refused rather than sent again; an upstream
+                    # that deduplicates on the key answers the resend itself.
                     outcome.too_big = True
+                    keep = not dedupes and (complete_answer(response) or self._ambiguous(story, None))
                 else:
                     stored = snapshot(response, body, self.clock.wall())
-                    if complete_answer(response):
-                        await self.state.idem_complete(record, stored, ttl=ttl)
-                        outcome.completed = True
+                    if complete_answer(response) or (not dedupes and self._ambiguous(story, None)):
+                        await self._complete(record, stored, ttl, fingerprint, owner, outcome)
                     outcome.stored = stored
             except BaseException:
                 await response.close()
@@ -222,8 +338,16 @@ class IdempotencyStage:
                 del self._local[record]
             if not flight.done():
                 flight.set_result(outcome)
-            if not outcome.completed:
-                await asyncio.shield(self.state.idem_release(record))
+            if not outcome.completed and not keep:
+                await asyncio.shield(self.state.idem_release(record, owner))
+
+    async def _complete(
+        self, record: str, stored: StoredResponse, ttl: float, fingerprint: str, owner: str, outcome: _Outcome
+    ) -> None:
+        await asyncio.shield(
+            self.state.idem_complete(record, stored, ttl=ttl, fingerprint=fingerprint, owner=owner)
+        )
+        outcome.completed = True
 
     def _replay(self, stored: StoredResponse, result: str) -> Response:
         response = from_snapshot(stored, upstream=self.upstream)

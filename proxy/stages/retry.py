@@ -25,6 +25,7 @@ from proxy.errors import ProxyError
 from proxy.events import RetryScheduled, RetrySkipped
 from proxy.model import Call, Response, unsafe_method
 from proxy.pipeline import Flow, Guard, Handler, Result, StageContext
+from proxy.stages.idempotency import dedupes_on_key
 from proxy.state.base import SyncLimits, state_key, sync_limits
 
 if TYPE_CHECKING:
@@ -133,13 +134,7 @@ class RetryStage(Guard):
         return result.code == "upstream_unreachable" and result.detail == "connect_error"
 
     def _safe(self, call: Call, result: Response | ProxyError) -> bool:
-        if not unsafe_method(call.method):
-            return True
-        idem = self.ctx.policy.idempotency
-        if idem is not None and idem.upstream_dedupes is not None:
-            if idem.upstream_dedupes and call.headers.get(idem.header):
-                return True
-        elif self.ctx.plugin.honours_idempotency(call.method, call.path, call.headers):
+        if not unsafe_method(call.method) or dedupes_on_key(self.ctx.policy, self.ctx.plugin, call):
             return True
         return self._never_reached(result)
 
