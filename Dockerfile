@@ -53,7 +53,11 @@ ENV EGRESSD_POLICIES=/etc/egressd/policies \
     EGRESSD_ADMIN=0.0.0.0:9901 \
     EGRESSD_LOG_FORMAT=json \
     EGRESSD_LOG_LEVEL=info \
-    EGRESSD_DRAIN=20
+    EGRESSD_DRAIN=20 \
+    EGRESSD_DATA_DIR=/var/lib/egressd
+# The durable store (docs/durable-store.md): mount a volume here to keep it across containers.
+RUN mkdir -p /var/lib/egressd && chown 10001:10001 /var/lib/egressd
+VOLUME ["/var/lib/egressd"]
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8080 9901

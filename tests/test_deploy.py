@@ -329,7 +329,9 @@ def test_image_build_and_entrypoint_in_a_fresh_venv(tmp_path: Path) -> None:
     policies = image / "etc" / "egressd" / "policies"
     assert sorted(p.name for p in policies.glob("*.yaml")) == sorted(p.name for p in (ROOT / "policies").glob("*.yaml"))
     image_env = stage_env(runtime)
-    env = clean_env({**image_env, "EGRESSD_POLICIES": str(policies)})
+    assert image_env["EGRESSD_DATA_DIR"] == "/var/lib/egressd"  # the image's volume (contract 7.1)
+    data_dir = image / "var" / "lib" / "egressd"
+    env = clean_env({**image_env, "EGRESSD_POLICIES": str(policies), "EGRESSD_DATA_DIR": str(data_dir)})
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     (_, _, rt) = dockerfile_stages()
     entrypoint = json.loads(instruction(rt, "ENTRYPOINT")[-1]) + json.loads(instruction(rt, "CMD")[-1])
@@ -478,6 +480,14 @@ def test_default_render_is_a_hardened_standalone_tier(helm: ModuleType) -> None:
     configmap = one(docs, "ConfigMap")
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["policies"]["configMap"]["name"] == configmap["metadata"]["name"]
+    # The durable store (contract 7.1) on its own volume, named by EGRESSD_DATA_DIR.
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["data"] == env["EGRESSD_DATA_DIR"] == "/var/lib/egressd"
+    assert "emptyDir" in volumes["data"]
+    docs = render(helm, CHART, {"dataDir": {"mountPath": "/var/lib/egressd", "existingClaim": "egressd-data"}})
+    pod = one(docs, "Deployment")["spec"]["template"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "egressd-data"}
 
 
 def test_optional_objects(helm: ModuleType) -> None:
@@ -572,6 +582,8 @@ def test_sidecar_form_in_an_app_chart(helm: ModuleType, app_chart: Path) -> None
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["egressd-policies"]["configMap"]["name"] == configmap["metadata"]["name"]
     assert {m["name"] for m in sidecar["volumeMounts"]} <= set(volumes)
+    assert "emptyDir" in volumes["egressd-data"], "the data dir survives container restarts in the pod"
+    assert env["EGRESSD_DATA_DIR"] == "/var/lib/egressd"
 
     docs = render(helm, app_chart, {"egressd": {"sidecar": {"native": True}}})
     sidecar = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][1]

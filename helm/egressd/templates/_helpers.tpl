@@ -108,6 +108,8 @@ env:
     value: {{ $v.log.level | quote }}
   - name: EGRESSD_DRAIN
     value: {{ $v.drainSeconds | quote }}
+  - name: EGRESSD_DATA_DIR
+    value: {{ $v.dataDir.mountPath | quote }}
   {{- if or $v.redis.url $v.redis.existingSecret }}
   - name: EGRESSD_REDIS_URL
     valueFrom:
@@ -145,6 +147,8 @@ volumeMounts:
     readOnly: true
   - name: {{ ternary "egressd-tmp" "tmp" $sidecar }}
     mountPath: /tmp
+  - name: {{ ternary "egressd-data" "data" $sidecar }}
+    mountPath: {{ $v.dataDir.mountPath }}
 {{- with $v.probes.startup }}
 startupProbe:
   httpGet:
@@ -202,6 +206,20 @@ for `initContainers:`). Pair it with `egressd.sidecar.volumes` under the pod's `
 - name: egressd-tmp
   emptyDir:
     sizeLimit: 16Mi
+- name: egressd-data
+  {{- include "egressd.dataVolume" . | nindent 2 }}
+{{- end -}}
+
+{{/* The durable store (EGRESSD_DATA_DIR): an emptyDir survives container restarts in the pod. */}}
+{{- define "egressd.dataVolume" -}}
+{{- $c := include "egressd.ctx" . | fromYaml -}}
+{{- if $c.Values.dataDir.existingClaim -}}
+persistentVolumeClaim:
+  claimName: {{ $c.Values.dataDir.existingClaim }}
+{{- else -}}
+emptyDir:
+  sizeLimit: {{ $c.Values.dataDir.sizeLimit }}
+{{- end -}}
 {{- end -}}
 
 {{/* Pod labels that the PodMonitor of the sidecar form selects on. */}}
