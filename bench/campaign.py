@@ -4,6 +4,7 @@
     python bench/campaign.py                 # 10 minutes, the figures in docs/reliability.md
     python bench/campaign.py --seconds 180   # shorter
     python bench/campaign.py --json out.json # raw figures too
+    python bench/campaign.py --exactly-once  # then the exactly-once cases of bench/exactly_once.py
 
 One process, one event loop: the fake providers (Stripe, SendGrid, echo), egressd (the real
 `EgressServer`, with Redis when `redis-server` is installed) and the app's load. The app:
@@ -24,6 +25,11 @@ Checks (exit status 1 when one fails): every request got exactly one answer (non
 no short 200, every payment key charged at most once (and exactly once when the app heard
 200), every e-mail sent at most once (exactly once when the app heard 202), no hostile
 request forwarded, and FDs back to their level after warm-up once the load stops.
+
+`--exactly-once` (or `--exactly-once quick`) then runs bench/exactly_once.py's cases (each
+exactly-once fault at its own size, side effects counted at the fakes) in a fresh event
+loop: their table follows the campaign's report, their figures are `exactly_once` in the
+`--json` file, and a failed case fails the run too. Without the flag nothing changes.
 """
 
 from __future__ import annotations
@@ -707,6 +713,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     parser.add_argument("--quiet", action="store_true", help="print only the report")
+    parser.add_argument(
+        "--exactly-once", nargs="?", const="full", choices=("full", "quick"), default=None,
+        help="after the soak, also run bench/exactly_once.py's cases (its sizes, or `quick`) and add their table",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     # The campaign's output is its report: egressd's and the fakes' own logs stay quiet.
     for name in ("egressd", "aiohttp"):
@@ -724,10 +734,21 @@ def main(argv: list[str] | None = None) -> int:
             sample_interval=args.sample_interval, redis=args.redis, seed=args.seed, quiet=args.quiet,
         )
     )  # fmt: skip
+    ok = bool(figures["ok"])
+    exactly_once: dict[str, Any] | None = None
+    if args.exactly_once:
+        from bench.exactly_once import render_table, run_exactly_once
+
+        exactly_once = asyncio.run(run_exactly_once(quick=args.exactly_once == "quick", quiet=args.quiet))
+        figures["exactly_once"] = exactly_once
+        ok = ok and bool(exactly_once["ok"])
     print(render(figures))
+    if exactly_once is not None:
+        print()
+        print(render_table(exactly_once))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
-    return 0 if figures["ok"] else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
