@@ -148,6 +148,9 @@ class ProviderPlugin:
     name: ClassVar[str] = "generic"
     #: The request header this provider deduplicates on, if any (retry safety for POST).
     idempotency_header: ClassVar[str | None] = None
+    #: Request headers of this provider's own that select a different answer (an account,
+    #: an API version): part of every cache key, beside the standard `Accept*` headers.
+    vary_headers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self.settings: Mapping[str, Any] = dict(settings or {})

@@ -24,6 +24,8 @@ class PayPalPlugin(ProviderPlugin):
     name = "paypal"
     # PayPal deduplicates POSTs that carry PayPal-Request-Id (providers.md 2.6).
     idempotency_header: ClassVar[str | None] = "PayPal-Request-Id"
+    # A partner acting for a merchant gets that merchant's answers.
+    vary_headers: ClassVar[tuple[str, ...]] = ("PayPal-Partner-Attribution-Id",)
 
     def error_answer(self, code: str, status: int, message: str, *, request_id: str) -> ErrorAnswer:
         body = {

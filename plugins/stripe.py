@@ -17,6 +17,8 @@ class StripePlugin(ProviderPlugin):
     name = "stripe"
     # Stripe deduplicates every POST by Idempotency-Key (providers.md 1.8).
     idempotency_header: ClassVar[str | None] = "Idempotency-Key"
+    # A connected account and a pinned API version each get their own answers.
+    vary_headers: ClassVar[tuple[str, ...]] = ("Stripe-Account", "Stripe-Version")
 
     def not_processed(self, status: int, headers: Mapping[str, str]) -> bool:
         # 429 (rate limited, incl. lock_timeout) is never processed.

@@ -10,6 +10,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import SecretStr
 
+from plugins.registry import load_plugin
 from proxy.clock import FakeClock
 from proxy.config.schema import Auth, Cache, Policy
 from proxy.errors import ProxyError
@@ -51,7 +52,8 @@ class Harness:
         bus = EventBus()
         bus.subscribe(self.events.append)
         self.state = MemoryState(self.clock)
-        stage = build(stage_context(policy, self.clock, events=bus, state=self.state))
+        plugin = load_plugin(policy.provider.name, policy.provider.settings)
+        stage = build(stage_context(policy, self.clock, events=bus, state=self.state, plugin=plugin))
         assert stage is not None
         self.stage = stage
 
@@ -112,6 +114,22 @@ async def test_miss_then_hit() -> None:
     assert second.headers["Age"] == "5"
     assert second.notes["outcome"] == "cached"
     assert h.results() == ["miss", "store", "hit"]
+
+
+@pytest.mark.parametrize("provider", ["stripe", "generic"])
+async def test_provider_headers_select_the_answer(provider: str) -> None:
+    """The provider plugin names its own representation-selecting headers: a Stripe
+    connected account (`Stripe-Account`) never gets the platform's cached answer; for a
+    generic API the header means nothing to the cache."""
+    p = policy()
+    p = p.model_copy(update={"provider": p.provider.model_copy(update={"name": provider})})
+    h = Harness(p)
+    up = Upstream(h.clock)
+    handle = h.handler(up)
+    await handle(make_call(h.clock))
+    other = await handle(make_call(h.clock, extra={"Stripe-Account": "acct_1"}))
+    assert other.cache == ("miss" if provider == "stripe" else "hit")
+    assert len(up.calls) == (2 if provider == "stripe" else 1)
 
 
 async def test_ttl_expiry() -> None:

@@ -4,7 +4,8 @@ Rules (docs/resilience.md, "Cache"):
 
 * Only methods in `cache.methods`. The key is sha256 over the method, the full target
   URL (`policy.target` + path + query), the credentials hash (proxy.credentials) and the
-  request headers in `VARY_HEADERS`, so one tenant never gets another's answer.
+  request headers in `VARY_HEADERS` and the provider plugin's `vary_headers`, so one tenant
+  never gets another's answer.
 * A request with `Cache-Control: no-store` bypasses the cache (no lookup, no store);
   `no-cache` (or `Pragma: no-cache`) skips the lookup but may refresh the entry.
 * A request with `Range` or any `If-*` header goes straight through (no lookup, no
@@ -39,16 +40,11 @@ from proxy.stages._answers import buffer_answer, cache_control, delta_seconds, f
 from proxy.state.base import SCOPE_SEP, StoredResponse, state_key
 
 CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
-# Request headers that select a representation; part of every cache key.
-VARY_HEADERS: tuple[str, ...] = (
-    "Accept",
-    "Accept-Encoding",
-    "Accept-Language",
-    "Stripe-Account",
-    "Stripe-Version",
-    "PayPal-Partner-Attribution-Id",
-)
-_VARY_OK = frozenset(h.lower() for h in (*VARY_HEADERS, "Origin", "Authorization", "Cookie"))
+# Request headers that select a representation; part of every cache key, with the
+# provider's own (`ProviderPlugin.vary_headers`: Stripe-Account, PayPal-Partner-...).
+VARY_HEADERS: tuple[str, ...] = ("Accept", "Accept-Encoding", "Accept-Language")
+# `Vary` names an answer may carry and still be cached (besides the provider's own).
+_VARY_ALWAYS_OK = ("Origin", "Authorization", "Cookie")
 STALE_ERROR_CODES = frozenset({"upstream_unreachable", "upstream_timeout", "circuit_open"})
 
 
@@ -96,13 +92,15 @@ class CacheStage:
         if callable(limit):
             limit(self.scope, cfg.max_entries)
         self._inflight: dict[str, _Flight] = {}
+        self.vary: tuple[str, ...] = (*VARY_HEADERS, *ctx.plugin.vary_headers)
+        self.vary_ok = frozenset(h.lower() for h in (*self.vary, *_VARY_ALWAYS_OK))
 
     def _emit(self, result: str) -> None:
         self.events.emit(CacheResult(self.upstream, result))
 
     def key_for(self, call: Call) -> str:
         parts: list[str] = [call.method, self.target + call.target_path, credentials_hash(call.headers, self.policy)]
-        for name in VARY_HEADERS:
+        for name in self.vary:
             values = call.headers.getall(name, [])
             parts.extend((name.lower(), str(len(values)), *values))
         return f"{self.scope}{SCOPE_SEP}{digest(*parts)}"
@@ -145,7 +143,7 @@ class CacheStage:
             return False
         for value in response.headers.getall("Vary", []):
             for name in value.split(","):
-                if name.strip() and name.strip().lower() not in _VARY_OK:
+                if name.strip() and name.strip().lower() not in self.vary_ok:
                     return False  # includes "*"
         return self.fresh_for(response.status, response.headers) > 0
 
