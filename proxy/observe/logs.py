@@ -14,26 +14,66 @@ import sys
 import time
 from json.encoder import encode_basestring_ascii
 from typing import Any
+from urllib.parse import unquote_plus
 
 from proxy.events import CallFinished, Event
 
 ACCESS = logging.getLogger("egressd.access")
-_SECRET_KEY = re.compile(r"(key|token|secret|pass|auth|sig|signature|credential|session|code)", re.I)
-# 13 to 19 digits, single spaces or dashes between them allowed, also URL-encoded (+, %20).
-_CARDLIKE = re.compile(r"(?<![\w])\d(?:(?:[ +-]|%20)?\d){12,18}(?![\w])")
+# Query names whose values are never logged (contract 7.4): one of these as the whole name,
+# or as its last part after `_`, `-` or `.` (`x_api_key`, `stripe-key`), case-insensitive.
+SECRET_NAMES = frozenset(
+    ("password", "passwd", "pwd", "secret", "token", "access_token", "api_key", "apikey", "key", "jwt",
+     "signature", "sig", "auth", "code")
+)  # fmt: skip
+# Also any name that merely contains one of these (broader than the contract, on purpose:
+# `client_secret_v2`, `sessionid`, `X-Auth-Token`...).
+_SECRET_KEY = re.compile(r"(key|token|secret|pass|pwd|jwt|auth|sig|signature|credential|session|code)", re.I)
+_NAME_PARTS = re.compile(r"[_.\-]")
+# A card-like number: 13 to 19 digits, single spaces, dots or dashes between them allowed,
+# also URL-encoded (+, %20). Redacted only when Luhn-valid (ids and timestamps are not).
+_CARDLIKE = re.compile(r"(?<![\w.])\d(?:(?:[ +.-]|%20)?\d){12,18}(?![\w])")
 _STD_ATTRS = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None)).keys()) | {"message", "asctime"}
 
 
+def secret_name(name: str) -> bool:
+    """Whether a query parameter's value must not be logged (contract 7.4, 7.7)."""
+    lowered = unquote_plus(name).lower()
+    if lowered in SECRET_NAMES or _NAME_PARTS.split(lowered)[-1] in SECRET_NAMES:
+        return True
+    return _SECRET_KEY.search(lowered) is not None
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _mask_card(match: re.Match[str]) -> str:
+    digits = re.sub(r"\D|%20", "", match.group(0).replace("%20", " "))
+    if not luhn_valid(digits):
+        return match.group(0)
+    return "REDACTED-" + digits[-4:]  # at most the last four digits are kept
+
+
 def redact_query(query: str) -> str:
-    """Keep query keys, hide the values of secret-looking ones and anything card-like."""
+    """Keep query keys, hide the values of secret-looking ones and card numbers anywhere."""
     if not query:
         return ""
     parts = []
     for item in query.split("&"):
         key, sep, value = item.partition("=")
-        if sep and (_SECRET_KEY.search(key) or _CARDLIKE.search(value)):
+        if sep and secret_name(key):
             value = "REDACTED"
-        parts.append(key + sep + value)
+        else:
+            value = redact_text(value)
+        parts.append(redact_text(key) + sep + value)
     return "&".join(parts)
 
 
@@ -41,7 +81,10 @@ _HAS_DIGIT_RUN = re.compile(r"\d{4}").search
 
 
 def redact_text(text: str) -> str:
-    return _CARDLIKE.sub("[REDACTED-NUMBER]", text)
+    """Card-like numbers (Luhn-valid) in free text keep at most their last four digits."""
+    if not _HAS_DIGIT_RUN(text):  # every card-like run has four digits in a row somewhere
+        return text
+    return _CARDLIKE.sub(_mask_card, text)
 
 
 class JsonFormatter(logging.Formatter):
