@@ -27,6 +27,12 @@ class StripePlugin(ProviderPlugin):
     def error_answer(self, code: str, status: int, message: str, *, request_id: str) -> ErrorAnswer:
         # The SDK picks the exception class from the status; `type` must be a known one
         # (sdk-clients.md 1, "Errors"). Never a bare string under "error".
+        if code == "idempotency_mismatch":
+            # Stripe's own answer to a key reused with other parameters: 400 with
+            # `type: idempotency_error`, which the SDK raises as `stripe.IdempotencyError`
+            # (providers.md 1.8); egressd's generic 422 would surface as a plain APIError.
+            body = {"error": {"type": "idempotency_error", "message": f"egressd: {message}"}}
+            return ErrorAnswer(400, json_bytes(body))
         if status == 429:
             kind = "rate_limit_error"
         elif 400 <= status < 500:

@@ -78,3 +78,25 @@ async def test_mailgun_sdk(start_proxy: Any) -> None:
 
     resp = await asyncio.to_thread(send)
     assert resp.status_code == 502 and resp.json()["message"].startswith("egressd: ")
+
+
+async def test_stripe_sdk_idempotency_mismatch_is_an_idempotency_error(start_proxy: Any) -> None:
+    """A key reused with other parameters: Stripe's own shape (400, `idempotency_error`),
+    so code that catches `stripe.IdempotencyError` works through egressd (issue 13 item 11)."""
+    from proxy.fakes import FakeServer
+
+    async with FakeServer("stripe") as sf:
+        doc = {"upstream": "stripe", "target": sf.url, "provider": "stripe", "idempotency": {"replay_ttl": "24h"}}
+        server = await start_proxy([doc])
+        sc = stripe.StripeClient(
+            "sk_test_1", base_addresses={"api": proxy_url(server) + "/stripe"}, max_network_retries=0
+        )
+        params = {"amount": 2000, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True}
+        await asyncio.to_thread(sc.v1.payment_intents.create, params=params, options={"idempotency_key": "order-7"})
+        with pytest.raises(stripe.IdempotencyError) as info:
+            await asyncio.to_thread(
+                sc.v1.payment_intents.create, params={**params, "amount": 2500}, options={"idempotency_key": "order-7"}
+            )
+        assert info.value.http_status == 400
+        assert info.value.headers is not None and info.value.headers["X-Egressd-Error"] == "idempotency_mismatch"
+        assert sf.ledger.count("payment_intent.created") == 1
