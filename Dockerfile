@@ -23,7 +23,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The product only: fakes/ and demo/ (the fake providers and `egressd demo`) stay out of the
+# image; setup.py discovers the packages that are present, so the wheel is built without them.
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 COPY plugins ./plugins
 COPY policies ./policies

@@ -58,7 +58,7 @@ if str(REPO) not in sys.path:
 import aiohttp  # noqa: E402
 import yaml  # noqa: E402
 
-from proxy.fakes import FakeServer  # noqa: E402
+from fakes import FakeServer  # noqa: E402
 from proxy.server import EgressServer, Settings  # noqa: E402
 from proxy.state.base import StateBackend  # noqa: E402
 

@@ -7,7 +7,7 @@
     python bench/exactly_once.py --only kill9-restart,redis-paused
     python bench/exactly_once.py --json out.json   # the rows as JSON too
 
-Everything runs on 127.0.0.1: the packaged fakes (`proxy.fakes.FakeServer`) in this event
+Everything runs on 127.0.0.1: the packaged fakes (`fakes.FakeServer`) in this event
 loop, egressd in process (`EgressServer`, memory state, or two replicas on one Redis) or,
 for kill -9, as real `python -m proxy run --data-dir DIR` processes, and Redis as our own
 `redis-server` on a free port (the Redis cases are skipped when it is not installed).
@@ -73,8 +73,8 @@ import aiohttp  # noqa: E402
 import yaml  # noqa: E402
 from multidict import CIMultiDict  # noqa: E402
 
+from fakes import FakeServer, SideEffect  # noqa: E402
 from proxy.events import EventBus  # noqa: E402
-from proxy.fakes import FakeServer, SideEffect  # noqa: E402
 from proxy.server import EgressServer, Settings  # noqa: E402
 
 CASES = (

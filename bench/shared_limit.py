@@ -19,7 +19,7 @@ memory each keeps its own budget. Two measurements per (N, backend):
   "added" columns are Redis minus memory at the same N: the cost of the shared state.
   Redis round trips per call are read from `INFO commandstats` (EVALSHA + EVAL calls).
 
-Everything runs on loopback; the fake upstream is `python -m proxy.fakes echo` in its own
+Everything runs on loopback; the fake upstream is `python -m fakes echo` in its own
 process. Numbers from small machines are dominated by CPU contention at high N.
 """
 
@@ -192,7 +192,7 @@ def main() -> int:
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="egressd-bench-"))
     fake_proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.fakes", "echo"], stdout=subprocess.PIPE, cwd=ROOT, text=True
+        [sys.executable, "-m", "fakes", "echo"], stdout=subprocess.PIPE, cwd=ROOT, text=True
     )
     redis = RedisServer()
     try:

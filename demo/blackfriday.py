@@ -34,8 +34,8 @@ from typing import Any, Literal
 import aiohttp
 import yaml
 
+from fakes.server import FakeServer, start_fakes, stop_fakes
 from proxy.config.units import parse_duration, parse_rate
-from proxy.fakes.server import FakeServer, start_fakes, stop_fakes
 from proxy.server import EgressServer, Settings
 
 Mode = Literal["direct", "egressd"]
@@ -565,7 +565,8 @@ async def run_once(mode: Mode, sc: Scenario, examples: Mapping[str, dict[str, An
             effects=per_provider,
             refusals=sorted(
                 {
-                    (o.failover or "").split("reason=", 1)[-1]
+                    # `refused; reason=R` or `refused; reason=R; detail=D`: the reason alone
+                    (o.failover or "").split("reason=", 1)[-1].split(";", 1)[0].strip()
                     for o in pays + mails
                     if (o.failover or "").startswith("refused")
                 }

@@ -6,7 +6,7 @@ from html import escape
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.blackfriday import RunResult, Scenario
+    from demo.blackfriday import RunResult, Scenario
 
 COLORS = {
     "stripe": "#635bff",

@@ -4,7 +4,7 @@ Part 1 starts the packaged fake providers, serves the shipped example policies r
 at them (with a few values shortened so that it takes seconds), injects faults, drives
 traffic through egressd and prints what each resilience mechanism did.
 
-Part 2 is the Black-Friday simulation (`proxy.blackfriday`): the same shop traffic sent
+Part 2 is the Black-Friday simulation (`demo.blackfriday`): the same shop traffic sent
 straight to the fakes by a naive retrying client and through egressd with failover, and a
 report comparing the two (`--html FILE` writes it with charts too).
 
@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from proxy.blackfriday import (
+from demo.blackfriday import (
     DEFINITIONS,
     Scenario,
     print_simulation,
@@ -39,9 +39,9 @@ from proxy.blackfriday import (
     run_once,
     verdict,
 )
+from demo.html import render_html
+from fakes.server import FakeServer, start_fakes, stop_fakes
 from proxy.config.loader import PolicyYamlLoader
-from proxy.demo_html import render_html
-from proxy.fakes.server import FakeServer, start_fakes, stop_fakes
 from proxy.server import EgressServer, Settings
 
 STRIPE_KEY = "sk_test_demo_not_a_secret"
@@ -203,7 +203,7 @@ class Demo:
             and second[0] == 200
             and second[1].get("Idempotent-Replayed") == "true"
             and first[2] == second[2]
-            and changed[0] == 422
+            and changed[0] == 400  # Stripe's own answer to a reused key (plugins/stripe.py)
             and reached == 1
         )
         return Row(

@@ -4,7 +4,7 @@ upstream) with fault injection and a side-effect ledger.
 Used by egressd's own tests, ``egressd demo`` and the benchmarks, and meant for users'
 tests too::
 
-    from proxy.fakes import FakeServer
+    from fakes import FakeServer
 
     async with FakeServer("stripe") as stripe:
         stripe.faults.status(503, count=2, path="/v1/payment_intents")

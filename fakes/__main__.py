@@ -1,4 +1,4 @@
-"""``python -m proxy.fakes NAME [NAME ...] [--host H] [--port P] [--fault JSON ...]``
+"""``python -m fakes NAME [NAME ...] [--host H] [--port P] [--fault JSON ...]``
 
 Serves one or more fakes until SIGINT/SIGTERM.  With one fake, prints its URL on a line
 of its own; with several, prints ``NAME URL`` lines.  ``--port`` applies to the first
@@ -20,7 +20,7 @@ from .server import FAKE_NAMES, FakeServer
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m proxy.fakes", description="Serve fake provider APIs.")
+    p = argparse.ArgumentParser(prog="python -m fakes", description="Serve fake provider APIs.")
     p.add_argument("names", nargs="+", choices=FAKE_NAMES, metavar="NAME", help=" | ".join(FAKE_NAMES))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="port of the first fake (0: a free port)")

@@ -17,6 +17,7 @@ LEVELS = ("debug", "info", "warning", "error")
 DATA_DIR_NONE_WARNING = (
     "--data-dir none: idempotency records and the failover ledger are kept in memory only and are lost on restart"
 )
+DEMO_MISSING = "egressd: the demo is not part of this installation (`pip install .` from a source checkout includes it)"
 
 
 def _env(name: str, default: str) -> str:
@@ -121,6 +122,23 @@ def install_uvloop() -> bool:
     return True
 
 
+def _demo(args: argparse.Namespace) -> int:
+    # The demo and the fakes are top-level packages beside `proxy` (demo/, fakes/): a
+    # `pip install .` from a checkout installs them, the container image does not.
+    try:
+        from demo.run import run_demo
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in ("demo", "fakes"):
+            raise
+        print(DEMO_MISSING, file=sys.stderr)
+        return 2
+    if not 0.01 <= args.scale <= 20:
+        print("egressd: --scale must be within 0.01..20", file=sys.stderr)
+        return 2
+    install_uvloop()
+    return asyncio.run(run_demo(quiet=args.quiet, scale=args.scale, html=args.html))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -134,13 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(policy_json_schema(), indent=2))
             return 0
         if args.command == "demo":
-            from proxy.demo import run_demo
-
-            if not 0.01 <= args.scale <= 20:
-                print("egressd: --scale must be within 0.01..20", file=sys.stderr)
-                return 2
-            install_uvloop()
-            return asyncio.run(run_demo(quiet=args.quiet, scale=args.scale, html=args.html))
+            return _demo(args)
     except KeyboardInterrupt:
         return 130
     return 2

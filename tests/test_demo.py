@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.blackfriday import TIME_FACTOR, Scenario, compress_time, simulation_policies
+from demo.blackfriday import TIME_FACTOR, Scenario, compress_time, simulation_policies
+from demo.run import example_policies
+from fakes.server import FakeServer
+from proxy.cli import DEMO_MISSING
 from proxy.config.loader import load_policy_dir
-from proxy.demo import example_policies
-from proxy.fakes.server import FakeServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,6 +105,16 @@ def test_scale_bounds() -> None:
         [sys.executable, "-m", "proxy", "demo", "--scale", "100"], capture_output=True, text=True, timeout=30, cwd=ROOT
     )
     assert result.returncode == 2 and "--scale" in result.stderr
+
+
+@pytest.mark.parametrize("absent", ["demo", "fakes"])
+def test_demo_missing_from_the_installation_is_one_line_and_exit_2(absent: str) -> None:
+    """The image has neither demo/ nor fakes/ (tests/test_deploy.py checks the real wheel):
+    `egressd demo` says so in one line, without a traceback."""
+    code = f"import sys; sys.modules[{absent!r}] = None; from proxy.cli import main; raise SystemExit(main(['demo']))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [DEMO_MISSING]
 
 
 def test_scenario_scales_counts_and_keeps_outages_long_enough() -> None:

@@ -43,6 +43,7 @@ import pytest
 import yaml
 from aiohttp import ClientSession, web
 
+from proxy.cli import DEMO_MISSING
 from proxy.config.loader import load_policy_dir
 from tests.conftest import proxy_url
 from tests.missing import missing
@@ -157,8 +158,13 @@ def test_dockerfile_shape() -> None:
     assert json.loads(instruction(runtime, "CMD")[-1]) == ["run"]
     assert "/healthz" in healthcheck_argv()[-1]
     ignored = (ROOT / ".dockerignore").read_text()
-    for copied in ("pyproject.toml", "README.md", "proxy/", "plugins/", "policies/"):
+    for copied in ("pyproject.toml", "setup.py", "README.md", "proxy/", "plugins/", "policies/"):
         assert f"!{copied}" in ignored
+    # The fakes and the demo are not the product: neither the context nor any stage has them.
+    for left_out in ("fakes", "demo"):
+        assert f"!{left_out}" not in ignored
+        for stage in (build, runtime):
+            assert not any(left_out in shlex.split(a) or f"./{left_out}" in a for a in instruction(stage, "COPY"))
 
 
 def healthcheck_argv() -> list[str]:
@@ -284,6 +290,8 @@ def test_image_build_and_entrypoint_in_a_fresh_venv(tmp_path: Path) -> None:
     assert any(line.startswith("Requires-Dist: uvloop") for line in metadata.splitlines())
     assert "egressd = proxy.cli:main" in entry_points
     assert "proxy/examples/stripe.yaml" in names
+    # The product only: the fake providers and the demo stay out of the image's wheel.
+    assert not [n for n in names if n.startswith(("fakes/", "demo/"))]
 
     # A fresh venv: the wheel is installed into it; its dependencies come from this test
     # environment through a path entry (not a site dir, so no editable install leaks in).
@@ -335,6 +343,13 @@ def test_image_build_and_entrypoint_in_a_fresh_venv(tmp_path: Path) -> None:
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.startswith("ok: ")
+
+    # `egressd demo` in the image: one clear line and exit 2, never a traceback.
+    demo = subprocess.run(
+        [str(venv / "bin" / entrypoint[0]), "demo"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert (demo.returncode, demo.stdout) == (2, ""), demo.stdout + demo.stderr
+    assert demo.stderr.splitlines() == [DEMO_MISSING], demo.stderr
 
     run_env = {**env, "EGRESSD_LISTEN": "127.0.0.1:0", "EGRESSD_ADMIN": "127.0.0.1:0"}
     proc = Process([str(venv / "bin" / entrypoint[0]), *entrypoint[1:]], run_env, tmp_path)

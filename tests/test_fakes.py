@@ -1,4 +1,4 @@
-"""Tests of the fake provider servers (proxy.fakes): real SDKs against each fake, every
+"""Tests of the fake provider servers (fakes): real SDKs against each fake, every
 fault kind through an aiohttp client, the ledger and the HTTP control API."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 import stripe
 
-from proxy.fakes import (
+from fakes import (
     FakeServer,
     Fault,
     FaultError,
@@ -781,7 +781,7 @@ def cli_proc() -> Iterator[subprocess.Popen[str]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     fault = json.dumps({"kind": "status", "status": 503, "count": 1})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.fakes", "echo", "--port", "0", "--fault", fault],
+        [sys.executable, "-m", "fakes", "echo", "--port", "0", "--fault", fault],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
