@@ -47,6 +47,10 @@ class ProxyError(Exception):
         self.status = status if status is not None else STATUS_BY_CODE[code]
         # A short machine-readable cause for logs and retry decisions (connect_error, reset, timeout...)
         self.detail = detail
+        # Set by the attempt loop (proxy/upstream.py) on the error it gives up with: how
+        # many attempts were made, and whether retries ran out (read by failover).
+        self.attempts = 0
+        self.exhausted = False
 
     def __repr__(self) -> str:
         return f"ProxyError({self.code!r}, {self.message!r})"

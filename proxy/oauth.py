@@ -4,7 +4,9 @@
   HTTP Basic `client_id:client_secret`, `grant_type=client_credentials` (providers.md 2.1).
 * Cached in the state backend's kv (so every replica sharing a Redis shares it) until
   shortly before it expires; one fetch at a time per process.
-* An upstream 401 with a cached token refreshes the token once and resends once.
+* An upstream 401 with a cached token refreshes the token once and resends once: a step
+  of the attempt loop (proxy/upstream.py), so the resend passes the circuit breaker and
+  the rate limiter and counts in `attempts`.
 * Any token failure is `ProxyError("upstream_auth_failed")` (502), shaped by the caller's
   provider plugin: the app's own credentials were never the problem, so it never sees a 401.
 """
@@ -146,32 +148,37 @@ class OAuthTokens:
 
 
 class OAuthSender:
-    """The terminal handler of an OAuth upstream: transport.send with a Bearer token."""
+    """The terminal of an OAuth upstream: one attempt, `transport.send` with a Bearer token.
+
+    A 401 is not resent here: the attempt loop (proxy/upstream.py) sees it, and for a
+    call it can replay, asks for a fresh token (`send(call, rejected=token)`) in one more
+    attempt through the circuit breaker and the rate limiter; a second 401 becomes
+    `refused(call)`.
+    """
 
     def __init__(self, tokens: OAuthTokens, transport: Transport, max_body: int) -> None:
         self.tokens = tokens
         self.transport = transport
         self.max_body = max_body
 
-    async def send(self, call: Call) -> Response:
+    async def send(self, call: Call, rejected: str | None = None) -> tuple[Response, str]:
+        """One attempt; returns the answer and the token it was sent with. `rejected`
+        names a token the upstream refused: a fresh one is fetched instead."""
         body = call.body
         if not body.replayable and (body.length is None or body.length <= self.max_body):
-            await body.read()  # a 401 resend needs the body again
-        token = await self.tokens.token()
+            await body.read()  # a resend with a fresh token needs the body again
+        token = await self.tokens.token(stale=rejected)
         response = await self.transport.send(call, extra_headers={"Authorization": "Bearer " + token})
-        if response.status != 401 or not call.body.replayable:
-            return response
-        await response.close()
-        fresh = await self.tokens.token(stale=token)
-        response = await self.transport.send(call, extra_headers={"Authorization": "Bearer " + fresh})
-        if response.status == 401:
-            await response.close()
-            raise ProxyError(
-                "upstream_auth_failed",
-                f"upstream {self.transport.name} refused a freshly fetched OAuth token",
-                detail="token_rejected",
-            )
-        return response
+        return response, token
+
+    def refused(self, call: Call) -> ProxyError:
+        """The error for a 401 to a freshly fetched token: the proxy's credentials, not
+        the app's, are the problem, so the app never sees a 401."""
+        return ProxyError(
+            "upstream_auth_failed",
+            f"upstream {self.transport.name} refused a freshly fetched OAuth token",
+            detail="token_rejected",
+        )
 
 
 def build_sender(policy: Policy, transport: Transport, state: StateBackend, clock: Clock) -> OAuthSender | None:

@@ -82,8 +82,10 @@ class Runtime:
                 plugin=plugin,
                 lookup=self.lookup,
             )
-            oauth = build_sender(policy, transport, self.state, self.clock)
-            pipeline = build_pipeline(ctx, oauth.send if oauth is not None else transport.send)
+            # With OAuth, the attempt loop sends through the token sender (and refreshes a
+            # rejected token as one more attempt): proxy/upstream.py.
+            auth = build_sender(policy, transport, self.state, self.clock)
+            pipeline = build_pipeline(ctx, transport.send, auth=auth)
             built[policy.upstream] = UpstreamRuntime(policy, plugin, transport, pipeline, ctx.extras)
         return built
 

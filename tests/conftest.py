@@ -94,7 +94,6 @@ from collections.abc import Iterator  # noqa: E402
 
 from proxy.clock import Clock  # noqa: E402
 from proxy.state.base import StateBackend  # noqa: E402
-from tests import stagekit  # noqa: E402
 from tests.egressd_process import egressd_factory  # noqa: E402, F401  (a fixture for every module)
 from tests.redis_server import RedisCluster, RedisServer, running_cluster, running_redis  # noqa: E402
 
@@ -152,14 +151,3 @@ async def state_backend_factory(
     yield factory
     for state in made:
         await state.close()
-
-
-@pytest.fixture(params=stagekit.STAGE_MODES)
-def stage_mode(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run a stage test once through `Guarded` and once through the stage's `__call__`
-    (tests/stagekit.py); modules opt in with `pytestmark = pytest.mark.usefixtures("stage_mode")`."""
-    stagekit.mode = request.param
-    try:
-        yield request.param
-    finally:
-        stagekit.mode = "wrapper"

@@ -1,4 +1,5 @@
-"""Building a stage for a unit test: one StageContext recipe for every stage's tests."""
+"""Building a stage for a unit test: one StageContext recipe for every stage's tests, and
+one way to run a retry policy, circuit breaker or rate limiter: in the attempt loop."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ from proxy.clock import Clock
 from proxy.config.schema import Policy
 from proxy.events import EventBus
 from proxy.model import Call, Response
-from proxy.pipeline import Guard, Guarded, Handler, StageContext, UpstreamHandle
+from proxy.pipeline import Handler, StageContext, UpstreamHandle
+from proxy.stages.circuit import CircuitBreaker
+from proxy.stages.ratelimit import RateLimiter
+from proxy.stages.retry import RetryPolicy
 from proxy.state.base import StateBackend
 from proxy.state.memory import MemoryState
+from proxy.upstream import attempt_loop
 
 T = TypeVar("T")
 
@@ -37,32 +42,29 @@ def stage_context(
     )
 
 
-# How stage tests drive a stage: "wrapper" calls its `__call__` (the whole behaviour, as
-# with any async state backend); "guarded" runs it the way the pipeline does, through
-# `Guarded` (its synchronous enter/leave, handing over to `__call__` where it must).
-# The `stage_mode` fixture (tests/conftest.py) runs a test module once in each mode.
-STAGE_MODES = ("guarded", "wrapper")
-mode = "wrapper"
+class Looped:
+    """A retry policy, circuit breaker or rate limiter alone in the attempt loop
+    (proxy/upstream.py), as the pipeline runs it: `looped(call, terminal)` makes one call
+    with a fake terminal; every other attribute is the part's own."""
 
+    def __init__(self, part: Any) -> None:
+        self.part = part
+        if isinstance(part, RetryPolicy):
+            self.kind = "retry"
+        elif isinstance(part, CircuitBreaker):
+            self.kind = "breaker"
+        else:
+            assert isinstance(part, RateLimiter)
+            self.kind = "limiter"
 
-class Driven:
-    """A stage as a test calls it, `stage(call, nxt)`, in the current `mode`; every other
-    attribute is the stage's own."""
-
-    def __init__(self, stage: Any) -> None:
-        self.stage = stage
-
-    async def __call__(self, call: Call, nxt: Handler) -> Response:
-        if mode == "guarded" and isinstance(self.stage, Guard):
-            return await Guarded([self.stage], nxt)(call)
-        result: Response = await self.stage(call, nxt)
-        return result
+    async def __call__(self, call: Call, terminal: Handler) -> Response:
+        return await attempt_loop(terminal, **{self.kind: self.part})(call)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.stage, name)
+        return getattr(self.part, name)
 
 
-def driven(stage: T | None) -> T:
-    """`stage` (built by a factory that must not have left it out), driven as `mode` says."""
-    assert stage is not None
-    return cast(T, Driven(stage))
+def looped(part: T | None) -> T:
+    """`part` (built by a factory that must not have left it out) in the attempt loop."""
+    assert part is not None
+    return cast(T, Looped(part))

@@ -14,25 +14,23 @@ from proxy.config.schema import Policy
 from proxy.errors import ProxyError
 from proxy.events import CircuitChanged, Event, EventBus
 from proxy.model import Call, RequestBody, Response
-from proxy.stages.circuit import CircuitStage, build
+from proxy.stages.circuit import CircuitBreaker, build
 from proxy.state.memory import MemoryState
-from tests.stagekit import driven, stage_context
-
-pytestmark = pytest.mark.usefixtures("stage_mode")
+from tests.stagekit import looped, stage_context
 
 CB = {"window": "10s", "min_requests": 4, "failure_rate": 0.5, "open_for": "5s", "half_open_requests": 2}
 
 
 def make_stage(
     cb: dict[str, Any] | None = None, *, clock: FakeClock | None = None, state: MemoryState | None = None
-) -> tuple[CircuitStage, list[Event], FakeClock]:
+) -> tuple[CircuitBreaker, list[Event], FakeClock]:
     clock = clock or FakeClock(auto=False)
     policy = Policy.model_validate({"upstream": "up", "target": "http://127.0.0.1:9", "circuit_breaker": cb or CB})
     events: list[Event] = []
     bus = EventBus()
     bus.subscribe(events.append)
     ctx = stage_context(policy, clock, events=bus, state=state)
-    return driven(build(ctx)), events, clock
+    return looped(build(ctx)), events, clock
 
 
 def make_call(clock: FakeClock) -> Call:
@@ -61,7 +59,7 @@ class Upstream:
         return Response(self.result, CIMultiDict())
 
 
-async def send(stage: CircuitStage, clock: FakeClock, up: Upstream) -> int | str:
+async def send(stage: CircuitBreaker, clock: FakeClock, up: Upstream) -> int | str:
     """Status, or the ProxyError code."""
     try:
         return (await stage(make_call(clock), up)).status
@@ -73,7 +71,7 @@ def changes(events: list[Event]) -> list[tuple[str, str]]:
     return [(e.previous, e.state) for e in events if isinstance(e, CircuitChanged)]
 
 
-async def open_it(stage: CircuitStage, clock: FakeClock) -> None:
+async def open_it(stage: CircuitBreaker, clock: FakeClock) -> None:
     for _ in range(4):
         await send(stage, clock, Upstream(503))
     assert (await stage.snapshot())["state"] == "open"

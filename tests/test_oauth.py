@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.fakes import FakeServer
+from fakes import FakeServer
 from tests.conftest import proxy_url
 
 ORDER = json.dumps({"intent": "CAPTURE", "purchase_units": [{"amount": {"currency_code": "USD", "value": "1.00"}}]})

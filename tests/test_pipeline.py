@@ -1,24 +1,23 @@
-"""Pipeline assembly, guards run in one frame, and runtime shutdown."""
+"""Pipeline assembly, the attempt loop's steps and their order, and runtime shutdown."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import importlib
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy import pipeline
 from proxy.clock import FakeClock
 from proxy.config.schema import Policy
 from proxy.errors import ProxyError
 from proxy.events import EventBus
 from proxy.model import Call, RequestBody, Response
-from proxy.pipeline import Flow, Guard, Guarded, Handler, Pipeline, Result, StageContext, build_pipeline
+from proxy.pipeline import Handler, StageContext, build_pipeline, stage_order
 from proxy.runtime import Runtime, _close_later
+from proxy.stages import circuit, ratelimit, retry
 from proxy.state.memory import MemoryState
+from proxy.upstream import attempt_loop
 from tests.stagekit import stage_context
 
 
@@ -27,11 +26,9 @@ def _ctx() -> StageContext:
     return stage_context(policy, FakeClock())
 
 
-@pytest.mark.parametrize(("block", "spec"), pipeline.STAGE_ORDER)
-def test_a_stage_is_left_out_when_its_block_is(block: str, spec: str) -> None:
+@pytest.mark.parametrize("factory", [*stage_order(), retry.build, circuit.build, ratelimit.build])
+def test_a_stage_is_left_out_when_its_block_is(factory: Any) -> None:
     """Every stage factory returns None for a policy without its block: it costs nothing."""
-    module, _, attr = spec.partition(":")
-    factory = getattr(importlib.import_module(module), attr)
     assert factory(stage_context(Policy(upstream="up", target="http://127.0.0.1:9"), FakeClock())) is None
 
 
@@ -39,10 +36,10 @@ async def _terminal(call: Call) -> Response:
     raise AssertionError("not called")
 
 
-def test_missing_stage_module_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline, "STAGE_ORDER", (("retry", "proxy.stages.no_such_stage:build"),))
-    with pytest.raises(ImportError):
-        build_pipeline(_ctx(), _terminal)
+def test_without_retry_circuit_and_rate_limit_there_is_no_loop() -> None:
+    """The terminal itself is the pipeline's inner handler: no loop frame at all."""
+    built = build_pipeline(stage_context(Policy(upstream="up", target="http://127.0.0.1:9"), FakeClock()), _terminal)
+    assert built.handle is _terminal and built.upstream is _terminal and built.stage_names == ()
 
 
 def test_stages_of_the_policy_are_built() -> None:
@@ -69,161 +66,210 @@ async def test_runtime_close_waits_for_retired_transports() -> None:
     assert task.done() and transport.closed
 
 
-# -- guards: consecutive guards in one frame, in the order the nested wrappers would run ----
+# -- the attempt loop: the order of its steps ------------------------------------------------
 
 
-class Traced(Guard):
-    """A guard that writes what happens to it into `trace`; `enter_with` scripts `enter`."""
+def _call(body: RequestBody | None = None) -> Call:
+    return Call(
+        "GET", "up", "/x", "", CIMultiDictProxy(CIMultiDict()), body or RequestBody.empty(), 60.0, 0.0, "r"
+    )
 
-    def __init__(self, name: str, trace: list[str], *, enter_with: object = None, resume: bool = False) -> None:
-        self.name = name
+
+class Traced:
+    """Records every step the loop asks of a retry policy, breaker and limiter."""
+
+    def __init__(self, trace: list[str]) -> None:
         self.trace = trace
-        self.enter_with = enter_with
-        self.resumes = resume
-
-    async def __call__(self, call: Call, nxt: Handler) -> Response:
-        self.trace.append(f"{self.name}:call")
-        try:
-            return await nxt(call)
-        finally:
-            self.trace.append(f"{self.name}:return")
-
-    def enter(self, call: Call) -> Any:
-        if isinstance(self.enter_with, ProxyError):
-            self.trace.append(f"{self.name}:refuse")
-            raise self.enter_with
-        if self.enter_with is Flow.ASYNC:
-            return Flow.ASYNC
-        self.trace.append(f"{self.name}:enter")
-        return f"ticket-{self.name}"
-
-    def leave(self, call: Call, ticket: Any, result: Result) -> Result | Literal[Flow.RESUME]:
-        outcome = result.status if isinstance(result, Response) else result.code
-        self.trace.append(f"{self.name}:leave:{ticket}:{outcome}")
-        return Flow.RESUME if self.resumes else result
-
-    def abandon(self, call: Call, ticket: Any) -> None:
-        self.trace.append(f"{self.name}:abandon:{ticket}")
-
-    async def resume(self, call: Call, result: Result, nxt: Handler) -> Response:
-        self.trace.append(f"{self.name}:resume")
-        return await nxt(call)  # one more attempt through what is inside this guard
 
 
-def _call() -> Call:
-    return Call("GET", "up", "/x", "", CIMultiDictProxy(CIMultiDict()), RequestBody.empty(), 60.0, 0.0, "r")
+class TracedRetry(Traced):
+    def begin_now(self, call: Call) -> bool:
+        self.trace.append("retry.begin")
+        return True
+
+    def settled(self, result: Response | ProxyError) -> bool:
+        return isinstance(result, Response) and result.status < 400
+
+    async def decide(self, call: Call, result: Response | ProxyError, attempt: int) -> float | str | None:
+        self.trace.append(f"retry.decide:{attempt}")
+        return 0.0 if attempt < 2 else "exhausted"
+
+    async def wait(self, result: Response | ProxyError, delay: float) -> None:
+        self.trace.append("retry.wait")
+
+    def finish(self, result: Response | ProxyError, attempts: int, skip: str | None) -> Response:
+        self.trace.append(f"retry.finish:{attempts}:{skip}")
+        result.attempts = attempts
+        if isinstance(result, ProxyError):
+            raise result
+        return result
 
 
-def _inner(trace: list[str], answer: int | BaseException = 200) -> Handler:
-    async def inner(call: Call) -> Response:
-        trace.append("inner")
+class TracedBreaker(Traced):
+    sync = True
+
+    def __init__(self, trace: list[str], refuse: bool = False) -> None:
+        super().__init__(trace)
+        self.refuse = refuse
+
+    def admit_now(self) -> bool:
+        self.trace.append("breaker.admit")
+        if self.refuse:
+            raise ProxyError("circuit_open", "open")
+        return True
+
+    def record_now(self, failure: bool, trial: bool) -> None:
+        self.trace.append(f"breaker.record:{failure}")
+
+    def release_now(self) -> None:
+        self.trace.append("breaker.release")
+
+
+class TracedLimiter(Traced):
+    pause_sync = True
+
+    def admit_now(self) -> bool:
+        self.trace.append("limiter.admit")
+        return True
+
+    def pause_asked(self, response: Response) -> float | None:
+        self.trace.append(f"limiter.pause_asked:{response.status}")
+        return 1.0 if response.status == 429 else None
+
+    def pause_now(self, seconds: float) -> None:
+        self.trace.append("limiter.pause")
+
+
+def _loop(trace: list[str], answers: list[int | BaseException], **parts: Any) -> Handler:
+    async def send(call: Call) -> Response:
+        answer = answers.pop(0)
+        trace.append(f"send:{answer!r}")
         if isinstance(answer, BaseException):
             raise answer
         return Response(answer, CIMultiDict())
 
-    return inner
+    return attempt_loop(send, **parts)
 
 
-async def test_guards_enter_outermost_first_and_leave_innermost_first() -> None:
+async def test_each_attempt_passes_breaker_and_limiter_and_the_retry_policy_decides() -> None:
     trace: list[str] = []
-    run = Guarded([Traced("a", trace), Traced("b", trace), Traced("c", trace)], _inner(trace))
-    assert (await run(_call())).status == 200
+    run = _loop(
+        trace, [429, 200], retry=TracedRetry(trace), breaker=TracedBreaker(trace), limiter=TracedLimiter(trace)
+    )
+    answer = await run(_call())
+    assert answer.status == 200 and answer.attempts == 2
     assert trace == [
-        "a:enter",
-        "b:enter",
-        "c:enter",
-        "inner",
-        "c:leave:ticket-c:200",
-        "b:leave:ticket-b:200",
-        "a:leave:ticket-a:200",
+        "retry.begin",
+        "breaker.admit",
+        "limiter.admit",
+        "send:429",
+        "limiter.pause_asked:429",
+        "limiter.pause",
+        "breaker.record:False",
+        "retry.decide:1",
+        "retry.wait",
+        "breaker.admit",
+        "limiter.admit",
+        "send:200",
+        "limiter.pause_asked:200",
+        "breaker.record:False",
     ]
 
 
-async def test_a_guard_that_needs_its_wrapper_gets_it_with_the_rest_inside() -> None:
+async def test_an_open_circuit_is_the_attempts_result() -> None:
     trace: list[str] = []
-    run = Guarded([Traced("a", trace), Traced("b", trace, enter_with=Flow.ASYNC), Traced("c", trace)], _inner(trace))
-    assert (await run(_call())).status == 200
-    # b and c run as ordinary wrappers (c's own __call__, not its enter/leave); a leaves after.
-    assert trace == ["a:enter", "b:call", "c:call", "inner", "c:return", "b:return", "a:leave:ticket-a:200"]
-
-
-async def test_a_refusal_in_enter_is_the_result_the_outer_guards_see() -> None:
-    trace: list[str] = []
-    refused = ProxyError("circuit_open", "open")
-    run = Guarded([Traced("a", trace), Traced("b", trace, enter_with=refused), Traced("c", trace)], _inner(trace))
+    run = _loop(trace, [], retry=TracedRetry(trace), breaker=TracedBreaker(trace, refuse=True))
     with pytest.raises(ProxyError) as info:
         await run(_call())
-    assert info.value is refused
-    assert trace == ["a:enter", "b:refuse", "a:leave:ticket-a:circuit_open"]
-
-
-async def test_resume_goes_on_with_what_is_inside_that_guard() -> None:
-    trace: list[str] = []
-    run = Guarded([Traced("a", trace, resume=True), Traced("b", trace)], _inner(trace, 503))
-    assert (await run(_call())).status == 503
+    assert info.value.code == "circuit_open" and info.value.attempts == 2
     assert trace == [
-        "a:enter",
-        "b:enter",
-        "inner",
-        "b:leave:ticket-b:503",
-        "a:leave:ticket-a:503",
-        "a:resume",
-        "b:call",
-        "inner",
-        "b:return",
+        "retry.begin",
+        "breaker.admit",
+        "retry.decide:1",
+        "retry.wait",
+        "breaker.admit",
+        "retry.decide:2",
+        "retry.finish:2:exhausted",
     ]
 
 
-@pytest.mark.parametrize("failure", [asyncio.CancelledError(), RuntimeError("bug")])
-async def test_a_call_that_ends_without_a_result_is_abandoned_innermost_first(failure: BaseException) -> None:
+@pytest.mark.parametrize(
+    ("failure", "verdict"),
+    [
+        (ProxyError("upstream_unreachable", "x", detail="reset"), "breaker.record:True"),
+        (ProxyError("rate_limited", "x"), "breaker.release"),  # no verdict: the trial slot back
+        (asyncio.CancelledError(), "breaker.release"),
+    ],
+)
+async def test_an_attempt_without_an_answer(failure: BaseException, verdict: str) -> None:
     trace: list[str] = []
-    run = Guarded([Traced("a", trace), Traced("b", trace)], _inner(trace, failure))
+    run = _loop(trace, [failure], breaker=TracedBreaker(trace))
     with pytest.raises(type(failure)):
         await run(_call())
-    assert trace == ["a:enter", "b:enter", "inner", "b:abandon:ticket-b", "a:abandon:ticket-a"]
+    assert trace == ["breaker.admit", f"send:{failure!r}", verdict]
 
 
-async def test_a_failing_resume_abandons_the_guards_outside_it() -> None:
+class FakeAuth:
+    """An OAuth sender: tokens t1, t2...; records which token each attempt refused."""
+
+    def __init__(self, trace: list[str], statuses: list[int]) -> None:
+        self.trace = trace
+        self.statuses = statuses
+        self.issued = 0
+
+    async def send(self, call: Call, rejected: str | None = None) -> tuple[Response, str]:
+        if rejected is not None or not self.issued:
+            self.issued += 1
+        token = f"t{self.issued}"
+        status = self.statuses.pop(0)
+        self.trace.append(f"send:{token}:{status}:rejected={rejected}")
+        return Response(status, CIMultiDict()), token
+
+    def refused(self, call: Call) -> ProxyError:
+        return ProxyError("upstream_auth_failed", "refused", detail="token_rejected")
+
+
+async def test_a_rejected_token_is_refreshed_in_one_more_attempt_through_breaker_and_limiter() -> None:
     trace: list[str] = []
-    run = Guarded([Traced("a", trace), Traced("b", trace, resume=True)], _inner(trace, asyncio.CancelledError()))
-    # The first attempt is cancelled inside b: both are abandoned, nobody resumes.
-    with pytest.raises(asyncio.CancelledError):
-        await run(_call())
-    assert trace == ["a:enter", "b:enter", "inner", "b:abandon:ticket-b", "a:abandon:ticket-a"]
-
-    trace.clear()
-    answers: list[int | BaseException] = [503, asyncio.CancelledError()]
-
-    async def flaky(call: Call) -> Response:
-        trace.append("inner")
-        answer = answers.pop(0)
-        if isinstance(answer, BaseException):
-            raise answer
-        return Response(answer, CIMultiDict())
-
-    run = Guarded([Traced("a", trace), Traced("b", trace, resume=True)], flaky)
-    with pytest.raises(asyncio.CancelledError):
-        await run(_call())
-    assert trace == ["a:enter", "b:enter", "inner", "b:leave:ticket-b:503", "b:resume", "inner", "a:abandon:ticket-a"]
+    auth = FakeAuth(trace, [401, 201])
+    run = attempt_loop(_terminal, breaker=TracedBreaker(trace), limiter=TracedLimiter(trace), auth=auth)  # type: ignore[arg-type]
+    answer = await run(_call())
+    assert answer.status == 201 and answer.attempts == 2
+    assert [t for t in trace if not t.startswith("limiter.pause_asked")] == [
+        "breaker.admit",
+        "limiter.admit",
+        "send:t1:401:rejected=None",
+        "breaker.record:False",
+        "breaker.admit",
+        "limiter.admit",
+        "send:t2:201:rejected=t1",
+        "breaker.record:False",
+    ]
 
 
-def test_consecutive_guards_share_one_frame_and_other_stages_split_them() -> None:
+async def test_a_second_401_is_upstream_auth_failed_and_the_retry_policy_sees_it() -> None:
     trace: list[str] = []
-
-    class Plain:
-        name = "plain"
-
-        async def __call__(self, call: Call, nxt: Handler) -> Response:
-            return await nxt(call)
-
-    a, b, c = Traced("a", trace), Traced("b", trace), Traced("c", trace)
-    built = Pipeline([a, b, Plain(), c], _inner(trace))
-    outer, inner = built.guarded
-    assert built.handle is outer.run and outer.guards == (a, b) and inner.guards == (c,)
-    assert isinstance(outer.inner, functools.partial) and outer.inner.keywords["nxt"] is inner.run
+    auth = FakeAuth(trace, [401, 401, 401])
+    run = attempt_loop(_terminal, retry=TracedRetry(trace), auth=auth)  # type: ignore[arg-type]
+    with pytest.raises(ProxyError) as info:
+        await run(_call())
+    assert info.value.code == "upstream_auth_failed" and info.value.detail == "token_rejected"
+    assert info.value.attempts == 3  # 2 tries of the retry policy + 1 with a fresh token
+    assert trace[:4] == ["retry.begin", "send:t1:401:rejected=None", "send:t2:401:rejected=t1", "retry.decide:1"]
 
 
-def test_the_resilience_stages_of_a_policy_run_as_one_guarded_frame() -> None:
+async def test_a_401_for_a_body_that_cannot_be_sent_again_goes_back_as_is() -> None:
+    async def once() -> Any:
+        yield b"x"
+
+    trace: list[str] = []
+    auth = FakeAuth(trace, [401])
+    run = attempt_loop(_terminal, auth=auth)  # type: ignore[arg-type]
+    answer = await run(_call(RequestBody(source=once())))
+    assert answer.status == 401 and trace == ["send:t1:401:rejected=None"]
+
+
+def test_the_resilience_parts_of_a_policy_are_steps_of_one_loop() -> None:
     policy = Policy.model_validate(
         {
             "upstream": "up",
@@ -234,6 +280,6 @@ def test_the_resilience_stages_of_a_policy_run_as_one_guarded_frame() -> None:
         }
     )
     built = build_pipeline(stage_context(policy, FakeClock()), _terminal)
-    (guarded,) = built.guarded
-    assert built.handle is guarded.run and guarded.inner is _terminal
-    assert [g.name for g in guarded.guards] == ["retry", "circuit_breaker", "rate_limit"]
+    assert built.handle is built.upstream and built.handle is not _terminal
+    assert built.stage_names == ("retry", "circuit_breaker", "rate_limit")
+    assert [type(s).__name__ for s in built.stages] == ["RetryPolicy", "CircuitBreaker", "RateLimiter"]

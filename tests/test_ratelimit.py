@@ -15,11 +15,9 @@ from proxy.config.schema import Policy
 from proxy.errors import ProxyError
 from proxy.events import Event, EventBus, RateLimited, RateLimitWaited, UpstreamPaused
 from proxy.model import Call, RequestBody, Response
-from proxy.stages.ratelimit import RateLimitStage, build, upstream_wait
+from proxy.stages.ratelimit import RateLimiter, build, upstream_wait
 from proxy.state.memory import MemoryState
-from tests.stagekit import driven, stage_context
-
-pytestmark = pytest.mark.usefixtures("stage_mode")
+from tests.stagekit import looped, stage_context
 
 WALL = 1_800_000_000.0
 
@@ -30,7 +28,7 @@ def make_stage(
     clock: FakeClock | None = None,
     retry: dict[str, Any] | None = None,
     state_cls: type[MemoryState] = MemoryState,
-) -> tuple[RateLimitStage, list[Event], FakeClock]:
+) -> tuple[RateLimiter, list[Event], FakeClock]:
     clock = clock or FakeClock(wall_start=WALL)
     policy = Policy.model_validate(
         {"upstream": "up", "target": "http://127.0.0.1:9", "rate_limit": rate_limit, "retry": retry}
@@ -39,10 +37,10 @@ def make_stage(
     bus = EventBus()
     bus.subscribe(events.append)
     ctx = stage_context(policy, clock, events=bus, state=state_cls(clock))
-    return driven(build(ctx)), events, clock
+    return looped(build(ctx)), events, clock
 
 
-def at_once(stage: RateLimitStage) -> int:
+def at_once(stage: RateLimiter) -> int:
     """Calls the stage admitted without a wait: a tally of the bus, not events."""
     return stage.ctx.events.tally(RateLimitWaited("up", 0.0)).n
 
@@ -336,25 +334,54 @@ async def test_memory_fast_path_behaves_like_the_async_protocol() -> None:
 
 
 async def test_fast_path_for_local_budget_with_a_shared_async_state() -> None:
-    """`shared: false` takes from the `local` memory state; pauses still come from ctx.state."""
+    """`shared: false` takes from the `local` memory state through its synchronous face,
+    never its async `rate_take`; pauses still come from ctx.state (async only here)."""
 
     class Shared(AsyncOnlyState):
         def __init__(self, clock: FakeClock) -> None:
             super().__init__(clock)
             self.local = MemoryState(clock)
+            self.async_takes = 0
+            take = self.local.rate_take
+
+            async def counted(key: str, *, interval: float, burst: int, max_wait: float) -> Any:
+                self.async_takes += 1
+                return await take(key, interval=interval, burst=burst, max_wait=max_wait)
+
+            # On the instance: the class keeps its synchronous face (`sync_limits`).
+            self.local.rate_take = counted  # type: ignore[method-assign]
 
     stage, events, clock = make_stage({"rate": "1/s", "burst": 1, "shared": False}, state_cls=Shared)
-    assert stage.limiter is stage.ctx.state.local  # type: ignore[attr-defined]
+    state = stage.ctx.state
+    assert isinstance(state, Shared)
+    assert stage.slots is state.local and stage.take_sync is not None and stage.pause_sync is None
     assert (await stage(make_call(clock), ok)).status == 200
     with pytest.raises(ProxyError) as err:
         await stage(make_call(clock), ok)
     assert err.value.detail == "max_wait"
-    await stage.ctx.state.pause(stage.key, 5)
+    await state.pause(stage.key, 5)
     clock.advance(1)
     with pytest.raises(ProxyError) as err:
         await stage(make_call(clock), ok)
     assert err.value.detail == "paused"
     assert [type(e).__name__ for e in events] == ["RateLimited", "RateLimited"] and at_once(stage) == 1
+    assert state.async_takes == 0  # every slot was taken synchronously
+
+
+async def test_fast_path_admits_without_the_async_protocol() -> None:
+    """With the state in memory, an attempt that finds a free slot is admitted by
+    `admit_now` alone: no coroutine of the limiter and no async state operation."""
+    stage, events, clock = make_stage({"rate": "10/s", "burst": 2})
+    calls: list[str] = []
+
+    async def admit(call: Call) -> None:
+        calls.append(call.request_id)
+        raise AssertionError("the slow path")
+
+    stage.part.admit = admit  # type: ignore[attr-defined]
+    for rid in ("a", "b"):
+        assert (await stage(make_call(clock, rid=rid), ok)).status == 200
+    assert calls == [] and at_once(stage) == 2 and events == []
 
 
 def test_metrics_fold_zero_waits_into_the_histogram() -> None:

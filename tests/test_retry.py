@@ -1,4 +1,5 @@
-"""The retry stage: what is retried, when, how often, and what is never retried."""
+"""The retry policy in the attempt loop: what is retried, when, how often, and what is never
+retried."""
 
 from __future__ import annotations
 
@@ -18,11 +19,9 @@ from proxy.config.schema import Policy
 from proxy.errors import ProxyError
 from proxy.events import Event, EventBus, RetryScheduled, RetrySkipped
 from proxy.model import Call, RequestBody, Response
-from proxy.stages.retry import RetryStage, backoff_delay, build, is_exhausted, parse_retry_after
+from proxy.stages.retry import RetryPolicy, backoff_delay, build, is_exhausted, parse_retry_after
 from proxy.state.memory import MemoryState
-from tests.stagekit import driven, stage_context
-
-pytestmark = pytest.mark.usefixtures("stage_mode")
+from tests.stagekit import looped, stage_context
 
 Result = Response | ProxyError
 
@@ -34,7 +33,7 @@ def make_stage(
     clock: FakeClock | None = None,
     limits: dict[str, Any] | None = None,
     state_cls: type[MemoryState] = MemoryState,
-) -> tuple[RetryStage, list[Event], FakeClock]:
+) -> tuple[RetryPolicy, list[Event], FakeClock]:
     clock = clock or FakeClock()
     retry = {"attempts": 4, "backoff": {"initial": 0.1, "max": 1.0, "jitter": "none"}, **(retry or {})}
     policy = Policy.model_validate(
@@ -44,7 +43,7 @@ def make_stage(
     bus = EventBus()
     bus.subscribe(events.append)
     ctx = stage_context(policy, clock, events=bus, plugin=plugin, state=state_cls(clock))
-    return driven(build(ctx)), events, clock
+    return looped(build(ctx)), events, clock
 
 
 def make_call(
@@ -156,7 +155,7 @@ async def test_keyless_post_503_is_not_retried_by_generic_plugin() -> None:
     up = Upstream(clock, [resp(503), resp(200)])
     answer = await stage(make_call(clock, "POST"), up)
     assert answer.status == 503 and answer.attempts == 1
-    assert answer.notes["retry_skipped"] == "unsafe"
+    assert answer.retry_skipped == "unsafe"
 
 
 async def test_connect_error_post_is_retried_because_it_never_arrived() -> None:
@@ -230,7 +229,7 @@ async def test_exhausted_response_is_marked() -> None:
     up = Upstream(clock, [resp(503)])
     answer = await stage(make_call(clock), up)
     assert answer.status == 503 and answer.attempts == 3 and len(up.calls) == 3
-    assert answer.notes["exhausted"] is True and is_exhausted(answer)
+    assert answer.exhausted is True and is_exhausted(answer)
 
 
 async def test_exhausted_error_is_marked() -> None:
@@ -239,7 +238,7 @@ async def test_exhausted_error_is_marked() -> None:
     with pytest.raises(ProxyError) as info:
         await stage(make_call(clock), up)
     assert is_exhausted(info.value)
-    assert getattr(info.value, "attempts", None) == 2
+    assert info.value.attempts == 2 and info.value.exhausted
 
 
 # -- backoff and Retry-After ---------------------------------------------------------------
@@ -306,7 +305,7 @@ async def test_huge_retry_after_returns_answer_at_once() -> None:
     assert answer.status == 503 and answer.attempts == 1
     assert clock.now() == start
     assert skipped(events) == ["retry_after"]
-    assert answer.notes["retry_skipped"] == "retry_after"
+    assert answer.retry_skipped == "retry_after"
 
 
 async def test_wait_past_total_deadline_returns_answer_at_once() -> None:
@@ -383,7 +382,7 @@ async def test_budget_exhaustion_stops_retries() -> None:
     assert first.attempts == 2
     assert skipped(events) == ["budget"]
     assert is_exhausted(first)
-    assert first.notes["retry_skipped"] == "budget"
+    assert first.retry_skipped == "budget"
 
 
 async def test_budget_floor_allows_retries_at_low_traffic() -> None:
@@ -432,7 +431,7 @@ async def test_streamed_unknown_length_body_is_not_retried_and_visible() -> None
     assert answer.status == 503 and answer.attempts == 1 and len(up.calls) == 1
     assert up.calls[0][2] == b"ab"
     assert skipped(events) == ["not_replayable"]
-    assert answer.notes["retry_skipped"] == "not_replayable"
+    assert answer.retry_skipped == "not_replayable"
 
 
 async def test_streamed_body_of_known_small_length_is_buffered_and_retried() -> None:
@@ -465,7 +464,7 @@ async def test_single_attempt_policy_does_not_buffer() -> None:
 
 async def test_retry_circuit_ratelimit_chain_honours_upstream_pause() -> None:
     from proxy.pipeline import build_pipeline
-    from proxy.stages.ratelimit import RateLimitStage
+    from proxy.stages.ratelimit import RateLimiter
 
     clock = FakeClock()
     policy = Policy.model_validate(
@@ -488,7 +487,7 @@ async def test_retry_circuit_ratelimit_chain_honours_upstream_pause() -> None:
     assert answer.status == 200 and answer.attempts == 2
     assert up.times[1] - up.times[0] >= 2.0
     limiter = pipeline.stages[2]
-    assert isinstance(limiter, RateLimitStage)
+    assert isinstance(limiter, RateLimiter)
     assert (await limiter.snapshot())["paused_for"] == 0
 
 
@@ -507,7 +506,7 @@ async def test_policy_can_declare_that_a_generic_upstream_dedupes_by_key(dedupes
             "retry": {"attempts": 3, "backoff": {"initial": 0.01, "jitter": "none"}, "on": ["timeout"]},
         }
     )
-    stage = driven(build(stage_context(policy, clock)))
+    stage = looped(build(stage_context(policy, clock)))
     up = Upstream(clock, [timeout(), resp(200)])
     call = make_call(clock, "POST", headers={"Idempotency-Key": "k-1"}, body=RequestBody(data=b"a=1"))
     if sends == 2:
@@ -518,7 +517,7 @@ async def test_policy_can_declare_that_a_generic_upstream_dedupes_by_key(dedupes
     assert len(up.calls) == sends
 
 
-# -- the first-try fast path and the in-process budget ----------------------------------------
+# -- the settled first answer and the in-process budget ----------------------------------------
 
 
 async def test_first_try_success_is_returned_as_is() -> None:
@@ -526,7 +525,7 @@ async def test_first_try_success_is_returned_as_is() -> None:
     up = Upstream(clock, [resp(200, {"Stripe-Should-Retry": "true"}), resp(200)])
     answer = await stage(make_call(clock), up)
     assert answer.status == 200 and answer.attempts == 1 and len(up.calls) == 1
-    assert events == [] and not is_exhausted(answer) and "retry_skipped" not in answer.notes
+    assert events == [] and not is_exhausted(answer) and answer.retry_skipped is None
 
 
 @pytest.mark.parametrize("state_cls", [MemoryState, RoundTripState])

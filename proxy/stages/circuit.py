@@ -1,6 +1,10 @@
 """Circuit breaking: fail fast while an upstream is failing, probe it, then recover.
 
-The breaker sits inside the retry loop, so it counts every attempt. Failures are
+`CircuitBreaker` is not a wrapper: the attempt loop (proxy/upstream.py) asks it to admit
+each attempt (`admit_now`, or `admit` for a state backend with only async operations),
+then records the attempt's verdict (`record_now`/`record`) or, for an attempt that says
+nothing about the upstream, gives a half-open trial slot back (`release_now`/`release`),
+in a `finally`. So it counts every attempt, retries included. Failures are
 attempts that ended in `upstream_unreachable` / `upstream_timeout` or a 5xx answer; 4xx
 and 429 are the upstream working as designed and count as successes. A call refused by
 the rate limiter below (a local 429) says nothing about the upstream and is not counted.
@@ -14,22 +18,33 @@ from typing import TYPE_CHECKING, NoReturn
 
 from proxy.errors import ProxyError
 from proxy.events import CircuitChanged
-from proxy.model import Call, Response
-from proxy.pipeline import Flow, Guard, Handler, Result, StageContext
+from proxy.model import Response
 from proxy.state.base import CircuitAdmission, CircuitSettings, SyncLimits, state_key, sync_limits
 
 if TYPE_CHECKING:
-    from proxy.config.schema import CircuitBreaker
+    from proxy.config.schema import CircuitBreaker as CircuitSettingsBlock
+    from proxy.pipeline import StageContext
 
 log = logging.getLogger("egressd.circuit")
 
 FAILURE_CODES = frozenset({"upstream_unreachable", "upstream_timeout"})
 
 
-class CircuitStage(Guard):
+def verdict(result: Response | ProxyError) -> bool | None:
+    """True: the attempt failed; False: the upstream worked (4xx and 429 included); None:
+    the result says nothing about the upstream (refused by the rate limiter, a token or
+    body problem of this proxy)."""
+    if isinstance(result, Response):
+        return result.status >= 500
+    return True if result.code in FAILURE_CODES else None
+
+
+class CircuitBreaker:
+    """The circuit of one upstream under one policy (its state in the state backend)."""
+
     name = "circuit_breaker"
 
-    def __init__(self, ctx: StageContext, cb: CircuitBreaker) -> None:
+    def __init__(self, ctx: StageContext, cb: CircuitSettingsBlock) -> None:
         self.ctx = ctx
         self.upstream = ctx.policy.upstream
         self.key = state_key(ctx.policy.upstream, "cb", ctx.policy.fingerprint("circuit_breaker"))
@@ -40,42 +55,19 @@ class CircuitStage(Guard):
             open_for=cb.open_for,
             half_open_requests=cb.half_open_requests,
         )
-        # The last state this stage saw; None until the first observation, so that a
-        # rebuilt stage (reload) does not report a change it did not witness.
+        # The last state this breaker saw; None until the first observation, so that a
+        # rebuilt breaker (reload) does not report a change it did not witness.
         self._seen: str | None = None
-        # The backend's synchronous face (memory) for the guard's steps; None: async only.
-        # (ctx.state is one object for the stage's life: the runtime builds a stage per load.)
-        self._sync: SyncLimits | None = sync_limits(ctx.state)
+        # The backend's synchronous face (memory); None: only the async operations (Redis).
+        # (ctx.state is one object for the breaker's life: the runtime builds one per load.)
+        self.sync: SyncLimits | None = sync_limits(ctx.state)
 
-    async def __call__(self, call: Call, nxt: Handler) -> Response:
-        state = self.ctx.state
-        admission = await state.circuit_admit(self.key, self.settings)
-        self._observe(admission.state)
-        if not admission.allowed:
-            self._refuse(admission)
-        verdict: bool | None = None  # True: failure, False: success, None: no verdict
-        try:
-            response = await nxt(call)
-            verdict = response.status >= 500
-            return response
-        except ProxyError as exc:
-            if exc.code in FAILURE_CODES:
-                verdict = True
-            raise
-        finally:
-            if verdict is not None:
-                transition = await state.circuit_record(self.key, self.settings, failure=verdict, trial=admission.trial)
-                if transition.after != transition.before:
-                    self._changed(transition.before, transition.after)
-            elif admission.trial:
-                await state.circuit_release(self.key, self.settings)
-
-    # -- the same steps without coroutines, for a state in process memory (Guard) ----------
-    # The ticket is the admission's `trial` flag.
-    def enter(self, call: Call) -> bool | Flow:
-        sync = self._sync
-        if sync is None:
-            return Flow.ASYNC
+    # -- synchronous: state in process memory (`self.sync` is not None) ----------------------
+    def admit_now(self) -> bool:
+        """Admit one attempt: returns whether it is a half-open trial; raises
+        `circuit_open` when the circuit refuses it."""
+        sync = self.sync
+        assert sync is not None
         admission = sync.circuit_admit_now(self.key, self.settings)
         if admission.state != self._seen:
             self._observe(admission.state)
@@ -83,25 +75,32 @@ class CircuitStage(Guard):
             self._refuse(admission)
         return admission.trial
 
-    def leave(self, call: Call, trial: bool, result: Result) -> Result:
-        sync = self._sync
-        assert sync is not None  # enter() gave a ticket
-        if isinstance(result, Response):
-            failure = result.status >= 500
-        elif result.code in FAILURE_CODES:
-            failure = True
-        else:  # refused below (e.g. rate_limited): says nothing about the upstream
-            if trial:
-                sync.circuit_release_now(self.key, self.settings)
-            return result
-        transition = sync.circuit_record_now(self.key, self.settings, failure, trial)
+    def record_now(self, failure: bool, trial: bool) -> None:
+        assert self.sync is not None
+        transition = self.sync.circuit_record_now(self.key, self.settings, failure, trial)
         if transition.after != transition.before:
             self._changed(transition.before, transition.after)
-        return result
 
-    def abandon(self, call: Call, trial: bool) -> None:
-        if trial and self._sync is not None:
-            self._sync.circuit_release_now(self.key, self.settings)
+    def release_now(self) -> None:
+        """Give back a half-open trial slot whose attempt ended without a verdict."""
+        assert self.sync is not None
+        self.sync.circuit_release_now(self.key, self.settings)
+
+    # -- the same steps through the async state protocol (Redis) ----------------------------
+    async def admit(self) -> bool:
+        admission = await self.ctx.state.circuit_admit(self.key, self.settings)
+        self._observe(admission.state)
+        if not admission.allowed:
+            self._refuse(admission)
+        return admission.trial
+
+    async def record(self, failure: bool, trial: bool) -> None:
+        transition = await self.ctx.state.circuit_record(self.key, self.settings, failure=failure, trial=trial)
+        if transition.after != transition.before:
+            self._changed(transition.before, transition.after)
+
+    async def release(self) -> None:
+        await self.ctx.state.circuit_release(self.key, self.settings)
 
     def _refuse(self, admission: CircuitAdmission) -> NoReturn:
         raise ProxyError(
@@ -134,8 +133,8 @@ class CircuitStage(Guard):
         }
 
 
-def build(ctx: StageContext) -> CircuitStage | None:
+def build(ctx: StageContext) -> CircuitBreaker | None:
     cb = ctx.policy.circuit_breaker
     if cb is None:
         return None
-    return CircuitStage(ctx, cb)
+    return CircuitBreaker(ctx, cb)

@@ -1,7 +1,10 @@
 """Rate limiting: GCRA admission per attempt, a bounded FIFO queue, upstream back-pressure.
 
-Every attempt (retries included: this stage sits inside the retry loop) takes one GCRA
-slot from the state backend. A slot granted with a wait is a reservation, so callers
+`RateLimiter` is not a wrapper: the attempt loop (proxy/upstream.py) asks it to admit
+each attempt (`admit_now`, the synchronous common case; `admit`, the queue, pauses and
+refusals and the async state backends), and shows it each answer (`pause_asked`, then
+`pause_now`/`pause`). Every attempt, retries included, takes one GCRA slot from the
+state backend. A slot granted with a wait is a reservation, so callers
 leave the queue in the order they entered it. A caller that would wait longer than
 `queue.max_wait` (or past its own deadline), or that finds `queue.max_size` callers of
 this process already waiting, gets 429 `rate_limited` with a `Retry-After`.
@@ -22,12 +25,12 @@ from multidict import istr
 from proxy.errors import ProxyError
 from proxy.events import RateLimited, RateLimitWaited, UpstreamPaused
 from proxy.model import Call, Response
-from proxy.pipeline import Flow, Guard, Handler, Result, StageContext
 from proxy.stages.retry import parse_retry_after
-from proxy.state.base import SyncLimits, state_key, sync_limits
+from proxy.state.base import StateBackend, SyncLimits, state_key, sync_limits
 
 if TYPE_CHECKING:
     from proxy.config.schema import RateLimit
+    from proxy.pipeline import StageContext
 
 DEFAULT_MAX_PAUSE = 60.0
 _EPS = 1e-9
@@ -73,7 +76,9 @@ def upstream_wait(status: int, headers: Mapping[str, str], wall: float) -> float
     return None
 
 
-class RateLimitStage(Guard):
+class RateLimiter:
+    """The rate limit of one upstream under one policy."""
+
     name = "rate_limit"
 
     def __init__(self, ctx: StageContext, rl: RateLimit) -> None:
@@ -88,69 +93,41 @@ class RateLimitStage(Guard):
         retry = ctx.policy.retry
         self.max_pause = retry.max_retry_after if retry is not None else DEFAULT_MAX_PAUSE
         self.waiting = 0  # callers of this process sleeping in the queue now
-        # `shared: false` keeps the budget in this process even when --redis is on; an
-        # upstream's pause (respect_upstream) is still shared through ctx.state.
-        self.limiter = ctx.state if rl.shared else getattr(ctx.state, "local", ctx.state)
-        # Synchronous faces (memory backends) for the guard's fast path; None: async only.
-        # (ctx.state is one object for the stage's life: the runtime builds a stage per load.)
-        self._take_sync: SyncLimits | None = sync_limits(self.limiter)
-        self._pause_sync: SyncLimits | None = sync_limits(ctx.state)
+        # Where the GCRA slots come from: `shared: false` keeps the budget in this process
+        # even when --redis is on; an upstream's pause (respect_upstream) is still shared
+        # through ctx.state.
+        self.slots: StateBackend = ctx.state if rl.shared else getattr(ctx.state, "local", ctx.state)
+        # Synchronous faces (memory backends); None: that state has only async operations.
+        # (ctx.state is one object for the limiter's life: the runtime builds one per load.)
+        self.take_sync: SyncLimits | None = sync_limits(self.slots)
+        self.pause_sync: SyncLimits | None = sync_limits(ctx.state)
         # Calls admitted at once are tallied, not sent as events (proxy/events.py).
         self._admitted_at_once = ctx.events.tally(RateLimitWaited(self.upstream, 0.0))
 
-    async def __call__(self, call: Call, nxt: Handler) -> Response:
-        await self._admit(call, self.ctx.clock.now())
-        response = await nxt(call)
-        wait = self._upstream_wait(response)
-        if wait is not None:
-            await self.ctx.state.pause(self.key, wait)
-            self.ctx.events.emit(UpstreamPaused(self.upstream, wait))
-        return response
-
-    def _upstream_wait(self, response: Response) -> float | None:
-        """The pause this answer asks for (capped), with `respect_upstream`; else None."""
-        if not self.respect_upstream:
-            return None
-        headers = response.headers
-        # upstream_wait() is None unless one of these holds (skips the clock otherwise).
-        if response.status == 429 or _REMAINING_HEADERS[0] in headers or _REMAINING_HEADERS[1] in headers:
-            wait = upstream_wait(response.status, headers, self.ctx.clock.wall())
-            if wait is not None:
-                return min(wait, self.max_pause)
-        return None
-
-    # -- the common case without coroutines, for limits in process memory (Guard) --------
-    def enter(self, call: Call) -> SyncLimits | Flow:
-        """Admit a call that finds no pause and a free slot now; anything else (a pause, a
-        wait in the queue, a refusal with its reason) is left to `__call__`."""
-        take, pause = self._take_sync, self._pause_sync
+    # -- admission ---------------------------------------------------------------------------
+    def admit_now(self) -> bool:
+        """Admit an attempt that finds no pause and a free slot now (both states in
+        memory). False, having changed nothing, for anything else (a pause, a wait in the
+        queue, a refusal with its reason, an async state): then `await admit(call)`."""
+        take, pause = self.take_sync, self.pause_sync
         if take is None or pause is None:
-            return Flow.ASYNC
+            return False
         if take is pause:  # one backend holds both the pause and the budget
             if not take.rate_take_free_now(self.key, self.interval, self.burst):
-                return Flow.ASYNC
+                return False
         elif (
             pause.paused_for_now(self.key) > 0
             or not take.rate_take_now(self.key, self.interval, self.burst, 0.0).allowed
         ):
-            return Flow.ASYNC  # (max_wait 0: a slot that is free now is taken, else nothing changes)
+            return False  # (max_wait 0: a slot that is free now is taken, else nothing changes)
         self._admitted_at_once.n += 1
-        return pause
+        return True
 
-    def leave(self, call: Call, ticket: SyncLimits, result: Result) -> Result:
-        # The test of `_upstream_wait`, inline: most answers name no wait.
-        if self.respect_upstream and isinstance(result, Response):
-            headers = result.headers
-            if result.status == 429 or _REMAINING_HEADERS[0] in headers or _REMAINING_HEADERS[1] in headers:
-                wait = self._upstream_wait(result)
-                if wait is not None:
-                    ticket.pause_now(self.key, wait)
-                    self.ctx.events.emit(UpstreamPaused(self.upstream, wait))
-        return result
-
-    async def _admit(self, call: Call, start: float) -> None:
-        """Admit a caller that arrived at `start`, queueing it if need be."""
-        clock, state = self.ctx.clock, self.ctx.state
+    async def admit(self, call: Call) -> None:
+        """Admit an attempt, queueing it if need be; raises `rate_limited` to refuse it.
+        Each state operation uses the synchronous face of its state where there is one."""
+        clock = self.ctx.clock
+        start = clock.now()
         # The latest moment this caller may still be waiting in the queue.
         give_up = min(start + self.max_wait, call.deadline)
         paused: float | None = None
@@ -159,7 +136,7 @@ class RateLimitStage(Guard):
         while True:
             if reserved is None:
                 if paused is None:
-                    paused = await state.paused_for(self.key)
+                    paused = await self._paused_for()
                 if paused > 0:
                     if self.max_wait <= 0 or clock.now() + paused > give_up + _EPS:
                         self._reject("paused", paused)
@@ -172,9 +149,13 @@ class RateLimitStage(Guard):
                 paused = None
                 full = self.max_wait > 0 and self.waiting >= self.max_size
                 room = 0.0 if full else max(give_up - clock.now(), 0.0)
-                decision = await self.limiter.rate_take(
-                    self.key, interval=self.interval, burst=self.burst, max_wait=room
-                )
+                take = self.take_sync
+                if take is not None:
+                    decision = take.rate_take_now(self.key, self.interval, self.burst, room)
+                else:
+                    decision = await self.slots.rate_take(
+                        self.key, interval=self.interval, burst=self.burst, max_wait=room
+                    )
                 if not decision.allowed:
                     self._reject("queue_full" if full else "max_wait", decision.wait)
                 if decision.wait <= _EPS:  # due now (float residue of the TAT sums is no wait)
@@ -184,12 +165,18 @@ class RateLimitStage(Guard):
             slept = True
             reserved = None
             # A pause that began while this caller waited holds it too (its slot is lost).
-            if await state.paused_for(self.key) <= 0:
+            if await self._paused_for() <= 0:
                 break
         if slept:
             self.ctx.events.emit(RateLimitWaited(self.upstream, clock.now() - start))
         else:  # admitted without a wait (the time a state backend took is no queue wait)
             self._admitted_at_once.n += 1
+
+    async def _paused_for(self) -> float:
+        pause = self.pause_sync
+        if pause is not None:
+            return pause.paused_for_now(self.key)
+        return await self.ctx.state.paused_for(self.key)
 
     async def _sleep(self, seconds: float) -> None:
         self.waiting += 1
@@ -207,6 +194,29 @@ class RateLimitStage(Guard):
             detail=reason,
         )
 
+    # -- the upstream's answer -----------------------------------------------------------------
+    def pause_asked(self, response: Response) -> float | None:
+        """The pause this answer asks for (capped), with `respect_upstream`; else None."""
+        if not self.respect_upstream:
+            return None
+        headers = response.headers
+        # upstream_wait() is None unless one of these holds (skips the clock otherwise).
+        if response.status == 429 or _REMAINING_HEADERS[0] in headers or _REMAINING_HEADERS[1] in headers:
+            wait = upstream_wait(response.status, headers, self.ctx.clock.wall())
+            if wait is not None:
+                return min(wait, self.max_pause)
+        return None
+
+    def pause_now(self, seconds: float) -> None:
+        """Pause the upstream's whole budget (state in memory: `pause_sync` is not None)."""
+        assert self.pause_sync is not None
+        self.pause_sync.pause_now(self.key, seconds)
+        self.ctx.events.emit(UpstreamPaused(self.upstream, seconds))
+
+    async def pause(self, seconds: float) -> None:
+        await self.ctx.state.pause(self.key, seconds)
+        self.ctx.events.emit(UpstreamPaused(self.upstream, seconds))
+
     async def snapshot(self) -> dict[str, object]:
         """Rate-limit use for the status page."""
         return {
@@ -219,8 +229,8 @@ class RateLimitStage(Guard):
         }
 
 
-def build(ctx: StageContext) -> RateLimitStage | None:
+def build(ctx: StageContext) -> RateLimiter | None:
     rl = ctx.policy.rate_limit
     if rl is None:
         return None
-    return RateLimitStage(ctx, rl)
+    return RateLimiter(ctx, rl)

@@ -8,9 +8,13 @@ provably never reached the application (connect error, a status the plugin calls
 processed", e.g. 429) may be retried for any method. A timeout or reset after a keyless
 POST was sent is never retried.
 
-When the stage gives up on a retryable failure because attempts or the retry budget ran
-out, it marks the result as *exhausted* for the failover stage outside it; read that
-with `is_exhausted()` (a note on a `Response`, an attribute on a `ProxyError`).
+`RetryPolicy` is not a wrapper: the attempt loop (proxy/upstream.py) asks it, once per
+call, to prepare the call (`begin_now`/`begin`: buffer a small streamed body, count the
+request in the `RetryBudget`) and, after each attempt, whether to try again (`settled`,
+`decide`, `wait`) or to finish (`finish`). When it gives up on a retryable failure
+because attempts or the retry budget ran out, it marks the result as *exhausted* for the
+failover stage outside the loop: the typed `exhausted` field of `Response` and
+`ProxyError`, read with `is_exhausted()`.
 """
 
 from __future__ import annotations
@@ -19,33 +23,32 @@ import datetime as dt
 import email.utils
 import math
 import random
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from proxy.errors import ProxyError
 from proxy.events import RetryScheduled, RetrySkipped
 from proxy.model import Call, Response, unsafe_method
-from proxy.pipeline import Flow, Guard, Handler, Result, StageContext
 from proxy.stages.idempotency import dedupes_on_key
 from proxy.state.base import SyncLimits, state_key, sync_limits
 
 if TYPE_CHECKING:
     from proxy.config.schema import Retry
+    from proxy.config.schema import RetryBudget as BudgetSettings
+    from proxy.pipeline import StageContext
+    from proxy.state.base import StateBackend
 
 _ERROR_WORD = {"upstream_unreachable": ("connect_error", "reset"), "upstream_timeout": ("timeout",)}
 
 
 def mark_exhausted(result: Response | ProxyError) -> None:
     """Record that retries for this result ran out (read by failover via `is_exhausted`)."""
-    if isinstance(result, Response):
-        result.notes["exhausted"] = True
-    else:
-        result.exhausted = True  # type: ignore[attr-defined]
+    result.exhausted = True
 
 
 def is_exhausted(result: Response | BaseException) -> bool:
-    if isinstance(result, Response):
-        return bool(result.notes.get("exhausted"))
-    return bool(getattr(result, "exhausted", False))
+    if isinstance(result, Response | ProxyError):
+        return result.exhausted
+    return False
 
 
 def parse_retry_after(value: str | None, wall: float) -> float | None:
@@ -97,7 +100,44 @@ def _should_retry(response: Response) -> str:
     return response.headers.get("Stripe-Should-Retry", "").strip().lower()
 
 
-class RetryStage(Guard):
+class RetryBudget:
+    """The share of retries among the requests of a window (`retry.budget`), in the state
+    backend: one budget for every replica with Redis. Its synchronous face (memory) is
+    used when the backend has one, the async operations otherwise."""
+
+    __slots__ = ("key", "min_per_second", "ratio", "state", "sync", "window")
+
+    def __init__(self, state: StateBackend, key: str, settings: BudgetSettings) -> None:
+        self.state = state
+        self.key = key
+        self.window = settings.window
+        self.ratio = settings.ratio
+        self.min_per_second = settings.min_per_second
+        self.sync: SyncLimits | None = sync_limits(state)
+
+    async def record(self) -> None:
+        """Count one request (not a retry) in the window."""
+        if self.sync is not None:
+            self.sync.budget_record_now(self.key, self.window, False)
+        else:
+            await self.state.budget_record(self.key, window=self.window, retry=False)
+
+    async def try_retry(self) -> bool:
+        """One atomic check-and-take: concurrent callers cannot all pass the check before
+        any of them records its retry."""
+        if self.sync is not None:
+            return self.sync.budget_try_retry_now(self.key, self.window, self.ratio, self.min_per_second)
+        return await self.state.budget_try_retry(
+            self.key, window=self.window, ratio=self.ratio, min_per_second=self.min_per_second
+        )
+
+
+class RetryPolicy:
+    """`retry` of one upstream: what is retryable, whether it is safe, how long to wait.
+
+    Called by the attempt loop (proxy/upstream.py), never wrapping anything itself.
+    """
+
     name = "retry"
 
     def __init__(self, ctx: StageContext, retry: Retry) -> None:
@@ -107,15 +147,46 @@ class RetryStage(Guard):
         self.on_status = frozenset(v for v in retry.on if isinstance(v, int))
         self.on_words = frozenset(v for v in retry.on if isinstance(v, str))
         self.max_body = ctx.policy.limits.max_body
-        self.budget_key = state_key(ctx.policy.upstream, "budget", ctx.policy.fingerprint("retry"))
         self.rng = random.Random()
-        # The state's synchronous face (memory) for the guard's steps; None: async only.
-        # (ctx.state is one object for the stage's life: the runtime builds a stage per load.)
-        self._sync: SyncLimits | None = sync_limits(ctx.state)
         self._may_retry = retry.attempts > 1
-        self._budget_settings = retry.budget
+        self.budget: RetryBudget | None = None
+        if retry.budget is not None:
+            key = state_key(ctx.policy.upstream, "budget", ctx.policy.fingerprint("retry"))
+            self.budget = RetryBudget(ctx.state, key, retry.budget)
+        # The budget's synchronous face, for `begin_now` (None: no budget or async only).
+        self._budget_sync = self.budget.sync if self.budget is not None else None
 
-    # -- what is retryable -----------------------------------------------------------------
+    # -- once per call, before the first attempt --------------------------------------------
+    def begin_now(self, call: Call) -> bool:
+        """The common case of `begin` without a coroutine: count the request in the budget
+        (state in memory) of a call whose body needs no buffering. False, having changed
+        nothing, when the call needs `await begin(call)`."""
+        body = call.body
+        if self._may_retry and not body.replayable and body.length is not None and body.length <= self.max_body:
+            return False  # the body must be read (buffered) first: an await
+        budget = self.budget
+        if budget is not None:
+            sync = self._budget_sync
+            if sync is None:
+                return False
+            sync.budget_record_now(budget.key, budget.window, False)
+        return True
+
+    async def begin(self, call: Call) -> None:
+        """Make the call replayable if its body is small enough to keep, and count it in
+        the retry budget."""
+        body = call.body
+        if self._may_retry and not body.replayable and body.length is not None and body.length <= self.max_body:
+            await body.read()
+        if self.budget is not None:
+            await self.budget.record()
+
+    # -- after each attempt -----------------------------------------------------------------
+    def settled(self, result: Response | ProxyError) -> bool:
+        """The common case: an answer no status rule or `Stripe-Should-Retry` can make
+        retryable (`_reason` is None for it), so there is nothing to decide."""
+        return type(result) is Response and result.status < 400 and result.status not in self.on_status
+
     def _reason(self, result: Response | ProxyError) -> str | None:
         """Why this result deserves a retry (status or error word), or None."""
         if isinstance(result, Response):
@@ -143,65 +214,10 @@ class RetryStage(Guard):
             return None
         return parse_retry_after(result.headers.get("Retry-After"), self.ctx.clock.wall())
 
-    # -- the loop --------------------------------------------------------------------------
-    async def __call__(self, call: Call, nxt: Handler) -> Response:
-        body = call.body
-        if self._needs_buffering(call):
-            await body.read()  # small enough to keep: makes the call replayable
-        budget = self._budget_settings
-        if budget is not None:
-            await self.ctx.state.budget_record(self.budget_key, window=budget.window, retry=False)
-        result: Response | ProxyError
-        try:
-            result = await nxt(call)
-        except ProxyError as exc:
-            result = exc
-        settled = self.leave(call, None, result)
-        if isinstance(settled, Response):
-            return settled
-        return await self.resume(call, result, nxt)
-
-    def _needs_buffering(self, call: Call) -> bool:
-        body = call.body
-        return self._may_retry and not body.replayable and body.length is not None and body.length <= self.max_body
-
-    def enter(self, call: Call) -> Flow | None:
-        """Count the request in the budget (state in memory) for a call whose body needs no
-        buffering; anything else goes to `__call__`."""
-        body = call.body  # `_needs_buffering`, inline (one call less on every request)
-        if self._may_retry and not body.replayable and body.length is not None and body.length <= self.max_body:
-            return Flow.ASYNC  # the body must be read (buffered) first: an await
-        budget = self._budget_settings
-        if budget is not None:
-            if self._sync is None:
-                return Flow.ASYNC
-            self._sync.budget_record_now(self.budget_key, budget.window, False)
-        return None
-
-    def leave(self, call: Call, ticket: None, result: Result) -> Result | Literal[Flow.RESUME]:
-        # The common case: an answer no status rule or `Stripe-Should-Retry` can make
-        # retryable (`_reason` is None for it), so there is nothing to decide.
-        if type(result) is Response and result.status < 400 and result.status not in self.on_status:
-            result.attempts = 1
-            return result
-        return Flow.RESUME
-
-    async def resume(self, call: Call, result: Result, nxt: Handler) -> Response:
-        """Go on after the first attempt ended in `result`: retry while useful and safe."""
-        attempt = 1
-        while True:
-            skip = await self._why_not_retry(call, result, attempt)
-            if not isinstance(skip, float):
-                return self._finish(result, attempt, skip)
-            await self._before_retry(result, skip)
-            attempt += 1
-            try:
-                result = await nxt(call)
-            except ProxyError as exc:
-                result = exc
-
-    async def _why_not_retry(self, call: Call, result: Response | ProxyError, attempt: int) -> float | str | None:
-        """The delay before the next try (float), or why not to retry (str), or None."""
+    async def decide(self, call: Call, result: Response | ProxyError, attempt: int) -> float | str | None:
+        """After attempt number `attempt` ended in `result`: the delay before the next
+        try (float, a `RetryScheduled` is emitted), or why not to retry (str), or None
+        when the result is not retryable at all."""
         reason = self._reason(result)
         if reason is None:
             return None
@@ -229,46 +245,34 @@ class RetryStage(Guard):
             delay = max(delay, asked)
         if self.ctx.clock.now() + delay >= call.deadline:
             return "deadline"
-        budget = self.retry.budget
-        if budget is not None:
-            # One atomic check-and-take: concurrent callers cannot all pass the check
-            # before any of them records its retry.
-            sync = self._sync
-            if sync is not None:
-                allowed = sync.budget_try_retry_now(self.budget_key, budget.window, budget.ratio, budget.min_per_second)
-            else:
-                allowed = await self.ctx.state.budget_try_retry(
-                    self.budget_key,
-                    window=budget.window,
-                    ratio=budget.ratio,
-                    min_per_second=budget.min_per_second,
-                )
-            if not allowed:
-                return "budget"
+        if self.budget is not None and not await self.budget.try_retry():
+            return "budget"
         self.ctx.events.emit(RetryScheduled(self.upstream, reason, delay))
         return delay
 
-    async def _before_retry(self, result: Response | ProxyError, delay: float) -> None:
+    async def wait(self, result: Response | ProxyError, delay: float) -> None:
+        """Before the next try: free the connection of the failed answer, then wait."""
         if isinstance(result, Response):
-            await result.close()  # free the connection of the failed answer
+            await result.close()
         await self.ctx.clock.sleep(delay)
 
-    def _finish(self, result: Response | ProxyError, attempts: int, skip: str | None) -> Response:
+    def finish(self, result: Response | ProxyError, attempts: int, skip: str | None) -> Response:
+        """What goes out after the last attempt: the answer, or the error raised, with
+        `attempts` and the typed `exhausted` / `retry_skipped` marks."""
         if skip is not None and skip != "exhausted":
             self.ctx.events.emit(RetrySkipped(self.upstream, skip))
         if skip in ("exhausted", "budget"):
             mark_exhausted(result)
+        result.attempts = attempts
         if isinstance(result, Response):
-            result.attempts = attempts
             if skip is not None and skip != "exhausted":
-                result.notes["retry_skipped"] = skip
+                result.retry_skipped = skip
             return result
-        result.attempts = attempts  # type: ignore[attr-defined]
         raise result
 
 
-def build(ctx: StageContext) -> RetryStage | None:
+def build(ctx: StageContext) -> RetryPolicy | None:
     retry = ctx.policy.retry
     if retry is None:
         return None
-    return RetryStage(ctx, retry)
+    return RetryPolicy(ctx, retry)
