@@ -20,9 +20,10 @@ import aiohttp
 import pytest
 import yaml
 
+from fakes import FakeServer
 from proxy.config.loader import load_policy_dir
-from proxy.fakes import FakeServer
-from proxy.server import MAX_HEADER_FIELD, MAX_HEADERS, EgressServer, Settings
+from proxy.listener import MAX_HEADER_FIELD, MAX_HEADERS
+from proxy.server import EgressServer, Settings
 from tests.conftest import proxy_url, write_policies
 
 StartProxy = Callable[..., Awaitable[EgressServer]]
