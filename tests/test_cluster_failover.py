@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 from redis.crc import key_slot
 
-from proxy.fakes.server import FakeServer
+from fakes.server import FakeServer
 from proxy.server import EgressServer
 from proxy.state.base import CircuitSettings
 from proxy.state.resilient import ResilientState, open_shared_state

@@ -9,7 +9,7 @@ import pytest
 import requests
 import stripe
 
-from proxy.fakes.server import FakeServer
+from fakes.server import FakeServer
 from tests.conftest import proxy_url
 
 

@@ -12,9 +12,9 @@ The fakes run in the test's event loop and count what reached them.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 import signal
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,8 @@ import aiohttp
 import pytest
 import stripe
 
+from fakes import FakeServer
 from proxy.events import EventBus
-from proxy.fakes import FakeServer
 from proxy.state.resilient import open_shared_state
 from tests.conftest import proxy_url
 from tests.egressd_process import Egressd

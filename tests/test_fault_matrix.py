@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.fakes import FakeServer
+from fakes import FakeServer
 from proxy.server import EgressServer
 from tests.conftest import proxy_url
 

@@ -1,7 +1,7 @@
 """Several `egressd run --redis` processes with one policy: one budget, one circuit, one ledger.
 
 Real processes, a real redis-server (tests/redis_server.py) and a fake upstream in this
-process (proxy.fakes) whose ledger shows what actually arrived.
+process (fakes) whose ledger shows what actually arrived.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.fakes.server import FakeServer
+from fakes.server import FakeServer
 from tests.redis_server import EgressProcess, RedisServer, egress_fleet
 
 RATE = 50.0  # calls per second, shared by the whole fleet

@@ -19,8 +19,8 @@ import aiohttp
 import pytest
 import yaml
 
+from fakes import FakeServer
 from proxy.events import EventBus
-from proxy.fakes import FakeServer
 from proxy.server import EgressServer
 from proxy.state.resilient import open_shared_state
 from tests.conftest import proxy_url

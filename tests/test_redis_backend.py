@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from fakes.server import FakeServer
 from proxy.events import Event, EventBus, StateBackendError
-from proxy.fakes.server import FakeServer
 from proxy.server import EgressServer
 from proxy.state.base import CircuitSettings, RecordsUnavailable, StoredResponse
 from proxy.state.memory import MemoryState

@@ -83,7 +83,7 @@ async def test_mailgun_sdk(start_proxy: Any) -> None:
 async def test_stripe_sdk_idempotency_mismatch_is_an_idempotency_error(start_proxy: Any) -> None:
     """A key reused with other parameters: Stripe's own shape (400, `idempotency_error`),
     so code that catches `stripe.IdempotencyError` works through egressd (issue 13 item 11)."""
-    from proxy.fakes import FakeServer
+    from fakes import FakeServer
 
     async with FakeServer("stripe") as sf:
         doc = {"upstream": "stripe", "target": sf.url, "provider": "stripe", "idempotency": {"replay_ttl": "24h"}}

@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 import yaml
 
+from fakes import FakeServer
 from proxy.cli import _parser
 from proxy.config.schema import Tls
-from proxy.fakes import FakeServer
 from proxy.observe.logs import configure_logging
 from proxy.server import EgressServer, Settings
 from tests.conftest import proxy_url, write_policies

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.fakes import FakeServer
+from fakes import FakeServer
 from proxy.server import EgressServer
 from tests.conftest import proxy_url
 from tests.missing import missing
