@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -95,12 +95,66 @@ class Translated:
 
 
 class Refused(Exception):
-    """The call cannot be expressed honestly on the fallback: do not fail over."""
+    """The call cannot be expressed honestly on the fallback: do not fail over.
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    `reason` is a stable word (`lossy`, `unmappable_field`...); `detail` is human text
+    for egressd's own log (it may quote ids); `names` are what blocked the call in the
+    app's own terms -- request fields (`expand`, `asm`, `purchase_units[0].shipping`),
+    headers (`Stripe-Account`) or an operation (`POST /v1/customers`) -- and never a
+    value. The names are what the app is told (`X-Egressd-Failover: ...; detail=`, and
+    the provider-shaped error message).
+    """
+
+    def __init__(self, reason: str, detail: str = "", *, names: Iterable[str] = ()) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.names: tuple[str, ...] = tuple(dict.fromkeys(str(n) for n in names if n))
+
+    def renamed(self, mapping: Mapping[str, str]) -> Refused:
+        """The same refusal with its names translated (e.g. a shared helper's `amount`
+        into the caller's `purchase_units[0].amount.value`)."""
+        return Refused(self.reason, self.detail, names=[mapping.get(n, n) for n in self.names])
+
+
+#: At most this many characters of names go into `detail=` and the app's error message;
+#: the rest is counted (`+N`). Names can come from the app's own request (unknown fields).
+DETAIL_MAX_CHARS = 400
+NAME_MAX_CHARS = 100  # one name is cut to this many characters before encoding
+_DETAIL_UNSAFE = frozenset(";,=%")
+
+
+def encode_name(name: str) -> str:
+    """One name for `detail=`: `;`, `,`, `=` (the header's own separators) and `%` are
+    percent-encoded, as is anything outside printable ASCII (so no name can break the
+    header line)."""
+    out: list[str] = []
+    for ch in name:
+        if ch in _DETAIL_UNSAFE or not (0x20 <= ord(ch) < 0x7F):
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def shown_names(names: Iterable[str], limit: int = DETAIL_MAX_CHARS) -> list[str]:
+    """The names as encoded for the app, capped at about `limit` characters: what does
+    not fit is summed up as a last entry `+N` (N names left out)."""
+    all_names = [encode_name(n[:NAME_MAX_CHARS]) for n in dict.fromkeys(names) if n]
+    shown: list[str] = []
+    size = 0
+    for i, name in enumerate(all_names):
+        if shown and size + len(name) + 1 > limit:
+            shown.append(f"+{len(all_names) - i}")
+            break
+        shown.append(name)
+        size += len(name) + 1
+    return shown
+
+
+def detail_value(names: Iterable[str]) -> str:
+    """The `detail=` value: comma-separated encoded names (contract 7.7); "" for none."""
+    return ",".join(shown_names(names))
 
 
 @dataclass(frozen=True, slots=True)

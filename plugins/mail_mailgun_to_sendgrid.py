@@ -12,7 +12,7 @@ from typing import Any
 
 from plugins.base import FailoverContext, Refused, Translated, TranslatorRun, WireAnswer, WireRequest, json_bytes
 from plugins.forms import FilePart, parse_form
-from plugins.shapes import json_answer, token
+from plugins.shapes import json_answer, operation, token
 
 _PATH = re.compile(r"^/v3/([^/]+)/messages$")
 MAPPED = frozenset(
@@ -25,6 +25,7 @@ RESERVED_HEADERS = frozenset(
     "Reply-To CC BCC".split()
 )
 SENDGRID_MAX_RECIPIENTS = 1000
+RV = ("recipient-variables",)
 SENDGRID_MAX_CUSTOM_ARGS = 10000
 
 
@@ -83,16 +84,21 @@ def build_mail(fields: list[tuple[str, str]], files: list[FilePart], ctx: Failov
         else:
             lost.append(name)
     if lost and not ctx.allow_lossy:
-        raise Refused("lossy", ", ".join(sorted(lost)))
+        raise Refused("lossy", ", ".join(sorted(lost)), names=sorted(lost))
 
     sender = first("from")
     to = [_mailbox(a) for a in _split(multi.get("to", []))]
     if not sender or not to:
-        raise Refused("unsupported_operation", "a message needs from and to")
+        missing = [name for name, value in (("from", sender), ("to", to)) if not value]
+        raise Refused("unsupported_operation", "a message needs from and to", names=missing)
     cc = [_mailbox(a) for a in _split(multi.get("cc", []))]
     bcc = [_mailbox(a) for a in _split(multi.get("bcc", []))]
     if len(to) + len(cc) + len(bcc) > SENDGRID_MAX_RECIPIENTS:
-        raise Refused("fallback_limit", "SendGrid takes at most 1000 recipients per request")
+        raise Refused(
+            "fallback_limit",
+            "SendGrid takes at most 1000 recipients per request",
+            names=[k for k in ("to", "cc", "bcc") if multi.get(k)],
+        )
 
     mail: dict[str, Any] = {"from": _mailbox(sender)}
     subject = first("subject")
@@ -110,24 +116,28 @@ def build_mail(fields: list[tuple[str, str]], files: list[FilePart], ctx: Failov
     if template:
         sg_template = ctx.templates.get(template)
         if not sg_template:
-            raise Refused("no_crosswalk_entry", f"template {template} has no SendGrid template in the crosswalk")
+            raise Refused(
+                "no_crosswalk_entry",
+                f"template {template} has no SendGrid template in the crosswalk",
+                names=("template",),
+            )
         mail["template_id"] = sg_template
         if first("t:variables"):
             try:
                 variables = json.loads(first("t:variables") or "{}")
             except ValueError:
-                raise Refused("unmappable_field", "t:variables is not JSON") from None
+                raise Refused("unmappable_field", "t:variables is not JSON", names=("t:variables",)) from None
 
     rv_text = first("recipient-variables")
     if rv_text is not None:
         try:
             rv = json.loads(rv_text)
         except ValueError:
-            raise Refused("unmappable_field", "recipient-variables is not JSON") from None
+            raise Refused("unmappable_field", "recipient-variables is not JSON", names=RV) from None
         if not isinstance(rv, Mapping):
-            raise Refused("unmappable_field", "recipient-variables is not an object")
+            raise Refused("unmappable_field", "recipient-variables is not an object", names=RV)
         if template:
-            raise Refused("unmappable_field", "recipient-variables with a template")
+            raise Refused("unmappable_field", "recipient-variables with a template", names=(*RV, "template"))
         pers = []
         for box in to:
             subs = {f"%recipient.{k}%": str(v) for k, v in (rv.get(box["email"]) or {}).items()}
@@ -152,7 +162,9 @@ def build_mail(fields: list[tuple[str, str]], files: list[FilePart], ctx: Failov
         try:
             mail["send_at"] = int(parsedate_to_datetime(first("o:deliverytime") or "").timestamp())
         except (TypeError, ValueError):
-            raise Refused("unmappable_field", "o:deliverytime is not an RFC 2822 date") from None
+            raise Refused(
+                "unmappable_field", "o:deliverytime is not an RFC 2822 date", names=("o:deliverytime",)
+            ) from None
     if first("o:testmode") and _yes(first("o:testmode") or ""):
         mail["mail_settings"] = {"sandbox_mode": {"enable": True}}
     tracking: dict[str, Any] = {}
@@ -174,7 +186,11 @@ def build_mail(fields: list[tuple[str, str]], files: list[FilePart], ctx: Failov
     if custom:
         mail["custom_args"] = custom
         if len(json.dumps(custom).encode()) >= SENDGRID_MAX_CUSTOM_ARGS:
-            raise Refused("fallback_limit", "SendGrid custom_args must be under 10000 bytes")
+            raise Refused(
+                "fallback_limit",
+                "SendGrid custom_args must be under 10000 bytes",
+                names=[k for k in multi if k.startswith("v:") or k.lower() == "h:x-mailgun-variables"],
+            )
     attachments = []
     for f in files:
         att: dict[str, Any] = {
@@ -204,7 +220,11 @@ def _fmt(name: str, email: str) -> str:
 
 def translate(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
     if request.method.upper() != "POST" or not _PATH.match(request.path.rstrip("/")):
-        raise Refused("unsupported_operation", f"{request.method} {request.path} has no SendGrid equivalent")
+        raise Refused(
+            "unsupported_operation",
+            f"{request.method} {request.path} has no SendGrid equivalent",
+            names=(operation(request.method, request.path, placeholders={2: "domain"}),),
+        )
     ctype = next((v for k, v in request.headers.items() if k.lower() == "content-type"), "")
     fields, files = parse_form(request.body, ctype)
     mail = build_mail(fields, files, ctx)

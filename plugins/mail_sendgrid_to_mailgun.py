@@ -14,7 +14,7 @@ from urllib.parse import quote, urlencode
 
 from plugins.base import FailoverContext, Refused, Translated, TranslatorRun, WireAnswer, WireRequest
 from plugins.forms import FilePart, encode_multipart
-from plugins.shapes import json_answer
+from plugins.shapes import json_answer, operation
 
 SENDGRID_MAX_BYTES = 30 * 1024 * 1024
 SENDGRID_MAX_RECIPIENTS = 1000
@@ -40,7 +40,8 @@ def _addr(obj: Any) -> str:
 
 
 def lossy_fields(body: Mapping[str, Any]) -> list[str]:
-    """SendGrid fields that have no Mailgun equivalent and would be silently dropped."""
+    """SendGrid fields (JSON paths, the app's own terms) that have no Mailgun
+    equivalent and would be silently dropped."""
     lost = sorted(k for k in body if k not in TOP_MAPPED)
     ms = body.get("mail_settings")
     if isinstance(ms, Mapping):
@@ -58,10 +59,10 @@ def lossy_fields(body: Mapping[str, Any]) -> list[str]:
                 lost.append(f"tracking_settings.{k}")
     cats = body.get("categories")
     if isinstance(cats, list) and len(cats) > MAILGUN_MAX_TAGS:
-        lost.append(f"categories beyond {MAILGUN_MAX_TAGS}")
-    for c in body.get("content") or []:
+        lost.append("categories")  # Mailgun keeps the first 3 tags only
+    for i, c in enumerate(body.get("content") or []):
         if isinstance(c, Mapping) and c.get("type") not in ("text/plain", "text/html"):
-            lost.append(f"content type {c.get('type')}")
+            lost.append(f"content.{i}.type")
     for i, p in enumerate(body.get("personalizations") or []):
         if isinstance(p, Mapping):
             lost += [f"personalizations.{i}.{k}" for k in p if k not in PERS_KEYS]
@@ -114,7 +115,9 @@ def _files(body: Mapping[str, Any]) -> list[FilePart]:
         try:
             data = base64.b64decode(str(att.get("content") or ""), validate=True)
         except (binascii.Error, ValueError):
-            raise Refused("unmappable_field", f"attachments.{i}.content is not base64") from None
+            raise Refused(
+                "unmappable_field", f"attachments.{i}.content is not base64", names=(f"attachments.{i}.content",)
+            ) from None
         inline = att.get("disposition") == "inline"
         # Mailgun uses the part's file name as the Content-ID of an inline image.
         filename = str(att.get("content_id") or att.get("filename")) if inline else str(att.get("filename"))
@@ -149,7 +152,11 @@ def _common_fields(body: Mapping[str, Any], ctx: FailoverContext) -> list[tuple[
     if template:
         name = ctx.templates.get(str(template))
         if not name:
-            raise Refused("no_crosswalk_entry", f"template {template} has no Mailgun template in the crosswalk")
+            raise Refused(
+                "no_crosswalk_entry",
+                f"template {template} has no Mailgun template in the crosswalk",
+                names=("template_id",),
+            )
         fields.append(("template", name))
     for c in body.get("content") or []:
         if isinstance(c, Mapping) and c.get("type") == "text/plain":
@@ -178,7 +185,7 @@ def build_calls(body: Mapping[str, Any], ctx: FailoverContext) -> list[tuple[lis
     """SendGrid mail/send body -> one or more Mailgun /messages form bodies (raises Refused)."""
     lost = lossy_fields(body)
     if lost and not ctx.allow_lossy:
-        raise Refused("lossy", ", ".join(lost))
+        raise Refused("lossy", ", ".join(lost), names=lost)
     pers: list[Any] = list(body["personalizations"])
     files = _files(body)
     common = _common_fields(body, ctx)
@@ -228,12 +235,21 @@ def build_calls(body: Mapping[str, Any], ctx: FailoverContext) -> list[tuple[lis
     for fields, parts in calls:
         options = sum(len(k) + len(v) for k, v in fields if k[:2] in ("o:", "h:", "v:"))
         if options > MAILGUN_MAX_OPTIONS:
-            raise Refused("fallback_limit", "Mailgun limits o:, h: and v: options to 16 kB")
+            # Mailgun's options come from these SendGrid fields (top level or per personalization).
+            raise Refused(
+                "fallback_limit", "Mailgun limits o:, h: and v: options to 16 kB", names=("headers", "custom_args")
+            )
         if sum(1 for k, _ in fields if k in ("to", "cc", "bcc")) > MAILGUN_MAX_RECIPIENTS:
-            raise Refused("fallback_limit", "Mailgun takes at most 1000 recipients per message")
+            raise Refused(
+                "fallback_limit", "Mailgun takes at most 1000 recipients per message", names=("personalizations",)
+            )
         size = sum(len(v) for _, v in fields) + sum(len(f.data) for f in parts)
         if size > MAILGUN_MAX_MESSAGE:
-            raise Refused("fallback_limit", "Mailgun messages are limited to 25 MB")
+            raise Refused(
+                "fallback_limit",
+                "Mailgun messages are limited to 25 MB",
+                names=("attachments",) if parts else ("content",),
+            )
     return calls
 
 
@@ -245,9 +261,14 @@ def encode_call(fields: list[tuple[str, str]], files: list[FilePart]) -> tuple[b
 
 def translate(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
     if request.method.upper() != "POST" or request.path.rstrip("/") != "/v3/mail/send":
-        raise Refused("unsupported_operation", f"{request.method} {request.path} has no Mailgun equivalent")
+        raise Refused(
+            "unsupported_operation",
+            f"{request.method} {request.path} has no Mailgun equivalent",
+            names=(operation(request.method, request.path),),
+        )
     domain = ctx.target_settings.get("domain")
     if not domain:
+        # egressd's configuration, nothing in the app's request: no names.
         raise Refused("fallback_misconfigured", "the Mailgun upstream names no sending domain (provider.domain)")
     try:
         body = json.loads(request.body)
@@ -267,6 +288,7 @@ def translate(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
             "not_atomic",
             f"this mail needs {len(calls)} separate Mailgun sends; one failing after others went out "
             "could not be undone or retried without duplicates (allow_lossy: true fails over anyway)",
+            names=("personalizations",),
         )
     ids: list[str] = []
     for fields, files in calls:

@@ -23,6 +23,9 @@ PAYPAL_DECIMALS: dict[str, int] = {
 STRIPE_MAX_AMOUNT = 99_999_999
 PAYPAL_MAX = Decimal("999999999999999.99")
 _VALUE_RE = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+# What a refusal names (callers rename them into their own fields with `Refused.renamed`).
+AMT = ("amount",)
+CUR = ("currency",)
 
 
 def stripe_exponent(code: str) -> int:
@@ -45,20 +48,21 @@ def stripe_to_paypal(amount: int, currency: str) -> tuple[str, str]:
     """(1099, "usd") -> ("USD", "10.99"); raises Refused when PayPal cannot express it."""
     code = currency.upper()
     if code in STRIPE_THREE_DECIMAL:
-        raise Refused("unsupported_currency", f"{code} is a three-decimal currency; PayPal has none")
+        raise Refused("unsupported_currency", f"{code} is a three-decimal currency; PayPal has none", names=CUR)
     if code not in PAYPAL_DECIMALS:
-        raise Refused("unsupported_currency", f"PayPal does not process {code}")
+        raise Refused("unsupported_currency", f"PayPal does not process {code}", names=CUR)
     if amount <= 0:
-        raise Refused("amount_not_representable", "amount must be positive")
+        raise Refused("amount_not_representable", "amount must be positive", names=AMT)
     major = Decimal(amount).scaleb(-stripe_exponent(code))
     q = major.quantize(Decimal(1).scaleb(-PAYPAL_DECIMALS[code]))
     if q != major:
         raise Refused(
             "amount_not_representable",
             f"{amount} {code} minor units cannot be expressed with {PAYPAL_DECIMALS[code]} decimals at PayPal",
+            names=AMT,
         )
     if q > PAYPAL_MAX:
-        raise Refused("amount_not_representable", "amount is over PayPal's maximum")
+        raise Refused("amount_not_representable", "amount is over PayPal's maximum", names=AMT)
     return code, format(q, "f")
 
 
@@ -66,25 +70,25 @@ def paypal_to_stripe(value: str, currency_code: str) -> tuple[int, str]:
     """("10.99", "USD") -> (1099, "usd"); raises Refused when Stripe cannot express it."""
     code = currency_code.upper()
     if code not in PAYPAL_DECIMALS:
-        raise Refused("unsupported_currency", f"{code} is not a currency both providers process")
+        raise Refused("unsupported_currency", f"{code} is not a currency both providers process", names=CUR)
     if not isinstance(value, str) or not _VALUE_RE.match(value):
-        raise Refused("amount_not_representable", f"amount {value!r} is not a positive decimal")
+        raise Refused("amount_not_representable", f"amount {value!r} is not a positive decimal", names=AMT)
     try:
         d = Decimal(value)
     except InvalidOperation as exc:  # pragma: no cover - the regex guards
-        raise Refused("amount_not_representable", str(exc)) from exc
+        raise Refused("amount_not_representable", str(exc), names=AMT) from exc
     exponent = d.as_tuple().exponent
     places = -exponent if isinstance(exponent, int) and exponent < 0 else 0
     if places > PAYPAL_DECIMALS[code]:
-        raise Refused("amount_not_representable", f"{value} {code} has too many decimals")
+        raise Refused("amount_not_representable", f"{value} {code} has too many decimals", names=AMT)
     minor = d.scaleb(stripe_exponent(code))
     if minor != minor.to_integral_value():
-        raise Refused("amount_not_representable", f"{value} {code} is not a whole number of minor units")
+        raise Refused("amount_not_representable", f"{value} {code} is not a whole number of minor units", names=AMT)
     n = int(minor)
     if n <= 0 or n > STRIPE_MAX_AMOUNT:
-        raise Refused("amount_not_representable", f"{value} {code} is outside Stripe's amount range")
+        raise Refused("amount_not_representable", f"{value} {code} is outside Stripe's amount range", names=AMT)
     if n < stripe_minimum(code):
-        raise Refused("amount_not_representable", f"{value} {code} is under Stripe's minimum charge")
+        raise Refused("amount_not_representable", f"{value} {code} is under Stripe's minimum charge", names=AMT)
     return n, code.lower()
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from plugins.base import FailoverContext, Refused, Translated, TranslatorRun, WireAnswer, WireRequest
 from plugins.forms import encode_stripe_form
 from plugins.money import paypal_to_stripe, paypal_value
-from plugins.shapes import json_answer, ledger_record, paypal_error, rfc3339, token
+from plugins.shapes import json_answer, ledger_record, operation, paypal_error, rfc3339, token
 
 PREFIX = "EGF"
 ID_LEN = 20
@@ -25,6 +25,17 @@ _PAYMENT = re.compile(r"^/v2/payments/(captures|authorizations|refunds)/([A-Z0-9
 UNIT_MAPPED = frozenset("reference_id amount description custom_id invoice_id soft_descriptor shipping".split())
 UNIT_UNMAPPABLE = ("payee", "payment_instruction")
 ORDER_MAPPED = frozenset("intent purchase_units payment_source".split())
+# How PayPal's API reference names the id in each payments path (the refusal's names).
+PATH_ID_NAMES = {"captures": "capture_id", "authorizations": "authorization_id", "refunds": "refund_id"}
+
+
+def _to_stripe(amount: Mapping[str, Any], where: str) -> tuple[int, str]:
+    """`paypal_to_stripe` of a PayPal amount object; a refusal names `where.value` /
+    `where.currency_code` (the app's own fields) instead of `amount` / `currency`."""
+    try:
+        return paypal_to_stripe(str(amount.get("value")), str(amount.get("currency_code") or ""))
+    except Refused as refused:
+        raise refused.renamed({"amount": f"{where}.value", "currency": f"{where}.currency_code"}) from None
 
 
 def synthetic(kind: str, seed: str) -> str:
@@ -51,15 +62,15 @@ def translate(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
         return (yield from _create(request, ctx))
     m = _ORDER.match(path)
     if m:
-        record = ledger_record(ctx, m.group(1))
+        record = ledger_record(ctx, m.group(1), "id")
         if method == "GET" and m.group(2) is None:
             return (yield from _retrieve(record, ctx, 200))
         if method == "POST" and m.group(2):
             return (yield from _complete_again(record, m.group(2), ctx))
     p = _PAYMENT.match(path)
     if p:
-        record = ledger_record(ctx, p.group(2))
         kind, action = p.group(1), p.group(3)
+        record = ledger_record(ctx, p.group(2), PATH_ID_NAMES[kind])
         if kind == "captures" and action == "refund" and method == "POST":
             return (yield from _refund(request, record, ctx))
         if kind == "authorizations" and action == "capture" and method == "POST":
@@ -68,7 +79,9 @@ def translate(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
             return (yield from _void(record, ctx))
         if kind == "refunds" and action is None and method == "GET":
             return (yield from _retrieve_refund(record, ctx))
-    raise Refused("unsupported_operation", f"{method} {path} has no Stripe equivalent")
+    raise Refused(
+        "unsupported_operation", f"{method} {path} has no Stripe equivalent", names=(operation(method, path),)
+    )
 
 
 def _stripe_headers(ctx: FailoverContext, step: str) -> dict[str, str]:
@@ -81,35 +94,50 @@ def _stripe_headers(ctx: FailoverContext, step: str) -> dict[str, str]:
 def build_payment_intent_params(body: Any, ctx: FailoverContext) -> dict[str, Any]:
     """PayPal order create body -> Stripe PaymentIntent create params (raises Refused)."""
     if not isinstance(body, Mapping):
-        raise Refused("unsupported_operation", "the order body is not a JSON object")
+        raise Refused("unsupported_operation", "the order body is not a JSON object", names=("body",))
     units = body.get("purchase_units")
     if not isinstance(units, list) or len(units) != 1 or not isinstance(units[0], Mapping):
-        raise Refused("multiple_purchase_units", "a Stripe PaymentIntent has exactly one amount")
+        raise Refused(
+            "multiple_purchase_units", "a Stripe PaymentIntent has exactly one amount", names=("purchase_units",)
+        )
     unit: Mapping[str, Any] = units[0]
     for name in UNIT_UNMAPPABLE:
         if name in unit:
-            raise Refused("unmappable_field", f"purchase_units[0].{name}")
+            raise Refused("unmappable_field", f"purchase_units[0].{name}", names=(f"purchase_units[0].{name}",))
     source = body.get("payment_source")
     if not isinstance(source, Mapping) or not source:
-        raise Refused("buyer_approval_required", "an order without a payment_source needs the payer at PayPal")
+        raise Refused(
+            "buyer_approval_required",
+            "an order without a payment_source needs the payer at PayPal",
+            names=("payment_source",),
+        )
     kind, sub = next(iter(source.items()))
     vault = sub.get("vault_id") if isinstance(sub, Mapping) else None
     if kind not in ("card", "paypal") or not isinstance(vault, str):
         if kind == "card":
-            raise Refused("unmappable_field", "payment_source.card with raw card data")
-        raise Refused("buyer_approval_required", f"payment_source.{kind} needs the payer at PayPal")
+            # Never the card's own fields (number, cvv...): only where they were.
+            raise Refused("unmappable_field", "payment_source.card with raw card data", names=("payment_source.card",))
+        raise Refused(
+            "buyer_approval_required",
+            f"payment_source.{kind} needs the payer at PayPal",
+            names=(f"payment_source.{kind}",),
+        )
     pm = ctx.payment_methods.get(vault)
     if not pm:
-        raise Refused("no_crosswalk_entry", f"vault id {vault} has no Stripe payment method in the crosswalk")
+        raise Refused(
+            "no_crosswalk_entry",
+            f"vault id {vault} has no Stripe payment method in the crosswalk",
+            names=(f"payment_source.{kind}.vault_id",),
+        )
     amount_obj = unit.get("amount") if isinstance(unit.get("amount"), Mapping) else {}
     assert isinstance(amount_obj, Mapping)
-    amount, currency = paypal_to_stripe(str(amount_obj.get("value")), str(amount_obj.get("currency_code") or ""))
+    amount, currency = _to_stripe(amount_obj, "purchase_units[0].amount")
 
-    lossy = sorted(k for k in unit if k not in UNIT_MAPPED and k not in UNIT_UNMAPPABLE)
+    lossy = sorted(f"purchase_units[0].{k}" for k in unit if k not in UNIT_MAPPED and k not in UNIT_UNMAPPABLE)
     lossy += [f"purchase_units[0].amount.{k}" for k in amount_obj if k not in ("currency_code", "value")]
     lossy += sorted(k for k in body if k not in ORDER_MAPPED)
     if lossy and not ctx.allow_lossy:
-        raise Refused("lossy", ", ".join(lossy))
+        raise Refused("lossy", ", ".join(lossy), names=lossy)
 
     params: dict[str, Any] = {
         "amount": amount,
@@ -317,7 +345,7 @@ def _get_pi(record: Mapping[str, Any]) -> WireRequest:
 
 def _retrieve(record: Mapping[str, Any], ctx: FailoverContext, status: int) -> TranslatorRun:
     if record.get("kind") != "order":
-        raise Refused("unsupported_operation", "not an order id")
+        raise Refused("unsupported_operation", "not an order id", names=("GET /v2/checkout/orders/{id}",))
     answer = yield _get_pi(record)
     if answer.error or answer.status >= 300:
         return Translated(paypal_error_from_stripe(answer))
@@ -343,7 +371,7 @@ def _capture_authorization(request: WireRequest, record: Mapping[str, Any], ctx:
     body = request.json() if request.body else {}
     params: dict[str, Any] = {"expand": ["latest_charge"]}
     if isinstance(body, Mapping) and isinstance(body.get("amount"), Mapping):
-        amount, _cur = paypal_to_stripe(str(body["amount"].get("value")), str(body["amount"].get("currency_code")))
+        amount, _cur = _to_stripe(body["amount"], "amount")
         params["amount_to_capture"] = amount
     answer = yield WireRequest(
         "POST",
@@ -402,10 +430,10 @@ def _refund(request: WireRequest, record: Mapping[str, Any], ctx: FailoverContex
     body = body if isinstance(body, Mapping) else {}
     lossy = sorted(k for k in body if k not in ("amount", "note_to_payer", "custom_id", "invoice_id"))
     if lossy and not ctx.allow_lossy:
-        raise Refused("lossy", ", ".join(lossy))
+        raise Refused("lossy", ", ".join(lossy), names=lossy)
     params: dict[str, Any] = {"payment_intent": record["pi"]}
     if isinstance(body.get("amount"), Mapping):
-        amount, _cur = paypal_to_stripe(str(body["amount"].get("value")), str(body["amount"].get("currency_code")))
+        amount, _cur = _to_stripe(body["amount"], "amount")
         params["amount"] = amount
     metadata = {f"paypal_{k}": str(body[k]) for k in ("note_to_payer", "custom_id", "invoice_id") if body.get(k)}
     if metadata:
@@ -427,7 +455,7 @@ def _refund(request: WireRequest, record: Mapping[str, Any], ctx: FailoverContex
 
 def _retrieve_refund(record: Mapping[str, Any], ctx: FailoverContext) -> TranslatorRun:
     if record.get("kind") != "refund":
-        raise Refused("unsupported_operation", "not a refund id")
+        raise Refused("unsupported_operation", "not a refund id", names=("GET /v2/payments/refunds/{refund_id}",))
     answer = yield WireRequest("GET", f"/v1/refunds/{record['re']}", "", {})
     if answer.error or answer.status >= 300:
         return Translated(paypal_error_from_stripe(answer))

@@ -15,7 +15,7 @@ from typing import Any
 from plugins.base import FailoverContext, Refused, Translated, TranslatorRun, WireAnswer, WireRequest, json_bytes
 from plugins.forms import parse_stripe_form
 from plugins.money import minor_from_paypal, stripe_to_paypal
-from plugins.shapes import json_answer, ledger_record, stripe_error, stripe_request_id, token, unix
+from plugins.shapes import json_answer, ledger_record, operation, stripe_error, stripe_request_id, token, unix
 
 PI_PREFIX = "pi_ppf_"
 CH_PREFIX = "ch_ppf_"
@@ -71,18 +71,21 @@ def translate(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
         return (yield from _refund(request, ctx))
     m = _PI_PATH.match(path)
     if m:
-        record = ledger_record(ctx, m.group(1))
+        record = ledger_record(ctx, m.group(1), "intent")
         action = m.group(2)
         if method == "GET" and action is None:
-            return (yield from _retrieve(record, ctx))
+            expand = expansions(parse_stripe_form(request.query) if request.query else {}, ctx)
+            return (yield from _retrieve(record, ctx, expand))
         if method == "POST" and action == "capture":
             return (yield from _capture(request, record, ctx))
         if method == "POST" and action == "cancel":
-            return (yield from _cancel(record, ctx))
+            return (yield from _cancel(record, ctx, expansions(_params(request), ctx)))
     m = _RE_PATH.match(path)
     if m and method == "GET":
-        return (yield from _retrieve_refund(ledger_record(ctx, m.group(1)), ctx))
-    raise Refused("unsupported_operation", f"{method} {path} has no PayPal equivalent")
+        return (yield from _retrieve_refund(ledger_record(ctx, m.group(1), "refund"), ctx))
+    raise Refused(
+        "unsupported_operation", f"{method} {path} has no PayPal equivalent", names=(operation(method, path),)
+    )
 
 
 def _params(request: WireRequest) -> dict[str, Any]:
@@ -101,6 +104,172 @@ def _truthy(value: Any) -> bool:
     return value is True or (isinstance(value, str) and value.lower() == "true")
 
 
+# ---- expand[] ------------------------------------------------------------------------------
+#
+# `expand[]` only shapes the answer: the PaymentIntent carries an object where it would
+# carry an id. The app's code then reads `pi.latest_charge.status`, so dropping it would
+# hand the SDK a string where the code reads an object. What the translation can build
+# from PayPal's answer is honoured; anything else stays a lossy refusal (`detail=expand`).
+
+EXPANDABLE = ("latest_charge", "payment_method")
+CARD_BRANDS = {
+    "VISA": "visa",
+    "MASTERCARD": "mastercard",
+    "MASTER_CARD": "mastercard",
+    "AMEX": "amex",
+    "DISCOVER": "discover",
+    "JCB": "jcb",
+    "DINERS": "diners",
+    "CHINA_UNION_PAY": "unionpay",
+    "UNIONPAY": "unionpay",
+}
+CARD_FUNDING = {"CREDIT": "credit", "DEBIT": "debit", "PREPAID": "prepaid"}
+
+
+def _expand_list(params: Mapping[str, Any]) -> list[str]:
+    raw = params.get("expand")
+    if raw is None:
+        return []
+    items = raw if isinstance(raw, list) else list(raw.values()) if isinstance(raw, Mapping) else [raw]
+    return [str(x) for x in items]
+
+
+def unbuilt_expansions(params: Mapping[str, Any]) -> list[str]:
+    """The `expand[]` paths the translation cannot build (e.g. `customer`,
+    `latest_charge.balance_transaction`)."""
+    return [x for x in _expand_list(params) if x not in EXPANDABLE]
+
+
+def expansions(params: Mapping[str, Any], ctx: FailoverContext) -> frozenset[str]:
+    """The `expand[]` paths to honour (raises Refused `lossy` naming `expand` when one
+    cannot be built, unless the policy allows lossy failover)."""
+    unbuilt = unbuilt_expansions(params)
+    if unbuilt and not ctx.allow_lossy:
+        raise Refused(
+            "lossy", f"expand ({', '.join(unbuilt)}: cannot be built from PayPal's answer)", names=("expand",)
+        )
+    return frozenset(x for x in _expand_list(params) if x in EXPANDABLE)
+
+
+def expand_pi(
+    pi: dict[str, Any], order: Mapping[str, Any], record: Mapping[str, Any], expand: frozenset[str]
+) -> dict[str, Any]:
+    """The PaymentIntent with the requested ids replaced by objects built from the order."""
+    out = dict(pi)
+    if "latest_charge" in expand and isinstance(pi.get("latest_charge"), str):
+        out["latest_charge"] = charge_object(order, record, pi)
+    if "payment_method" in expand and isinstance(pi.get("payment_method"), str):
+        out["payment_method"] = payment_method_object(order, record, pi)
+    return out
+
+
+def _source(order: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    source = order.get("payment_source")
+    if isinstance(source, Mapping):
+        for kind in ("card", "paypal"):
+            sub = source.get(kind)
+            if isinstance(sub, Mapping):
+                return kind, sub
+    return "card", {}
+
+
+def _card_details(card: Mapping[str, Any]) -> dict[str, Any]:
+    """Stripe `card` fields from PayPal's `payment_source.card` (null where PayPal did not say)."""
+    exp_year = exp_month = None
+    expiry = card.get("expiry")
+    if isinstance(expiry, str) and re.match(r"^\d{4}-\d{2}$", expiry):
+        exp_year, exp_month = int(expiry[:4]), int(expiry[5:])
+    last4 = card.get("last_digits")
+    return {
+        "brand": CARD_BRANDS.get(str(card.get("brand") or "").upper(), "unknown"),
+        "country": None,
+        "exp_month": exp_month,
+        "exp_year": exp_year,
+        "funding": CARD_FUNDING.get(str(card.get("type") or "").upper(), "unknown"),
+        "last4": str(last4)[-4:] if last4 else None,
+    }
+
+
+def payment_method_object(order: Mapping[str, Any], record: Mapping[str, Any], pi: Mapping[str, Any]) -> dict[str, Any]:
+    """A PaymentMethod for the crosswalked `pm_...`, from what PayPal said about the source."""
+    kind, sub = _source(order)
+    out: dict[str, Any] = {
+        "id": pi.get("payment_method"),
+        "object": "payment_method",
+        "billing_details": {"address": None, "email": None, "name": sub.get("name"), "phone": None},
+        "created": record.get("created"),
+        "customer": record.get("customer"),
+        "livemode": bool(record.get("livemode")),
+        "metadata": {},
+        "type": kind,
+    }
+    if kind == "paypal":
+        out["paypal"] = {"payer_email": sub.get("email_address"), "payer_id": sub.get("account_id")}
+    else:
+        out["card"] = _card_details(sub)
+    return out
+
+
+def charge_object(order: Mapping[str, Any], record: Mapping[str, Any], pi: Mapping[str, Any]) -> dict[str, Any]:
+    """The Charge behind `latest_charge`: PayPal's last capture (or authorization)."""
+    units = order.get("purchase_units") or [{}]
+    payments = units[0].get("payments") or {}
+    caps = payments.get("captures") or []
+    auths = payments.get("authorizations") or []
+    currency = str(pi.get("currency") or "usd")
+    payment: Mapping[str, Any] = caps[-1] if caps else auths[-1] if auths else {}
+    state = str(payment.get("status") or "")
+    amount = minor_from_paypal(str((payment.get("amount") or {}).get("value", "0")), currency)
+    if caps:
+        status = "pending" if state == "PENDING" else "succeeded" if state in _CAPTURED else "failed"
+        captured = status == "succeeded"
+    else:
+        status = "pending" if state == "PENDING" else "failed" if state in ("DENIED", "EXPIRED") else "succeeded"
+        captured = state in ("CAPTURED", "PARTIALLY_CAPTURED")
+    refunded = sum(
+        minor_from_paypal(str((r.get("amount") or {}).get("value", "0")), currency)
+        for r in payments.get("refunds") or []
+        if isinstance(r, Mapping) and r.get("status") == "COMPLETED"
+    )
+    if state == "REFUNDED" and not refunded:
+        refunded = amount
+    kind, sub = _source(order)
+    details: dict[str, Any] = {"type": kind}
+    details[kind] = (
+        _card_details(sub)
+        if kind == "card"
+        else {"payer_email": sub.get("email_address"), "payer_id": sub.get("account_id")}
+    )
+    failed = status == "failed"
+    return {
+        "id": pi.get("latest_charge"),
+        "object": "charge",
+        "amount": pi.get("amount"),
+        "amount_captured": amount if captured else 0,
+        "amount_refunded": refunded,
+        "balance_transaction": None,
+        "captured": captured,
+        "created": unix(payment.get("create_time"), float(pi.get("created") or 0)),
+        "currency": currency,
+        "customer": pi.get("customer"),
+        "description": pi.get("description"),
+        "failure_code": "card_declined" if failed else None,
+        "failure_message": "Your card was declined." if failed else None,
+        "livemode": bool(pi.get("livemode")),
+        "metadata": dict(pi.get("metadata") or {}),
+        "paid": status == "succeeded",
+        "payment_intent": pi.get("id"),
+        "payment_method": record.get("payment_method"),
+        "payment_method_details": details,
+        "refunded": state == "REFUNDED",
+        "shipping": pi.get("shipping"),
+        "status": status,
+    }
+
+
+_CAPTURED = ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED")
+
+
 # ---- create --------------------------------------------------------------------------------
 
 
@@ -110,36 +279,54 @@ def build_order_request(
     """Stripe PaymentIntent create params -> PayPal order body (raises Refused)."""
     for name in HARD_UNMAPPABLE:
         if params.get(name) not in (None, ""):
-            raise Refused("unmappable_field", name)
+            raise Refused("unmappable_field", name, names=(name,))
     if any(k.lower() == "stripe-account" for k in request_headers):
-        raise Refused("unmappable_field", "Stripe-Account (Connect)")
+        raise Refused("unmappable_field", "Stripe-Account (Connect)", names=("Stripe-Account",))
     if not _truthy(params.get("confirm")):
-        raise Refused("unsupported_operation", "only create-and-confirm (confirm=true) can fail over")
+        raise Refused(
+            "unsupported_operation", "only create-and-confirm (confirm=true) can fail over", names=("confirm",)
+        )
     pm = params.get("payment_method")
     if not isinstance(pm, str) or not pm:
-        raise Refused("no_crosswalk_entry", "no payment_method")
+        raise Refused("no_crosswalk_entry", "no payment_method", names=("payment_method",))
     vault = ctx.payment_methods.get(pm)
     if not vault:
-        raise Refused("no_crosswalk_entry", f"payment_method {pm} has no PayPal vault id in the crosswalk")
+        raise Refused(
+            "no_crosswalk_entry",
+            f"payment_method {pm} has no PayPal vault id in the crosswalk",
+            names=("payment_method",),
+        )
     try:
         amount = int(str(params.get("amount")))
     except ValueError:
-        raise Refused("amount_not_representable", "amount is not an integer") from None
+        raise Refused("amount_not_representable", "amount is not an integer", names=("amount",)) from None
     currency = str(params.get("currency") or "")
     code, value = stripe_to_paypal(amount, currency)
 
-    lossy = sorted(k for k in params if k not in MAPPED and k not in HARD_UNMAPPABLE)
+    # `lossy`: the names the app is told; `notes`: the same with why, for the log.
+    lossy = sorted(k for k in params if k not in MAPPED and k not in HARD_UNMAPPABLE and k != "expand")
+    notes = list(lossy)
+    unbuilt = unbuilt_expansions(params)
+    if unbuilt:
+        lossy.append("expand")
+        notes.append(f"expand ({', '.join(unbuilt)}: cannot be built from PayPal's answer)")
     pm_types = params.get("payment_method_types")
     if pm_types not in (None, ["card"]):
         lossy.append("payment_method_types")
+        notes.append("payment_method_types (other than card)")
     description = params.get("description")
     if isinstance(description, str) and len(description) > 127:
-        lossy.append("description (over 127 characters)")
-    descriptor = params.get("statement_descriptor_suffix") or params.get("statement_descriptor")
+        lossy.append("description")
+        notes.append("description (over 127 characters)")
+    descriptor_name = (
+        "statement_descriptor_suffix" if params.get("statement_descriptor_suffix") else "statement_descriptor"
+    )
+    descriptor = params.get(descriptor_name)
     if isinstance(descriptor, str) and len(descriptor) > 22:
-        lossy.append("statement_descriptor (over 22 characters)")
+        lossy.append(descriptor_name)
+        notes.append(f"{descriptor_name} (over 22 characters)")
     if lossy and not ctx.allow_lossy:
-        raise Refused("lossy", ", ".join(lossy))
+        raise Refused("lossy", ", ".join(notes), names=lossy)
 
     manual = params.get("capture_method") == "manual"
     unit: dict[str, Any] = {
@@ -208,6 +395,7 @@ def _shipping_from_paypal(shipping: Any) -> dict[str, Any] | None:
 def _create(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
     params = _params(request)
     order_body = build_order_request(params, ctx, request.headers)
+    expand = expansions(params, ctx)
     manual = order_body["intent"] == "AUTHORIZE"
     answer = yield WireRequest(
         "POST", "/v2/checkout/orders", "", _paypal_headers(ctx, "create"), json_bytes(order_body)
@@ -226,7 +414,7 @@ def _create(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
             record = {**record, "order_id": order.get("id")}
             return Translated(_error(answer, ctx, pi=_declined_pi(record, ctx, order)))
         order = answer.json() or {}
-    return _finish_pi(order, record, ctx, params=params, replayed=replayed)
+    return _finish_pi(order, record, ctx, params=params, replayed=replayed, expand=expand)
 
 
 def _new_record(params: Mapping[str, Any], ctx: FailoverContext) -> dict[str, Any]:
@@ -257,6 +445,7 @@ def _finish_pi(
     *,
     params: Mapping[str, Any],
     replayed: bool = False,
+    expand: frozenset[str] = frozenset(),
 ) -> Translated:
     record = _with_payment_ids(record, order)
     pi = payment_intent(order, record)
@@ -293,7 +482,7 @@ def _finish_pi(
             ),
             ledger,
         )
-    return Translated(json_answer(200, pi, headers), ledger)
+    return Translated(json_answer(200, expand_pi(pi, order, record, expand), headers), ledger)
 
 
 def _with_payment_ids(record: Mapping[str, Any], order: Mapping[str, Any]) -> dict[str, Any]:
@@ -427,14 +616,15 @@ def _declined_pi(
 # ---- follow-ups ------------------------------------------------------------------------------
 
 
-def _retrieve(record: Mapping[str, Any], ctx: FailoverContext) -> TranslatorRun:
+def _retrieve(record: Mapping[str, Any], ctx: FailoverContext, expand: frozenset[str] = frozenset()) -> TranslatorRun:
     answer = yield WireRequest("GET", f"/v2/checkout/orders/{record['order_id']}", "", {"Accept": "application/json"})
     if answer.error or answer.status >= 300:
         return Translated(_error(answer, ctx, param="intent"))
     order = answer.json() or {}
     record = _with_payment_ids(record, order)
+    pi = expand_pi(payment_intent(order, record), order, record, expand)
     return Translated(
-        json_answer(200, payment_intent(order, record), {"Request-Id": stripe_request_id(ctx.request_id)}),
+        json_answer(200, pi, {"Request-Id": stripe_request_id(ctx.request_id)}),
         _ledger_entries(record),
     )
 
@@ -453,20 +643,26 @@ def _capture(request: WireRequest, record: Mapping[str, Any], ctx: FailoverConte
     params = _params(request)
     body: dict[str, Any] = {"final_capture": True}
     if params.get("amount_to_capture") not in (None, ""):
-        code, value = stripe_to_paypal(int(str(params["amount_to_capture"])), str(record["currency"]))
+        try:
+            code, value = stripe_to_paypal(int(str(params["amount_to_capture"])), str(record["currency"]))
+        except ValueError:
+            raise Refused("amount_not_representable", "not an integer", names=("amount_to_capture",)) from None
+        except Refused as refused:
+            raise refused.renamed({"amount": "amount_to_capture"}) from None
         body["amount"] = {"currency_code": code, "value": value}
-    extra = sorted(k for k in params if k not in ("amount_to_capture",))
+    expand = expansions(params, ctx)
+    extra = sorted(k for k in params if k not in ("amount_to_capture", "expand"))
     if extra and not ctx.allow_lossy:
-        raise Refused("lossy", ", ".join(extra))
+        raise Refused("lossy", ", ".join(extra), names=extra)
     answer = yield WireRequest(
         "POST", f"/v2/payments/authorizations/{auth_id}/capture", "", _paypal_headers(ctx, "capture"), json_bytes(body)
     )
     if answer.error or answer.status >= 300:
         return Translated(_error(answer, ctx))
-    return (yield from _retrieve(record, ctx))
+    return (yield from _retrieve(record, ctx, expand))
 
 
-def _cancel(record: Mapping[str, Any], ctx: FailoverContext) -> TranslatorRun:
+def _cancel(record: Mapping[str, Any], ctx: FailoverContext, expand: frozenset[str] = frozenset()) -> TranslatorRun:
     auth_id = record.get("authorization_id")
     if not auth_id:
         return Translated(
@@ -482,7 +678,7 @@ def _cancel(record: Mapping[str, Any], ctx: FailoverContext) -> TranslatorRun:
     )
     if answer.error or answer.status >= 300:
         return Translated(_error(answer, ctx))
-    translated = yield from _retrieve(record, ctx)
+    translated = yield from _retrieve(record, ctx, expand)
     return translated
 
 
@@ -490,14 +686,15 @@ def _refund(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
     params = _params(request)
     for name in REFUND_UNMAPPABLE:
         if params.get(name) not in (None, ""):
-            raise Refused("unmappable_field", name)
-    target = params.get("payment_intent") or params.get("charge")
+            raise Refused("unmappable_field", name, names=(name,))
+    field = "payment_intent" if params.get("payment_intent") else "charge"
+    target = params.get(field)
     if not isinstance(target, str):
-        raise Refused("not_failed_over", "refund names no payment_intent or charge")
-    record = ledger_record(ctx, target)
+        raise Refused("not_failed_over", "refund names no payment_intent or charge", names=("payment_intent", "charge"))
+    record = ledger_record(ctx, target, field)
     extra = sorted(k for k in params if k not in REFUND_MAPPED)
     if extra and not ctx.allow_lossy:
-        raise Refused("lossy", ", ".join(extra))
+        raise Refused("lossy", ", ".join(extra), names=extra)
     capture_id = record.get("capture_id")
     if not capture_id:
         return Translated(
@@ -574,7 +771,7 @@ def stripe_refund(paypal_refund: Mapping[str, Any], record: Mapping[str, Any]) -
 
 def _retrieve_refund(record: Mapping[str, Any], ctx: FailoverContext) -> TranslatorRun:
     if record.get("kind") != "refund":
-        raise Refused("unsupported_operation", "not a refund id")
+        raise Refused("unsupported_operation", "not a refund id", names=("GET /v1/refunds/{refund}",))
     answer = yield WireRequest("GET", f"/v2/payments/refunds/{record['refund_id']}", "", {"Accept": "application/json"})
     if answer.error or answer.status >= 300:
         return Translated(_error(answer, ctx, param="id"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -113,10 +114,34 @@ def paypal_error(
     return json_answer(status, body, headers)
 
 
-def ledger_record(ctx: FailoverContext, object_id: str) -> Mapping[str, Any]:
+def ledger_record(ctx: FailoverContext, object_id: str, field: str = "id") -> Mapping[str, Any]:
     """The routing-ledger record of an object created on the fallback (raises Refused
-    `not_failed_over` when the object lives on the primary)."""
+    `not_failed_over` when the object lives on the primary). `field` is where the app
+    put the id (`intent`, `payment_intent`, `capture_id`...): the name the app is told,
+    never the id itself."""
     record = ctx.records.get(object_id)
     if record is None:
-        raise Refused("not_failed_over", f"{object_id} lives on {ctx.source}, not on {ctx.target}")
+        raise Refused("not_failed_over", f"{object_id} lives on {ctx.source}, not on {ctx.target}", names=(field,))
     return record
+
+
+# A path segment kept as is in an operation's name: a word (`payment_intents`,
+# `mail`), maybe with a version digit (`v1`, `oauth2`). Anything else (ids, domains,
+# tokens) becomes `{id}`, so a refusal never names a value from the path.
+_PATH_WORD = re.compile(r"^[a-z]+(?:[_-][a-z]+)*[0-9]?$")
+
+
+def operation(method: str, path: str, *, placeholders: Mapping[int, str] | None = None) -> str:
+    """`POST /v1/customers/cus_123/sources` -> `POST /v1/customers/{id}/sources`: an
+    operation with no equivalent, named without its ids (`placeholders` names given
+    segment positions, e.g. Mailgun's `{domain}`)."""
+    segments = path.split("?", 1)[0].split("/")
+    out: list[str] = []
+    for i, seg in enumerate(segments):
+        if placeholders and i in placeholders:
+            out.append("{" + placeholders[i] + "}")
+        elif not seg or (_PATH_WORD.match(seg) and len(seg) <= 40):
+            out.append(seg)
+        else:
+            out.append("{id}")
+    return f"{method.upper()} {'/'.join(out)}"

@@ -11,7 +11,7 @@ import pytest
 from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
 
-from proxy.fakes import FakeServer
+from fakes import FakeServer
 from tests.conftest import proxy_url
 
 
@@ -98,16 +98,22 @@ async def test_sendgrid_down_fails_over_to_mailgun(start_proxy: Any, fakes: dict
 
 
 @pytest.mark.parametrize(
-    ("extra", "reason"),
+    ("extra", "reason", "detail"),
     [
-        ({"asm": {"group_id": 1}}, "lossy"),
-        ({"batch_id": "b1"}, "lossy"),
-        ({"categories": ["a", "b", "c", "d"]}, "lossy"),
-        ({"template_id": "d-123"}, "no_crosswalk_entry"),
+        ({"asm": {"group_id": 1}}, "lossy", "asm"),
+        ({"batch_id": "b1"}, "lossy", "batch_id"),
+        ({"categories": ["a", "b", "c", "d"]}, "lossy", "categories"),
+        ({"asm": {"group_id": 1}, "mail_settings": {"footer": {"enable": True}}}, "lossy", "asm,mail_settings.footer"),
+        ({"template_id": "d-123"}, "no_crosswalk_entry", "template_id"),
+        (
+            {"attachments": [{"content": "not base64!", "filename": "a.txt"}]},
+            "unmappable_field",
+            "attachments.0.content",
+        ),
     ],
 )
-async def test_mail_refusals(
-    start_proxy: Any, fakes: dict[str, FakeServer], extra: dict[str, Any], reason: str
+async def test_mail_refusals_say_why(
+    start_proxy: Any, fakes: dict[str, FakeServer], extra: dict[str, Any], reason: str, detail: str
 ) -> None:
     sg, mg = fakes["sendgrid"], fakes["mailgun"]
     await sg.stop()  # SendGrid down: connection refused, provably not sent
@@ -116,8 +122,10 @@ async def test_mail_refusals(
     with pytest.raises(HTTPError) as info:
         await asyncio.to_thread(client.client.mail.send.post, request_body={**MAIL, **extra})
     assert info.value.status_code == 502  # SendGrid's own error shape: upstream_unreachable
-    assert info.value.headers["X-Egressd-Failover"] == f"refused; reason={reason}"
-    assert "errors" in info.value.to_dict
+    assert info.value.headers["X-Egressd-Failover"] == f"refused; reason={reason}; detail={detail}"
+    message = info.value.to_dict["errors"][0]["message"]
+    assert message.endswith(f"failover to mailgun refused: {reason} ({detail.replace(',', ', ')})")
+    assert "d-123" not in message and "ann@example.org" not in message
     assert mg.ledger.count("message.queued") == 0
 
 
@@ -195,8 +203,9 @@ async def test_mailgun_lossy_refusal(start_proxy: Any, fakes: dict[str, FakeServ
             headers={"Authorization": "Basic " + base64.b64encode(b"api:key-app").decode()},
         ) as resp:
             assert resp.status == 502
-            assert resp.headers["X-Egressd-Failover"] == "refused; reason=lossy"
-            assert "message" in await resp.json()
+            assert resp.headers["X-Egressd-Failover"] == "refused; reason=lossy; detail=o:dkim"
+            body = await resp.json()
+            assert body["message"].endswith("failover to sendgrid refused: lossy (o:dkim)")
     assert sg.ledger.count("mail.sent") == 0
 
 
@@ -213,5 +222,7 @@ async def test_sendgrid_5xx_is_ambiguous_and_never_fails_over(
     with pytest.raises(HTTPError) as info:
         await asyncio.to_thread(client.client.mail.send.post, request_body=MAIL)
     assert info.value.status_code == 503
-    assert info.value.headers["X-Egressd-Failover"] == "refused; reason=ambiguous"
+    assert info.value.headers["X-Egressd-Failover"] == "refused; reason=ambiguous; detail=503"
+    # the primary's own answer: its body stays SendGrid's, only the header says why
+    assert "failover" not in str(info.value.to_dict)
     assert mg.ledger.count("message.queued") == 0

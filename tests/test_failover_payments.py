@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 import stripe
 
-from proxy.fakes import FakeServer
+from fakes import FakeServer
 from tests.conftest import proxy_url
 
 stripe.enable_telemetry = False
@@ -122,20 +122,26 @@ BASE = {"amount": 2000, "currency": "usd", "payment_method": "pm_card_visa", "co
 
 
 @pytest.mark.parametrize(
-    ("params", "reason"),
+    ("params", "reason", "detail"),
     [
-        ({"payment_method": "pm_card_mastercard"}, "no_crosswalk_entry"),
-        ({"currency": "kwd", "amount": 5120}, "unsupported_currency"),
-        ({"currency": "inr"}, "unsupported_currency"),
-        ({"currency": "huf", "amount": 150050}, "amount_not_representable"),
-        ({"confirm": False}, "unsupported_operation"),
-        ({"receipt_email": "a@example.com"}, "unmappable_field"),
-        ({"application_fee_amount": 100}, "unmappable_field"),
-        ({"payment_method_options": {"card": {"request_three_d_secure": "any"}}}, "lossy"),
+        ({"payment_method": "pm_card_mastercard"}, "no_crosswalk_entry", "payment_method"),
+        ({"currency": "kwd", "amount": 5120}, "unsupported_currency", "currency"),
+        ({"currency": "inr"}, "unsupported_currency", "currency"),
+        ({"currency": "huf", "amount": 150050}, "amount_not_representable", "amount"),
+        ({"confirm": False}, "unsupported_operation", "confirm"),
+        ({"receipt_email": "a@example.com"}, "unmappable_field", "receipt_email"),
+        ({"application_fee_amount": 100}, "unmappable_field", "application_fee_amount"),
+        ({"payment_method_options": {"card": {"request_three_d_secure": "any"}}}, "lossy", "payment_method_options"),
+        ({"expand": ["customer"]}, "lossy", "expand"),  # a Customer object cannot be built from PayPal's answer
+        (
+            {"expand": ["latest_charge.balance_transaction"], "setup_future_usage": "off_session"},
+            "lossy",
+            "setup_future_usage,expand",
+        ),
     ],
 )
-async def test_refusals_return_the_primary_error(
-    start_proxy: Any, fakes: dict[str, FakeServer], params: dict[str, Any], reason: str
+async def test_refusals_return_the_primary_error_and_say_why(
+    start_proxy: Any, fakes: dict[str, FakeServer], params: dict[str, Any], reason: str, detail: str
 ) -> None:
     sf, pf = fakes["stripe"], fakes["paypal"]
     await sf.stop()  # Stripe down: connection refused, provably not processed
@@ -143,9 +149,99 @@ async def test_refusals_return_the_primary_error(
     err = await _stripe_error(client(proxy_url(server)), {**BASE, **params})
     assert err.http_status == 502  # the primary's own error: upstream_unreachable
     assert isinstance(err, stripe.APIError)
-    assert err.headers is not None and err.headers["X-Egressd-Failover"] == f"refused; reason={reason}"
+    assert err.headers is not None
+    assert err.headers["X-Egressd-Failover"] == f"refused; reason={reason}; detail={detail}"
     assert err.headers["X-Egressd-Upstream"] == "stripe"
+    # the SDK's message says the same, in the app's terms, and never a value
+    names = detail.replace(",", ", ")
+    assert err.user_message is not None and err.user_message.endswith(f"failover to paypal refused: {reason} ({names})")
+    for value in ("pm_card_mastercard", "a@example.com", "request_three_d_secure", "8TX02017P3456"):
+        assert value not in err.user_message and value not in err.headers["X-Egressd-Failover"]
     assert len(pf.ledger.requests_to("/v2")) == 0
+
+
+async def test_connect_header_refusal_names_the_header(start_proxy: Any, fakes: dict[str, FakeServer]) -> None:
+    sf, pf = fakes["stripe"], fakes["paypal"]
+    await sf.stop()  # Stripe down: connection refused, provably not processed
+    server = await start_proxy([stripe_policy(sf.url), paypal_policy(pf.url)])
+    with pytest.raises(stripe.APIError) as info:
+        await asyncio.to_thread(
+            client(proxy_url(server)).v1.payment_intents.create,
+            params=BASE,
+            options={"stripe_account": "acct_1Secret"},
+        )
+    err = info.value
+    assert err.headers is not None
+    assert err.headers["X-Egressd-Failover"] == "refused; reason=unmappable_field; detail=Stripe-Account"
+    assert str(err.user_message).endswith("failover to paypal refused: unmappable_field (Stripe-Account)")
+    assert "acct_1Secret" not in str(err.user_message)
+
+
+async def test_expand_latest_charge_and_payment_method_are_honoured(
+    start_proxy: Any, fakes: dict[str, FakeServer]
+) -> None:
+    """`expand[]` shapes the answer only: the translation builds the expanded objects from
+    PayPal's answer, so the app's `pi.latest_charge.status` keeps working after failover."""
+    sf, pf = fakes["stripe"], fakes["paypal"]
+    await sf.stop()  # Stripe down: connection refused, provably not processed
+    server = await start_proxy([stripe_policy(sf.url), paypal_policy(pf.url)])
+    sc = client(proxy_url(server))
+    pi = await asyncio.to_thread(
+        sc.v1.payment_intents.create, params={**BASE, "expand": ["latest_charge", "payment_method"]}
+    )
+    assert pi.status == "succeeded" and pi.id.startswith("pi_ppf_")
+    charge = pi.latest_charge
+    assert isinstance(charge, stripe.Charge)
+    assert charge.id.startswith("ch_ppf_") and charge.object == "charge"
+    assert charge.status == "succeeded" and charge.captured and charge.paid
+    assert charge.amount == 2000 and charge.amount_captured == 2000 and charge.currency == "usd"
+    assert charge.payment_intent == pi.id
+    pm = pi.payment_method
+    assert isinstance(pm, stripe.PaymentMethod)
+    assert pm.id == "pm_card_visa" and pm.type == "card"
+    assert pm.card is not None and pm.card.brand == "visa" and pm.card.last4 == "1111"
+    assert pf.ledger.count("order.captured") == 1
+    # the same on a retrieve of the failed-over PaymentIntent
+    again = await asyncio.to_thread(sc.v1.payment_intents.retrieve, pi.id, params={"expand": ["latest_charge"]})
+    assert isinstance(again.latest_charge, stripe.Charge) and again.latest_charge.id == charge.id
+    plain = await asyncio.to_thread(sc.v1.payment_intents.retrieve, pi.id)
+    assert plain.latest_charge == charge.id  # not asked for: the id, as Stripe does
+
+
+async def test_follow_up_that_cannot_be_expressed_at_the_owner_says_why(
+    start_proxy: Any, fakes: dict[str, FakeServer]
+) -> None:
+    """A refund of a PaymentIntent that lives at PayPal, with a parameter PayPal cannot
+    take: egressd answers itself (the primary does not know the id) and says why."""
+    sf, pf = fakes["stripe"], fakes["paypal"]
+    await sf.stop()  # Stripe down: connection refused, provably not processed
+    server = await start_proxy([stripe_policy(sf.url), paypal_policy(pf.url)])
+    sc = client(proxy_url(server))
+    pi = await asyncio.to_thread(sc.v1.payment_intents.create, params=BASE)
+    await sf.start()
+    with pytest.raises(stripe.InvalidRequestError) as info:
+        await asyncio.to_thread(sc.v1.refunds.create, params={"payment_intent": pi.id, "refund_application_fee": True})
+    err = info.value
+    assert err.http_status == 400 and err.headers is not None
+    assert err.headers["X-Egressd-Failover"] == "refused; reason=unmappable_field; detail=refund_application_fee"
+    assert str(err.user_message).endswith("failover to paypal refused: unmappable_field (refund_application_fee)")
+    assert pf.ledger.count("refund.created") == 0 and len(sf.ledger.requests_to("/v1/refunds")) == 0
+
+
+async def test_expand_on_manual_capture(start_proxy: Any, fakes: dict[str, FakeServer]) -> None:
+    sf, pf = fakes["stripe"], fakes["paypal"]
+    await sf.stop()  # Stripe down: connection refused, provably not processed
+    server = await start_proxy([stripe_policy(sf.url), paypal_policy(pf.url)])
+    sc = client(proxy_url(server))
+    pi = await asyncio.to_thread(
+        sc.v1.payment_intents.create, params={**BASE, "capture_method": "manual", "expand": ["latest_charge"]}
+    )
+    assert pi.status == "requires_capture"
+    assert isinstance(pi.latest_charge, stripe.Charge)
+    assert pi.latest_charge.captured is False and pi.latest_charge.amount_captured == 0
+    captured = await asyncio.to_thread(sc.v1.payment_intents.capture, pi.id, params={"expand": ["latest_charge"]})
+    assert captured.status == "succeeded"
+    assert isinstance(captured.latest_charge, stripe.Charge) and captured.latest_charge.status == "succeeded"
 
 
 async def test_lossy_allowed_by_policy(start_proxy: Any, fakes: dict[str, FakeServer]) -> None:
@@ -180,7 +276,9 @@ async def test_ambiguous_timeout_never_fails_over(start_proxy: Any, fakes: dict[
     server = await start_proxy([policy, paypal_policy(pf.url)])
     err = await _stripe_error(client(proxy_url(server)), BASE)
     assert err.http_status == 504
-    assert err.headers is not None and err.headers["X-Egressd-Failover"] == "refused; reason=ambiguous"
+    assert err.headers is not None
+    assert err.headers["X-Egressd-Failover"] == "refused; reason=ambiguous; detail=timeout"
+    assert str(err.user_message).endswith("failover to paypal refused: ambiguous (timeout)")
     assert pf.ledger.count("order.created") == 0
 
 
@@ -361,15 +459,15 @@ async def test_paypal_down_fails_over_to_stripe(start_proxy: Any, fakes: dict[st
 
 
 @pytest.mark.parametrize(
-    ("order", "reason"),
+    ("order", "reason", "detail"),
     [
-        ({"vault": "UNKNOWNVAULT"}, "no_crosswalk_entry"),
-        ({"vault": None}, "buyer_approval_required"),
-        ({"units": 2}, "multiple_purchase_units"),
+        ({"vault": "UNKNOWNVAULT"}, "no_crosswalk_entry", "payment_source.card.vault_id"),
+        ({"vault": None}, "buyer_approval_required", "payment_source"),
+        ({"units": 2}, "multiple_purchase_units", "purchase_units"),
     ],
 )
 async def test_paypal_refusals(
-    start_proxy: Any, fakes: dict[str, FakeServer], order: dict[str, Any], reason: str
+    start_proxy: Any, fakes: dict[str, FakeServer], order: dict[str, Any], reason: str, detail: str
 ) -> None:
     from paypalserversdk.exceptions.error_exception import ErrorException
 
@@ -380,7 +478,9 @@ async def test_paypal_refusals(
     with pytest.raises(ErrorException) as info:
         await asyncio.to_thread(pp.orders.create_order, {"body": _order(**order), "paypal_request_id": "x-1"})
     assert info.value.response_code == 502
-    assert info.value.response.headers["X-Egressd-Failover"] == f"refused; reason={reason}"
+    assert info.value.response.headers["X-Egressd-Failover"] == f"refused; reason={reason}; detail={detail}"
+    assert info.value.message.endswith(f"failover to stripe refused: {reason} ({detail})")
+    assert "UNKNOWNVAULT" not in info.value.message
     assert sf.ledger.count("payment_intent.created") == 0
 
 
@@ -443,7 +543,7 @@ async def test_stripe_5xx_after_processing_never_fails_over(
     server = await start_proxy([policy, paypal_policy(pf.url)])
     got, headers, _body = await _post_pi(server, "abc123")
     assert got == status  # the primary's own answer (Stripe replays its stored result to the probe)
-    assert headers["X-Egressd-Failover"] == "refused; reason=ambiguous"
+    assert headers["X-Egressd-Failover"] == f"refused; reason=ambiguous; detail={status}"
     assert headers["X-Egressd-Upstream"] == "stripe"
     assert sf.ledger.count("payment_intent.created") == 1
     assert pf.ledger.count("order.captured") == 0 and pf.ledger.count("order.created") == 0
@@ -460,7 +560,7 @@ async def test_stripe_503_outage_fails_over_once_the_circuit_is_open(
     policy["circuit_breaker"] = {"window": "30s", "min_requests": 2, "failure_rate": 0.5, "open_for": "30s"}
     server = await start_proxy([policy, paypal_policy(pf.url)])
     got, headers, _ = await _post_pi(server, "k-1")
-    assert got == 503 and headers["X-Egressd-Failover"] == "refused; reason=ambiguous"
+    assert got == 503 and headers["X-Egressd-Failover"] == "refused; reason=ambiguous; detail=503"
     assert pf.ledger.count("order.created") == 0
     got, headers, body = await _post_pi(server, "k-2")
     assert got == 200, body

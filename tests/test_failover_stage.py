@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -11,11 +12,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from plugins.base import (
     FailoverContext,
     ProviderPlugin,
+    Refused,
     Translated,
     Translator,
     TranslatorRun,
     WireAnswer,
     WireRequest,
+    detail_value,
+    encode_name,
 )
 from proxy.clock import FakeClock
 from proxy.config.schema import Policy
@@ -134,7 +138,7 @@ async def test_unsafe_5xx_without_a_not_processed_verdict_is_ambiguous(status: i
         return Response(status, CIMultiDict(), b"err", upstream="prim")
 
     answer = await h.stage(h.call(), primary)
-    assert answer.status == status and answer.failover == "refused; reason=ambiguous"
+    assert answer.status == status and answer.failover == f"refused; reason=ambiguous; detail={status}"
     assert h.fallback_calls == []
 
 
@@ -184,7 +188,7 @@ async def test_probe_read_failure_keeps_the_primary_error() -> None:
 
     answer = await h.stage(h.call(), primary)
     assert answer.status == 500 and answer.body == b"primary"
-    assert answer.failover == "refused; reason=ambiguous"
+    assert answer.failover == "refused; reason=ambiguous; detail=timeout"  # what made it ambiguous
     assert tracked.released == [2]
 
 
@@ -199,4 +203,98 @@ async def test_probe_error_keeps_the_primary_error() -> None:
         raise ProxyError("upstream_unreachable", "refused", detail="connect_error")
 
     answer = await h.stage(h.call(), primary)
-    assert answer.status == 500 and answer.failover == "refused; reason=ambiguous"
+    assert answer.status == 500 and answer.failover == "refused; reason=ambiguous; detail=500"
+
+
+# ---- a refused failover says why (contract 7.4 / 7.7 `detail=`) ------------------------------
+
+
+class Refusing(Primary):
+    """A primary whose translator refuses every call with the given names."""
+
+    def __init__(self, reason: str, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.reason = reason
+        self.names = names
+
+    def failover_to(self, target: ProviderPlugin) -> Translator | None:
+        def refuse(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
+            raise Refused(self.reason, "log text with a value: 4111111111111111", names=self.names)
+            yield request  # pragma: no cover - a generator that refuses before its first request
+
+        return refuse
+
+
+def test_detail_names_percent_encode_the_header_separators() -> None:
+    assert encode_name("expand") == "expand"
+    assert encode_name("purchase_units[0].shipping") == "purchase_units[0].shipping"
+    assert encode_name("a;b") == "a%3Bb"
+    assert encode_name("c,d") == "c%2Cd"
+    assert encode_name("e=f") == "e%3Df"
+    assert encode_name("100%") == "100%25"  # so a decoder gets the name back exactly
+    assert encode_name("h:X\r\nSet-Cookie") == "h:X%0D%0ASet-Cookie"  # never breaks the header line
+    assert encode_name("café") == "caf%C3%A9"
+    assert detail_value(["expand", "Stripe-Account", "expand"]) == "expand,Stripe-Account"
+    assert detail_value([]) == ""
+
+
+def test_detail_is_capped_and_counts_what_it_left_out() -> None:
+    names = [f"field_{i:04d}" for i in range(500)]
+    value = detail_value(names)
+    assert len(value) < 500
+    shown = value.split(",")
+    assert shown[0] == "field_0000" and shown[-1] == f"+{500 - (len(shown) - 1)}"
+
+
+async def test_refusal_names_go_in_the_header_and_the_message() -> None:
+    h = Harness(Refusing("lossy", ("expand", "a;b", "c,d", "e=f")), on=["circuit_open"])
+
+    async def primary(call: Call) -> Response:
+        raise ProxyError("circuit_open", "circuit open for upstream prim", retry_after=5)
+
+    answer = await h.stage(h.call(), primary)
+    assert answer.status == 503
+    assert answer.failover == "refused; reason=lossy; detail=expand,a%3Bb,c%2Cd,e%3Df"
+    message = json.loads(answer.body or b"{}")["error"]["message"]
+    assert message == "circuit open for upstream prim; failover to fb refused: lossy (expand, a%3Bb, c%2Cd, e%3Df)"
+    assert "4111" not in message  # the refusal's log text (which may hold values) is not told
+    assert answer.headers["Retry-After"] == "5"
+    assert h.fallback_calls == []
+
+
+async def test_refusal_without_names_has_no_detail() -> None:
+    h = Harness(Refusing("fallback_misconfigured", ()), on=["circuit_open"])
+
+    async def primary(call: Call) -> Response:
+        raise ProxyError("circuit_open", "circuit open")
+
+    answer = await h.stage(h.call(), primary)
+    assert answer.failover == "refused; reason=fallback_misconfigured"
+    assert (
+        json.loads(answer.body or b"{}")["error"]["message"]
+        == "circuit open; failover to fb refused: fallback_misconfigured"
+    )
+
+
+async def test_refusal_keeps_the_primary_answer_and_adds_the_header() -> None:
+    h = Harness(Refusing("unmappable_field", ("Stripe-Account",)), on=[503])
+
+    async def primary(call: Call) -> Response:
+        return Response(503, CIMultiDict({"X-Not-Processed": "1"}), b"primary's own body", upstream="prim")
+
+    answer = await h.stage(h.call(), primary)
+    assert answer.status == 503 and answer.body == b"primary's own body"
+    assert answer.failover == "refused; reason=unmappable_field; detail=Stripe-Account"
+
+
+async def test_ambiguous_detail_names_what_made_it_ambiguous() -> None:
+    h = Harness(Primary(), on=[503, "timeout"])
+
+    async def primary(call: Call) -> Response:
+        assert call.story is not None
+        call.story.attempts.append(Attempt("prim", "timeout"))
+        call.story.attempts.append(Attempt("prim", "answered", 503))
+        return Response(503, CIMultiDict(), b"err", upstream="prim")
+
+    answer = await h.stage(h.call(), primary)
+    assert answer.failover == "refused; reason=ambiguous; detail=timeout,503"

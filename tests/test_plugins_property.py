@@ -1,19 +1,20 @@
-"""Property: a random valid SendGrid request translated to Mailgun keeps every recipient,
-subject and body."""
+"""Properties: a random valid SendGrid request translated to Mailgun keeps every recipient,
+subject and body; a refused Stripe request names fields, never values."""
 
 from __future__ import annotations
 
 import json
 from email.utils import getaddresses
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plugins import mail_sendgrid_to_mailgun as sg2mg
-from plugins.base import FailoverContext, WireAnswer, WireRequest
-from plugins.forms import parse_form
+from plugins import pay_stripe_to_paypal as s2p
+from plugins.base import FailoverContext, Refused, WireAnswer, WireRequest, detail_value, encode_name
+from plugins.forms import encode_stripe_form, parse_form
 
 # allow_lossy: fan-outs (several Mailgun sends) are opt-in; these mails have no lossy fields.
 CTX = FailoverContext(
@@ -114,3 +115,53 @@ def test_translation_keeps_recipients_subject_and_body(mail: dict[str, Any]) -> 
         dict(parse_qsl(sent[0].body.decode())).get("from") if "urlencoded" in sent[0].headers["Content-Type"] else None
     )
     assert from_field is None or getaddresses([from_field])[0][1].lower() == mail["from"]["email"].lower()
+
+
+# ---- a refusal names fields, never values (contract 7.4 `detail=`) ---------------------------
+
+SECRETISH = st.text(alphabet="ABCDEFGHJKLMNPQRSTUVWXYZ0123456789", min_size=8, max_size=16)
+STRIPE_CTX = FailoverContext(source="stripe", target="paypal", payment_methods={"pm_card_visa": "8TX02017P3456"})
+
+
+@st.composite
+def stripe_create(draw: Any) -> tuple[dict[str, Any], list[str]]:
+    """PaymentIntent create params with app-chosen extra fields; and every value in it."""
+    params: dict[str, Any] = {
+        "amount": draw(st.sampled_from([2000, 150050, 5120, 0])),
+        "currency": draw(st.sampled_from(["usd", "huf", "kwd", "inr"])),
+        "payment_method": draw(st.sampled_from(["pm_card_visa", "pm_" + draw(SECRETISH).lower()])),
+        "confirm": draw(st.sampled_from([True, False])),
+    }
+    for _ in range(draw(st.integers(0, 3))):
+        key = draw(st.sampled_from(["receipt_email", "expand", "return_url", "setup_future_usage", "x;y=z,w"]))
+        params[key] = [draw(SECRETISH)] if key == "expand" else draw(SECRETISH)
+    values = [v for v in params.values() if isinstance(v, str) and len(v) >= 8]
+    values += [x for v in params.values() if isinstance(v, list) for x in v]
+    return params, values
+
+
+@settings(max_examples=200, deadline=None)
+@given(stripe_create(), st.booleans())
+def test_refusal_names_never_carry_a_value(case: tuple[dict[str, Any], list[str]], connect: bool) -> None:
+    params, values = case
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if connect:
+        headers["Stripe-Account"] = "acct_" + values[0] if values else "acct_1"
+    request = WireRequest("POST", "/v1/payment_intents", headers=headers, body=encode_stripe_form(params))
+    try:
+        next(s2p.translate(request, STRIPE_CTX))
+    except Refused as refused:
+        assert refused.names, refused  # every refusal from the app's request names something
+        told = detail_value(refused.names)
+        for value in values:
+            assert value not in told
+        assert all(0x20 <= ord(c) < 0x7F for c in told) and ";" not in told and "=" not in told
+        assert [unquote(n) for n in told.split(",")] == list(refused.names)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=30))
+def test_encoded_names_round_trip_and_keep_the_header_intact(name: str) -> None:
+    encoded = encode_name(name)
+    assert not set(encoded) & set(";,=") and all(0x20 <= ord(c) < 0x7F for c in encoded)
+    assert unquote(encoded, errors="strict") == name

@@ -711,3 +711,173 @@ def test_plugins_declare_pairs_and_ids() -> None:
     assert stripe.honours_idempotency("POST", "/", {"Idempotency-Key": "k"})
     assert not sendgrid.honours_idempotency("POST", "/", {})
     assert stripe.probe_verdict(WireAnswer(200)) == "processed" and stripe.probe_verdict(WireAnswer(503)) == "unknown"
+
+
+# ---- what a refusal names (the app is told: contract 7.4 `detail=`) ----------------------------
+
+
+def _refusal(run: TranslatorRun) -> Refused:
+    with pytest.raises(Refused) as info:
+        next(run)
+    return info.value
+
+
+STRIPE_BASE = {"amount": 1099, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True}
+
+
+def _s2p_create(params: dict[str, Any], ctx: FailoverContext = CTX, **headers: str) -> Refused:
+    request = WireRequest("POST", "/v1/payment_intents", headers=headers, body=encode_stripe_form(params))
+    return _refusal(s2p.translate(request, ctx))
+
+
+@pytest.mark.parametrize(
+    ("params", "headers", "reason", "names"),
+    [
+        ({"payment_method": "pm_unknown_42"}, {}, "no_crosswalk_entry", ("payment_method",)),
+        ({"payment_method": None}, {}, "no_crosswalk_entry", ("payment_method",)),
+        ({"amount": "12.5"}, {}, "amount_not_representable", ("amount",)),
+        ({"currency": "kwd"}, {}, "unsupported_currency", ("currency",)),
+        ({"on_behalf_of": "acct_9"}, {}, "unmappable_field", ("on_behalf_of",)),
+        ({}, {"Stripe-Account": "acct_9"}, "unmappable_field", ("Stripe-Account",)),
+        ({"description": "x" * 128}, {}, "lossy", ("description",)),
+        ({"statement_descriptor_suffix": "S" * 23}, {}, "lossy", ("statement_descriptor_suffix",)),
+        ({"payment_method_types": ["card", "link"]}, {}, "lossy", ("payment_method_types",)),
+        ({"expand": ["latest_charge", "customer"], "return_url": "https://x"}, {}, "lossy", ("return_url", "expand")),
+    ],
+)
+def test_stripe_create_refusals_name_the_field(
+    params: dict[str, Any], headers: dict[str, str], reason: str, names: tuple[str, ...]
+) -> None:
+    refused = _s2p_create({**STRIPE_BASE, **params}, **headers)
+    assert (refused.reason, refused.names) == (reason, names)
+    if "pm_unknown_42" in str(params):
+        assert "pm_unknown_42" in refused.detail  # the log text may quote it; the names never do
+
+
+def test_stripe_follow_up_refusals_name_the_field() -> None:
+    # an object that lives on the primary: named by where the app put its id
+    assert _refusal(s2p.translate(WireRequest("GET", "/v1/payment_intents/pi_3real"), CTX)).names == ("intent",)
+    assert _refusal(s2p.translate(WireRequest("GET", "/v1/refunds/re_3real"), CTX)).names == ("refund",)
+    body = encode_stripe_form({"charge": "ch_3real", "amount": 100})
+    refused = _refusal(s2p.translate(WireRequest("POST", "/v1/refunds", body=body), CTX))
+    assert (refused.reason, refused.names) == ("not_failed_over", ("charge",))
+    ctx = FailoverContext(source="stripe", target="paypal", records={"pi_ppf_O1": {"capture_id": "C1"}})
+    body = encode_stripe_form({"payment_intent": "pi_ppf_O1", "expand": ["charge"]})
+    assert _refusal(s2p.translate(WireRequest("POST", "/v1/refunds", body=body), ctx)).names == ("expand",)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "name"),
+    [
+        ("POST", "/v1/customers", "POST /v1/customers"),
+        ("POST", "/v1/customers/cus_NffrFeUfNV2Hib/sources", "POST /v1/customers/{id}/sources"),
+        ("GET", "/v1/charges/ch_3MmlLrLkdIwHu7ix0snN0B15", "GET /v1/charges/{id}"),
+        ("POST", "/v1/payment_intents/pi_3abc/confirm", "POST /v1/payment_intents/{id}/confirm"),
+    ],
+)
+def test_an_operation_without_equivalent_is_named_without_its_ids(method: str, path: str, name: str) -> None:
+    refused = _refusal(s2p.translate(WireRequest(method, path), CTX))
+    assert refused.reason in ("unsupported_operation", "not_failed_over")
+    if refused.reason == "unsupported_operation":
+        assert refused.names == (name,)
+
+
+def test_paypal_refusals_name_paypal_fields() -> None:
+    def create(order: dict[str, Any]) -> Refused:
+        request = WireRequest("POST", "/v2/checkout/orders", body=json.dumps(order).encode())
+        return _refusal(p2s.translate(request, PCTX))
+
+    unit = {"amount": {"currency_code": "USD", "value": "20.00"}}
+    source = {"card": {"vault_id": "VAULT1"}}
+    assert create({"purchase_units": [unit], "payment_source": {"card": {"vault_id": "NOPE"}}}).names == (
+        "payment_source.card.vault_id",
+    )
+    raw = create({"purchase_units": [unit], "payment_source": {"card": {"number": "4111111111111111"}}})
+    assert raw.names == ("payment_source.card",) and "4111" not in ",".join(raw.names)
+    amount = create(
+        {"purchase_units": [{"amount": {"currency_code": "USD", "value": "20.001"}}], "payment_source": source}
+    )
+    assert (amount.reason, amount.names) == ("amount_not_representable", ("purchase_units[0].amount.value",))
+    currency = create(
+        {"purchase_units": [{"amount": {"currency_code": "BRL", "value": "20"}}], "payment_source": source}
+    )
+    assert currency.names == ("purchase_units[0].amount.currency_code",)
+    lossy = create({"purchase_units": [{**unit, "items": []}], "payment_source": source, "application_context": {}})
+    assert lossy.names == ("purchase_units[0].items", "application_context")
+    payee = create({"purchase_units": [{**unit, "payee": {}}], "payment_source": source})
+    assert payee.names == ("purchase_units[0].payee",)
+    events = _refusal(p2s.translate(WireRequest("GET", "/v1/reporting/transactions"), PCTX))
+    assert events.names == ("GET /v1/reporting/transactions",)
+
+
+def test_mail_refusals_name_the_app_fields() -> None:
+    with pytest.raises(Refused) as info:
+        _sg({**FAN_OUT, "asm": {"group_id": 1}, "content": [{"type": "text/x-amp-html", "value": "x"}]}, [])
+    assert info.value.names == ("asm", "content.0.type")
+    with pytest.raises(Refused) as info:
+        _sg(FAN_OUT, [])
+    assert info.value.names == ("personalizations",)
+    request = WireRequest("GET", "/v3/mg.example.com/events")
+    refused = _refusal(mg2sg.translate(request, FailoverContext(source="mailgun", target="sendgrid")))
+    assert refused.names == ("GET /v3/{domain}/events",)
+    form = WireRequest(
+        "POST",
+        "/v3/d/messages",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        body=b"from=s%40x.com&to=a%40x.org&text=t&o%3Adeliverytime=tomorrow",
+    )
+    assert _refusal(mg2sg.translate(form, FailoverContext(source="mailgun", target="sendgrid"))).names == (
+        "o:deliverytime",
+    )
+
+
+# ---- expand[]: honoured where the translation can build the object ---------------------------
+
+ORDER_WITH_SOURCE = {
+    **ORDER,
+    "payment_source": {"card": {"last_digits": "4242", "brand": "VISA", "type": "CREDIT", "expiry": "2030-04"}},
+}
+
+
+def test_stripe_expand_builds_the_charge_and_payment_method() -> None:
+    body = encode_stripe_form({**STRIPE_BASE, "expand": ["latest_charge", "payment_method"]})
+    sent, out = drive(
+        s2p.translate(WireRequest("POST", "/v1/payment_intents", body=body), CTX), [ok(201, ORDER_WITH_SOURCE)]
+    )
+    assert "expand" not in json.dumps(sent[0].json())  # nothing of it reaches PayPal
+    pi = out.answer.json()
+    charge = pi["latest_charge"]
+    assert charge["id"] == "ch_ppf_3C679366HH908993F" and charge["object"] == "charge"
+    assert charge["status"] == "succeeded" and charge["captured"] is True and charge["paid"] is True
+    assert charge["amount"] == charge["amount_captured"] == 1099 and charge["amount_refunded"] == 0
+    assert charge["payment_intent"] == pi["id"] and charge["payment_method"] == "pm_card_visa"
+    assert charge["payment_method_details"]["card"]["last4"] == "4242"
+    pm = pi["payment_method"]
+    assert pm["id"] == "pm_card_visa" and pm["object"] == "payment_method" and pm["type"] == "card"
+    assert pm["card"] == {
+        "brand": "visa",
+        "country": None,
+        "exp_month": 4,
+        "exp_year": 2030,
+        "funding": "credit",
+        "last4": "4242",
+    }
+    # the ledger keeps ids, not the expanded objects
+    assert "latest_charge" not in dict(out.ledger)[pi["id"]]
+
+
+def test_stripe_expand_on_retrieve_and_unknown_card_details() -> None:
+    ctx = FailoverContext(
+        source="stripe",
+        target="paypal",
+        records={"pi_ppf_O1": {"order_id": "O1", "amount": 1099, "currency": "usd", "payment_method": "pm_x"}},
+    )
+    request = WireRequest("GET", "/v1/payment_intents/pi_ppf_O1", query="expand[0]=payment_method")
+    _sent, out = drive(s2p.translate(request, ctx), [ok(200, {**ORDER, "id": "O1"})])
+    pm = out.answer.json()["payment_method"]
+    assert pm["id"] == "pm_x" and pm["card"]["brand"] == "unknown" and pm["card"]["last4"] is None
+    unknown = WireRequest("GET", "/v1/payment_intents/pi_ppf_O1", query="expand[0]=customer")
+    assert _refusal(s2p.translate(unknown, ctx)).names == ("expand",)
+    lossy_ok = dataclasses.replace(ctx, allow_lossy=True)
+    _sent, out = drive(s2p.translate(unknown, lossy_ok), [ok(200, {**ORDER, "id": "O1"})])
+    assert out.answer.json()["customer"] is None  # dropped only because the policy allows lossy

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from plugins.base import FailoverContext, Refused, Translated, WireAnswer, WireRequest
+from plugins.base import FailoverContext, Refused, Translated, WireAnswer, WireRequest, shown_names
 from proxy.answers import error_response
 from proxy.config.schema import Failover
 from proxy.errors import ProxyError
@@ -47,9 +47,7 @@ LEDGER_TTL = 400 * 86400.0  # refunds may come months later
 
 def _attempts(result: Response | ProxyError) -> int:
     """Attempts the retry stage counted for a result (0 when it did not count)."""
-    if isinstance(result, Response):
-        return result.attempts
-    return int(getattr(result, "attempts", 0) or 0)
+    return result.attempts
 
 
 def ledger_key(source: str, object_id: str) -> str:
@@ -130,17 +128,24 @@ class FailoverStage:
                 await self._close(result)  # the probe's answer replaces the primary's
                 return probed
             if probed != "not_processed":
-                return self._refused(call, result, matched[0][0].to, "ambiguous", "the primary may have processed it")
+                return self._refused(
+                    call,
+                    result,
+                    matched[0][0].to,
+                    "ambiguous",
+                    "the primary may have processed it",
+                    self._ambiguity(result, story),
+                )
 
         primary_attempts = _attempts(result)
-        first_refusal: tuple[str, str, str] | None = None
+        first_refusal: tuple[str, str, str, tuple[str, ...]] | None = None
         for rule, _cond in matched:
             outcome = await self._run(call, request, rule, {}, result, primary_attempts)
             if isinstance(outcome, Response):
                 await self._close(result)
                 return outcome
             if first_refusal is None:
-                first_refusal = (rule.to, outcome.reason, outcome.detail)
+                first_refusal = (rule.to, outcome.reason, outcome.detail, outcome.names)
         assert first_refusal is not None
         return self._refused(call, result, *first_refusal)
 
@@ -224,8 +229,10 @@ class FailoverStage:
         outcome = await self._run(call, request, rule, records, None, 0)
         if isinstance(outcome, Response):
             return outcome
-        error = ProxyError("bad_request", f"{request.method} {request.path} cannot be expressed at {owner}: {outcome}")
-        return self._refused(call, error, owner, outcome.reason, outcome.detail)
+        # The message names what blocked it (`_refused` adds the reason and names), never
+        # the refusal's log text, which may quote ids from the request.
+        error = ProxyError("bad_request", f"{request.method} {request.path} cannot be expressed at {owner}")
+        return self._refused(call, error, owner, outcome.reason, outcome.detail, outcome.names)
 
     def _context(
         self, call: Call, rule: Failover, target: UpstreamHandle, records: Mapping[str, Mapping[str, Any]]
@@ -323,7 +330,7 @@ class FailoverStage:
             error = ProxyError(
                 response.error_code, f"fallback {target.name}: {response.error_code}", status=response.status
             )
-            error.attempts = response.attempts  # type: ignore[attr-defined]
+            error.attempts = response.attempts
             raise error
         return WireAnswer(response.status, {k: v for k, v in response.headers.items()}, data), max(response.attempts, 1)
 
@@ -344,7 +351,6 @@ class FailoverStage:
             upstream=target.name,
             attempts=attempts,
             failover=f"used; from={self.source}",
-            notes={"failover_to": target.name},
         )
 
     def _failed(self, call: Call, exc: ProxyError, target: str, attempts: int) -> Response:
@@ -353,21 +359,72 @@ class FailoverStage:
         response = error_response(shaped, request_id=call.request_id, plugin=self.ctx.plugin, upstream=target)
         response.attempts = attempts
         response.failover = f"failed; to={target}; reason={exc.code}"
-        response.notes["detail"] = exc.detail
+        response.detail = exc.detail
         return response
 
+    def _ambiguity(self, result: Response | ProxyError, story: CallStory) -> list[str]:
+        """What made an unsafe call ambiguous, for `detail=`: the kinds of attempts that
+        may have reached the primary (`timeout`, `reset`, `protocol_error`) and the 5xx
+        statuses not documented as "not processed" (`503`), in the order they happened."""
+        names: list[str] = []
+        for attempt in story.attempts:
+            if attempt.kind in AMBIGUOUS_KINDS:
+                names.append(attempt.kind)
+            elif attempt.kind == "answered" and attempt.status >= 500:
+                if attempt.upstream != self.source or not self.ctx.plugin.not_processed(
+                    attempt.status, attempt.headers or {}
+                ):
+                    names.append(str(attempt.status))
+        if not names:  # an answer no transport attempt recorded (see `_ambiguous`)
+            if isinstance(result, ProxyError):
+                names.append(result.detail if result.detail in AMBIGUOUS_KINDS else result.code)
+            else:
+                names.append(str(result.status))
+        return list(dict.fromkeys(names))
+
     def _refused(
-        self, call: Call, primary: Response | ProxyError, target: str, reason: str, detail: str = ""
+        self,
+        call: Call,
+        primary: Response | ProxyError,
+        target: str,
+        reason: str,
+        detail: str = "",
+        names: Iterable[str] = (),
     ) -> Response:
+        """The primary's result, told why the failover was refused: `X-Egressd-Failover:
+        refused; reason=REASON; detail=NAMES` (contract 7.4/7.7) and, when egressd makes
+        the answer, the same words at the end of the provider-shaped error message."""
+        names = tuple(names)
         self.ctx.events.emit(FailoverResult(self.source, target, "refused", reason))
-        log.info("failover refused", extra={"upstream": self.source, "to": target, "reason": reason, "detail": detail})
+        log.info(
+            "failover refused",
+            extra={"upstream": self.source, "to": target, "reason": reason, "detail": detail, "names": ",".join(names)},
+        )
+        shown = shown_names(names)
         if isinstance(primary, Response):
-            response = primary
+            response = primary  # the primary's own answer (body and status) stays as it is
         else:
-            response = error_response(primary, request_id=call.request_id, plugin=self.ctx.plugin, upstream=self.source)
-            response.notes["detail"] = primary.detail
-        response.failover = f"refused; reason={reason}"
+            told = ProxyError(
+                primary.code,
+                f"{primary.message}; {refusal_message(target, reason, shown)}",
+                retry_after=primary.retry_after,
+                status=primary.status,
+                detail=primary.detail,
+            )
+            response = error_response(told, request_id=call.request_id, plugin=self.ctx.plugin, upstream=self.source)
+            response.detail = primary.detail
+        response.failover = refusal_header(reason, shown)
         return response
+
+
+def refusal_header(reason: str, shown: list[str]) -> str:
+    """`refused; reason=REASON[; detail=NAME,NAME]` (names already encoded, `shown_names`)."""
+    return f"refused; reason={reason}" + (f"; detail={','.join(shown)}" if shown else "")
+
+
+def refusal_message(target: str, reason: str, shown: list[str]) -> str:
+    """The same words for the app's error message: `failover to paypal refused: lossy (expand)`."""
+    return f"failover to {target} refused: {reason}" + (f" ({', '.join(shown)})" if shown else "")
 
 
 def build(ctx: StageContext) -> FailoverStage | None:
