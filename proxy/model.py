@@ -8,7 +8,7 @@ object. A `Call` is immutable; a stage that needs a changed call makes one with
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -214,7 +214,15 @@ class Response:
     error_code: str | None = None  # set on answers the proxy made itself
     cache: str | None = None  # hit | miss | stale
     failover: str | None = None  # the X-Egressd-Failover value, if any
-    notes: dict[str, Any] = field(default_factory=dict)  # extra fields for the access log
+    exhausted: bool = False  # retries ran out on this answer (read by failover)
+    retry_skipped: str | None = None  # why a retryable answer was not retried, if it was not
+    # What the stages say about the answer, for the access log and metrics (typed, no
+    # string-keyed side channel):
+    outcome: str | None = None  # "replayed" (idempotency) or "cached" (cache hit, stale)
+    idempotency: str | None = None  # the idempotency result of a replayed or shared answer
+    cache_coalesced: bool = False  # a copy of another caller's identical miss
+    detail: str | None = None  # the cause of a proxy-made error (connect_error, in_doubt...)
+    close_connection: bool = False  # close the app's connection after this answer
 
     async def read(self, limit: int | None = None) -> bytes:
         """Buffer a streamed answer (bounded by `limit`) and return the bytes."""

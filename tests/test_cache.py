@@ -112,7 +112,7 @@ async def test_miss_then_hit() -> None:
     assert second.body == first.body and second.status == 200
     assert second.headers["X-N"] == "1"
     assert second.headers["Age"] == "5"
-    assert second.notes["outcome"] == "cached"
+    assert second.outcome == "cached"
     assert h.results() == ["miss", "store", "hit"]
 
 
@@ -184,7 +184,7 @@ async def test_fifty_concurrent_identical_gets_reach_upstream_once() -> None:
     assert len(up.calls) == 1
     assert all(a.status == 200 and a.body == b'{"ok":true}' for a in answers)
     assert all(a.cache == "miss" for a in answers)
-    assert sum(1 for a in answers if a.notes.get("cache_coalesced")) == 49
+    assert sum(1 for a in answers if a.cache_coalesced) == 49
     # followers get their own copies
     answers[1].headers["X-Changed"] = "1"
     assert "X-Changed" not in answers[2].headers
@@ -505,7 +505,7 @@ async def test_range_and_conditional_requests_go_straight_through(lead: dict[str
     plain = asyncio.ensure_future(handle(make_call(h.clock)))  # same key without the header
     _r1, r2 = await asyncio.gather(first, plain)
     assert r2.status == 200 and r2.body == b"full body"
-    assert not r2.notes.get("cache_coalesced")
+    assert not r2.cache_coalesced
     assert len(up.calls) == 2
     # a conditional/partial request is never answered from the cache either
     again = await handle(make_call(h.clock, extra=lead))

@@ -115,7 +115,7 @@ async def test_replay_returns_stored_answer_without_upstream() -> None:
     assert second.headers["Idempotent-Replayed"] == "true"
     assert second.headers["X-N"] == "1"
     assert "Idempotent-Replayed" not in first.headers
-    assert second.notes["outcome"] == "replayed"
+    assert second.outcome == "replayed"
     assert second.upstream == "stripe"
     assert "replayed" in h.results()
 
@@ -325,7 +325,7 @@ async def test_joined_waiter_gets_the_owners_failure_and_a_later_call_sends_agai
     # The waiter joined the in-flight call: it gets a copy of its answer, never a send.
     assert (a.status, b.status) == (503, 503)
     assert b.body == b"down" and b.headers["Retry-After"] == "1" and b.headers["Idempotent-Replayed"] == "true"
-    assert "outcome" not in b.notes and b.notes["idempotency"] == "shared"
+    assert b.outcome is None and b.idempotency == "shared"
     assert calls == 1
     assert h.results() == ["joined", "shared"]
     # The 503 was not kept: a call that arrives after the release runs for real.

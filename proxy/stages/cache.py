@@ -164,7 +164,7 @@ class CacheStage:
         response.cache = cache
         if cache in ("hit", "stale"):
             response.headers["Age"] = str(int(self._entry_age(stored)))
-            response.notes["outcome"] = "cached"
+            response.outcome = "cached"
         elif stored.age:
             response.headers["Age"] = str(int(stored.age))
         return response
@@ -207,7 +207,7 @@ class CacheStage:
             return response
         self._emit(shared.cache)
         response = self._answer(shared.stored, shared.cache, shared.upstream)
-        response.notes["cache_coalesced"] = True
+        response.cache_coalesced = True
         return response
 
     async def _lead(self, call: Call, nxt: Handler, key: str, entry: StoredResponse | None) -> Response:

@@ -271,7 +271,7 @@ class IdempotencyStage:
         # is the owner's failure, counted by its status like any answer, not as a replay.
         self._emit("shared")
         response = self._replay(outcome.stored, "shared")
-        del response.notes["outcome"]
+        response.outcome = None
         return response
 
     def _what(self, replay_result: str) -> str:
@@ -352,8 +352,8 @@ class IdempotencyStage:
     def _replay(self, stored: StoredResponse, result: str) -> Response:
         response = from_snapshot(stored, upstream=self.upstream)
         response.headers[REPLAYED_HEADER] = "true"
-        response.notes["outcome"] = "replayed"
-        response.notes["idempotency"] = result
+        response.outcome = "replayed"
+        response.idempotency = result
         return response
 
 
