@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from proxy.errors import ProxyError
 
@@ -109,3 +109,46 @@ def split_target(raw: str, fixed_upstream: str | None = None) -> Target:
     if not _UPSTREAM_NAME.fullmatch(name):
         raise ProxyError("unknown_upstream", f"no upstream named {name[:64]!r}")
     return Target(name, "/" + rest if sep else "/", query)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _port(port: int | None, scheme: str) -> int | None:
+    return port if port is not None else _DEFAULT_PORTS.get(scheme.lower())
+
+
+def rewrite_location(location: str, target: str, upstream: str | None) -> str:
+    """Where an upstream redirect sends the app (contract 7.4, 7.7).
+
+    A `Location` that points at the upstream's own target (an absolute URL on the target's
+    scheme, host and port, or an absolute path), under the target's base path, becomes the
+    absolute path through egressd: `/<upstream>/<rest>`, or `/<rest>` on a policy's own
+    `listen` port (`upstream` None). Anything else (another host, a path outside the base
+    path, a relative reference) passes unchanged: egressd never follows redirects.
+    """
+    parts = urlsplit(location)
+    base = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        same = (
+            parts.scheme.lower() == base.scheme.lower()
+            and (parts.hostname or "").lower() == (base.hostname or "").lower()
+            and (parts.port or _DEFAULT_PORTS.get(parts.scheme.lower()))
+            == (base.port or _DEFAULT_PORTS.get(base.scheme.lower()))
+        )
+        if not same:
+            return location
+    elif not parts.path.startswith("/") or location.startswith("//"):
+        return location  # relative references resolve against egressd's own URL already
+    prefix = base.path.rstrip("/")
+    path = parts.path or "/"
+    if prefix:
+        if path != prefix and not path.startswith(prefix + "/"):
+            return location
+        path = path[len(prefix) :] or "/"
+    out = (f"/{upstream}" if upstream is not None else "") + path
+    if parts.query:
+        out += "?" + parts.query
+    if parts.fragment:
+        out += "#" + parts.fragment
+    return out
