@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from pydantic import SecretStr
 
 from plugins.registry import load_plugin
@@ -15,10 +15,11 @@ from proxy.clock import FakeClock
 from proxy.config.schema import Auth, Cache, Policy
 from proxy.errors import ProxyError
 from proxy.events import CacheResult, Event, EventBus
-from proxy.model import Call, RequestBody, Response
+from proxy.model import Call, Response
 from proxy.pipeline import Handler
 from proxy.stages.cache import build
 from proxy.state.memory import MemoryState
+from tests import calls
 from tests.stagekit import stage_context
 
 Answer = Callable[[Call, int], Response]
@@ -81,22 +82,9 @@ def make_call(
     auth: str | None = "Bearer tenant-a",
     extra: dict[str, str] | None = None,
 ) -> Call:
-    headers: CIMultiDict[str] = CIMultiDict()
-    if auth is not None:
-        headers["Authorization"] = auth
+    headers: dict[str, str] = {} if auth is None else {"Authorization": auth}
     headers.update(extra or {})
-    return Call(
-        method=method,
-        upstream="api",
-        path=path,
-        query=query,
-        headers=CIMultiDictProxy(headers),
-        body=RequestBody.empty(),
-        deadline=clock.now() + 30,
-        started=clock.now(),
-        request_id="r",
-        route="api",
-    )
+    return calls.make_call(clock, method, upstream="api", path=path, query=query, headers=headers, total=30)
 
 
 async def test_miss_then_hit() -> None:

@@ -7,15 +7,16 @@ import logging
 from typing import Any
 
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from proxy.clock import FakeClock
 from proxy.config.schema import Policy
 from proxy.errors import ProxyError
 from proxy.events import CircuitChanged, Event, EventBus
-from proxy.model import Call, RequestBody, Response
+from proxy.model import Call, Response
 from proxy.stages.circuit import CircuitBreaker, build
 from proxy.state.memory import MemoryState
+from tests.calls import AsyncOnlyState, make_call
 from tests.stagekit import looped, stage_context
 
 CB = {"window": "10s", "min_requests": 4, "failure_rate": 0.5, "open_for": "5s", "half_open_requests": 2}
@@ -31,20 +32,6 @@ def make_stage(
     bus.subscribe(events.append)
     ctx = stage_context(policy, clock, events=bus, state=state)
     return looped(build(ctx)), events, clock
-
-
-def make_call(clock: FakeClock) -> Call:
-    return Call(
-        method="GET",
-        upstream="up",
-        path="/x",
-        query="",
-        headers=CIMultiDictProxy(CIMultiDict()),
-        body=RequestBody.empty(),
-        deadline=clock.now() + 60,
-        started=clock.now(),
-        request_id="r",
-    )
 
 
 class Upstream:
@@ -215,12 +202,6 @@ async def test_snapshot_and_shared_state_across_rebuild() -> None:
 
 
 # -- in-process fast path vs the async protocol ----------------------------------------------
-
-
-class AsyncOnlyState(MemoryState):
-    """Memory semantics reached only through the async protocol (the way Redis is called)."""
-
-    sync_limits = None
 
 
 async def _lifecycle(state_cls: type[MemoryState]) -> tuple[list[object], list[tuple[str, str]]]:

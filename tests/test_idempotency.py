@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from plugins.registry import load_plugin
 from proxy.clock import FakeClock
@@ -18,6 +18,7 @@ from proxy.model import Call, RequestBody, Response
 from proxy.pipeline import Handler
 from proxy.stages.idempotency import build
 from proxy.state.memory import MemoryState
+from tests import calls
 from tests.stagekit import stage_context
 
 
@@ -85,22 +86,14 @@ def make_call(
     timeout: float = 30.0,
     extra: dict[str, str] | None = None,
 ) -> Call:
-    headers: CIMultiDict[str] = CIMultiDict({"Authorization": auth})
+    headers: dict[str, str] = {"Authorization": auth}
     if key is not None:
         headers[header] = key
     headers.update(extra or {})
-    return Call(
-        method=method,
-        upstream="stripe",
-        path=path,
-        query=query,
-        headers=CIMultiDictProxy(headers),
-        body=RequestBody(data=body),
-        deadline=clock.now() + timeout,
-        started=clock.now(),
+    return calls.make_call(
+        clock, method, upstream="stripe", path=path, query=query, headers=headers, body=body, total=timeout,
         request_id="req-1",
-        route="stripe",
-    )
+    )  # fmt: skip
 
 
 async def test_replay_returns_stored_answer_without_upstream() -> None:

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from proxy.clock import FakeClock
 from proxy.config.schema import Policy
@@ -18,6 +18,7 @@ from proxy.runtime import Runtime, _close_later
 from proxy.stages import circuit, ratelimit, retry
 from proxy.state.memory import MemoryState
 from proxy.upstream import attempt_loop
+from tests import calls
 from tests.stagekit import stage_context
 
 
@@ -70,9 +71,7 @@ async def test_runtime_close_waits_for_retired_transports() -> None:
 
 
 def _call(body: RequestBody | None = None) -> Call:
-    return Call(
-        "GET", "up", "/x", "", CIMultiDictProxy(CIMultiDict()), body or RequestBody.empty(), 60.0, 0.0, "r"
-    )
+    return calls.make_call(FakeClock(), body=body)
 
 
 class Traced:
@@ -153,9 +152,7 @@ def _loop(trace: list[str], answers: list[int | BaseException], **parts: Any) ->
 
 async def test_each_attempt_passes_breaker_and_limiter_and_the_retry_policy_decides() -> None:
     trace: list[str] = []
-    run = _loop(
-        trace, [429, 200], retry=TracedRetry(trace), breaker=TracedBreaker(trace), limiter=TracedLimiter(trace)
-    )
+    run = _loop(trace, [429, 200], retry=TracedRetry(trace), breaker=TracedBreaker(trace), limiter=TracedLimiter(trace))
     answer = await run(_call())
     assert answer.status == 200 and answer.attempts == 2
     assert trace == [

@@ -8,15 +8,17 @@ from typing import Any
 
 import aiohttp
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from proxy.clock import FakeClock
 from proxy.config.schema import Policy
 from proxy.errors import ProxyError
 from proxy.events import Event, EventBus, RateLimited, RateLimitWaited, UpstreamPaused
-from proxy.model import Call, RequestBody, Response
+from proxy.model import Call, Response
 from proxy.stages.ratelimit import RateLimiter, build, upstream_wait
 from proxy.state.memory import MemoryState
+from tests import calls
+from tests.calls import AsyncOnlyState
 from tests.stagekit import looped, stage_context
 
 WALL = 1_800_000_000.0
@@ -46,17 +48,7 @@ def at_once(stage: RateLimiter) -> int:
 
 
 def make_call(clock: FakeClock, *, total: float = 3600.0, rid: str = "r") -> Call:
-    return Call(
-        method="GET",
-        upstream="up",
-        path="/x",
-        query="",
-        headers=CIMultiDictProxy(CIMultiDict()),
-        body=RequestBody.empty(),
-        deadline=clock.now() + total,
-        started=clock.now(),
-        request_id=rid,
-    )
+    return calls.make_call(clock, total=total, request_id=rid)
 
 
 class Upstream:
@@ -294,12 +286,6 @@ async def test_shared_flag_decides_whether_replicas_split_one_budget(
 
 
 # -- in-process fast path vs the async protocol ----------------------------------------------
-
-
-class AsyncOnlyState(MemoryState):
-    """Memory semantics reached only through the async protocol (the way Redis is called)."""
-
-    sync_limits = None
 
 
 async def _queue_story(state_cls: type[MemoryState]) -> tuple[list[object], list[Event], int]:

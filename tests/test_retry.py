@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from plugins.base import ProviderPlugin
 from plugins.stripe import StripePlugin
@@ -21,6 +21,7 @@ from proxy.events import Event, EventBus, RetryScheduled, RetrySkipped
 from proxy.model import Call, RequestBody, Response
 from proxy.stages.retry import RetryPolicy, backoff_delay, build, is_exhausted, parse_retry_after
 from proxy.state.memory import MemoryState
+from tests import calls
 from tests.stagekit import looped, stage_context
 
 Result = Response | ProxyError
@@ -54,18 +55,8 @@ def make_call(
     body: RequestBody | None = None,
     total: float = 60.0,
 ) -> Call:
-    h = CIMultiDict({"X-Request-Id": "req-1", **(headers or {})})
-    return Call(
-        method=method,
-        upstream="up",
-        path="/v1/things",
-        query="",
-        headers=CIMultiDictProxy(h),
-        body=body or RequestBody.empty(),
-        deadline=clock.now() + total,
-        started=clock.now(),
-        request_id="req-1",
-        route="up",
+    return calls.make_call(
+        clock, method, path="/v1/things", headers=headers, body=body, total=total, request_id="req-1"
     )
 
 
