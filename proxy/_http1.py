@@ -1,11 +1,14 @@
-"""A lean HTTP/1.1 client for one upstream: the transport's hot path without aiohttp's client.
+"""A lean HTTP/1.1 client for one upstream: the only code in egressd that speaks HTTP upstream.
 
 `HTTP1Pool` keeps keep-alive connections to one origin (at most `max_connections`, FIFO
 waiters, idle expiry), writes a request as one `bytes` write (request line, headers and a
 small body) or streams the body (Content-Length or chunked), and parses the answer with
-aiohttp's llhttp-based C parser, whose body reader (`aiohttp.streams.StreamReader`) gives
-flow control: when the consumer lags, reading from the socket pauses, so a 100 MB answer
-passes in constant memory.
+llhttp through httptools' public `HttpResponseParser` (the binding uvicorn uses; the same C
+parser as aiohttp's), with the leniencies aiohttp's client applies to answers (obs-fold,
+LF-only line ends, spaces after a chunk size) plus refusing NUL and CR in a field value.
+The body buffer and its flow control are this module's own: above `HIGH_WATER` buffered
+bytes, reading from the socket pauses (`asyncio.Transport.pause_reading`) until the
+consumer takes them, so a 100 MB answer passes in constant memory.
 
 Only `proxy/transport.py` uses this module. It never resends anything: a reset on a reused
 idle connection before any answer byte is a `ResetError` like any other, because egressd's
@@ -18,20 +21,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import inspect
 import ssl
 from collections.abc import AsyncIterable, Iterable
-from typing import Any
+from typing import cast
 
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
-from aiohttp.streams import StreamReader
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
 
-# aiohttp >= 3.12-ish lets the parser pause mid-buffer and resumes it through this argument.
-_RESUME_TAKES_ARG = "resume_parser" in inspect.signature(BaseProtocol.resume_reading).parameters
-READ_LIMIT = 2**16  # the body reader pauses the socket above 2x this many buffered bytes
+READ_LIMIT = 2**16
+HIGH_WATER = 2 * READ_LIMIT  # buffered answer bytes above which reading from the socket pauses
+MAX_FIELD_SIZE = 8190  # one answer header field, name and value (aiohttp's limit)
+MAX_HEAD_SIZE = 65536  # the answer's head: status line and fields (with any 1xx heads before it)
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
+_NO_BODY_STATUS = (204, 304)
 
 
 class HTTPError(Exception):
@@ -74,38 +77,85 @@ class BodyError(ResetError):
     an incomplete request and the connection was closed."""
 
 
-class _Connection(BaseProtocol):
-    """One upstream connection; one exchange at a time."""
+class _Surplus(Exception):
+    """Stops the parser at a second answer to one request (the connection is then closed)."""
+
+
+def _new_parser(protocol: _Connection) -> httptools.HttpResponseParser:
+    parser = httptools.HttpResponseParser(protocol)
+    # What aiohttp's client parser allows in answers (its non-debug mode), so that moving
+    # off it changes nothing an upstream can see; the framing checks (Content-Length
+    # syntax and duplicates, Transfer-Encoding with Content-Length, chunk sizes) stay strict.
+    parser.set_dangerous_leniencies(
+        lenient_headers=True,  # obs-fold is joined with one SP (RFC 9112 5.2); odd value bytes pass
+        lenient_optional_cr_before_lf=True,  # LF-only line ends
+        lenient_spaces_after_chunk_size=True,
+    )
+    return parser
+
+
+def _keep_alive(version: str, headers: CIMultiDict[str]) -> bool:
+    """Keep-alive by version and `Connection` (for HEAD, where llhttp is not told there is
+    no body and so cannot judge)."""
+    tokens = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    if "close" in tokens:
+        return False
+    return version != "1.0" or "keep-alive" in tokens
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection; one exchange at a time. Also the parser's callbacks."""
 
     __slots__ = (
+        "_answer",
         "_armed",
-        "_body_parser",
         "_broken",
         "_deadline",
+        "_drain_waiter",
+        "_error",
+        "_fields",
+        "_fields_size",
         "_got_bytes",
         "_head",
-        "_head_parser",
+        "_head_done",
+        "_head_only",
+        "_head_size",
         "_idle",
         "_last",
-        "_payload",
+        "_loop",
+        "_parser",
+        "_reading_paused",
         "_timer",
+        "_until_close",
         "_upload",
+        "_write_paused",
         "busy",
         "idle_since",
         "keep_alive",
         "pool",
         "reused",
+        "transport",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: HTTP1Pool) -> None:
-        super().__init__(loop)
+        self._loop = loop
         self.pool = pool
-        self._body_parser = self._new_parser(with_body=True)
-        self._head_parser: Any = None
-        self._head: asyncio.Future[tuple[RawResponseMessage, StreamReader]] | None = None
-        self._payload: StreamReader | None = None
+        self.transport: asyncio.Transport | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self._head: asyncio.Future[_Answer] | None = None
+        self._answer: _Answer | None = None
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._fields_size = 0
+        self._head_done = False
+        self._head_only = False
+        self._head_size = 0
+        self._until_close = False
+        self._error: HTTPError | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._upload: asyncio.Task[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._write_paused = False
         self._idle = 0.0
         self._deadline = 0.0
         self._last = 0.0
@@ -116,17 +166,6 @@ class _Connection(BaseProtocol):
         self.keep_alive = True
         self.reused = False
         self.idle_since = 0.0
-
-    def _new_parser(self, *, with_body: bool) -> Any:
-        return HttpResponseParser(
-            self,
-            self._loop,
-            READ_LIMIT,
-            payload_exception=ProtocolError,
-            response_with_body=with_body,
-            read_until_eof=True,
-            auto_decompress=False,
-        )
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -146,15 +185,17 @@ class _Connection(BaseProtocol):
 
     def begin(self, head_only: bool, idle: float, deadline: float, armed: bool) -> None:
         """Start an exchange: the answer's head future and one timer for idle and deadline."""
-        if head_only:
-            if self._head_parser is None:
-                self._head_parser = self._new_parser(with_body=False)
-            self._parser = self._head_parser
-        else:
-            self._parser = self._body_parser
+        if self._parser is None:
+            self._parser = _new_parser(self)
         loop = self._loop
         self._head = loop.create_future()
-        self._payload = None
+        self._answer = None
+        self._fields = []
+        self._fields_size = 0
+        self._head_done = False
+        self._head_only = head_only
+        self._head_size = 0
+        self._error = None
         self._got_bytes = False
         self.busy = True
         self._idle = idle
@@ -181,23 +222,27 @@ class _Connection(BaseProtocol):
         if upload is not None and not upload.done():
             upload.cancel()
             self._broken = True
-        payload, self._payload = self._payload, None
+        if self._head_only:
+            self._parser = None  # llhttp still expects the HEAD answer's body: a fresh one next time
+        answer, self._answer = self._answer, None
         self._head = None
-        return (
-            self.keep_alive
-            and payload is not None
-            and payload.at_eof()
-            and payload.exception() is None
-            and self.usable
-        )
+        if answer is None:
+            return False
+        if not answer._eof or answer._chunks or answer._exc is not None:
+            if answer._exc is None and not answer._eof:
+                answer._exc = ResetError("the answer was released before its end")
+            return False
+        if self._reading_paused:
+            self._resume()
+        return self.keep_alive and self.usable
 
     # -- timers ---------------------------------------------------------------------------
     def _on_timer(self) -> None:
         self._timer = None
         if not self.busy:
             return
-        payload = self._payload
-        if payload is not None and payload.is_eof():
+        answer = self._answer
+        if answer is not None and answer._eof:
             return  # the whole answer is in; nothing left to wait for
         loop = self._loop
         now = loop.time()
@@ -221,84 +266,178 @@ class _Connection(BaseProtocol):
         if head is not None and not head.done():
             head.set_exception(exc)
             return
-        payload = self._payload
-        if payload is not None and not payload.is_eof() and payload.exception() is None:
-            payload.set_exception(exc)
+        answer = self._answer
+        if answer is not None and not answer._eof and answer._exc is None:
+            answer._exc = exc
+            answer._wake()
+
+    # -- flow control ---------------------------------------------------------------------
+    def _pause(self) -> None:
+        tr = self.transport
+        if tr is not None and not self._reading_paused and not tr.is_closing():
+            self._reading_paused = True
+            tr.pause_reading()
+
+    def _resume(self) -> None:
+        self._reading_paused = False
+        self._last = self._loop.time()  # the idle timer counts from here again
+        tr = self.transport
+        if tr is not None and not tr.is_closing():
+            tr.resume_reading()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _drain(self) -> None:
+        if self.transport is None:
+            raise ConnectionResetError("connection lost")
+        waiter = self._drain_waiter = self._loop.create_future()
+        await waiter
 
     # -- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+
     def data_received(self, data: bytes) -> None:
-        if not self.busy:
-            if data:  # an unsolicited byte on an idle connection: it cannot be trusted again
-                self.close()
+        answer = self._answer
+        if not self.busy or (answer is not None and answer._eof):
+            # An unsolicited byte on an idle connection, or bytes after a complete answer:
+            # this connection cannot be trusted again.
+            self.close()
             return
-        if data:
-            payload = self._payload
-            if payload is not None and payload.is_eof():
-                self.close()  # bytes after a complete answer: this connection is not reusable
-                return
-            self._got_bytes = True
-            self._last = self._loop.time()
+        self._got_bytes = True
+        self._last = self._loop.time()
+        head_done = self._head_done
         try:
-            messages, upgraded, _tail = self._parser.feed_data(data)  # type: ignore[union-attr]
+            self._parser.feed_data(data)  # type: ignore[union-attr]
         except Exception as exc:
-            err = ProtocolError(f"the upstream sent a malformed answer: {exc!r}")
-            err.__cause__ = exc
+            answer = self._answer
+            if answer is not None and answer._eof:
+                self.close()  # garbage or a second answer after a complete one: not reusable
+                return
+            err = self._error
+            if err is None:
+                err = ProtocolError(f"the upstream sent a malformed answer: {exc}")
+                err.__cause__ = exc
             self._fail(err)
             self.abort()
             return
-        if not messages:
-            return
-        for msg, payload in messages:
-            head = self._head
-            if head is None or head.done():
-                self.close()  # a second answer to one request
-                return
-            code = msg.code
-            if code < 200:
-                if code == 101 or upgraded:
-                    self._fail(ProtocolError("the upstream switched protocols unasked"))
-                    self.abort()
-                    return
-                continue  # 100 Continue, 103 Early Hints: informational, skipped
-            self.keep_alive = not msg.should_close
-            self._payload = payload
-            head.set_result((msg, payload))
-
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        # The body reader calls this after every read; only a real pause needs work.
-        if self._reading_paused:
-            self._last = self._loop.time()
-            if _RESUME_TAKES_ARG:
-                super().resume_reading(resume_parser)
-            else:  # older aiohttp: the parser never pauses itself
-                super().resume_reading()
+        if not head_done and not self._head_done:
+            self._head_size += len(data)
+            if self._head_size > MAX_HEAD_SIZE:
+                self._fail(ProtocolError(f"the answer's head is over {MAX_HEAD_SIZE} bytes (MAX_HEAD_SIZE)"))
+                self.abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        super().connection_lost(exc)
+        self.transport = None
         self._broken = True
-        if self.busy:
-            head = self._head
-            if head is not None and not head.done():
-                reason = f" ({exc})" if exc else ""
-                state = "a reused idle" if self.reused else "a new"
-                if self._got_bytes:
-                    err: HTTPError = ResetError(f"the connection closed in the middle of the answer's head{reason}")
-                else:
-                    err = ResetError(f"{state} connection closed before any answer byte{reason}")
-                head.set_exception(err)
-            else:
-                payload = self._payload
-                if payload is not None and not payload.is_eof() and payload.exception() is None:
-                    try:
-                        self._parser.feed_eof()  # type: ignore[union-attr]  # completes a body read until EOF
-                    except Exception as cut:
-                        err = ProtocolError(f"the answer was cut short: {cut}")
-                        err.__cause__ = cut
-                        payload.set_exception(err)
-                    if not payload.is_eof() and payload.exception() is None:
-                        payload.set_exception(ProtocolError("the answer was cut short"))
-        else:
+        drain, self._drain_waiter = self._drain_waiter, None
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionResetError("connection lost"))
+        if not self.busy:
             self.pool._discard(self)
+            return
+        reason = f" ({exc})" if exc else ""
+        head = self._head
+        if head is not None and not head.done():
+            if self._got_bytes:
+                err: HTTPError = ResetError(f"the connection closed in the middle of the answer's head{reason}")
+            else:
+                state = "a reused idle" if self.reused else "a new"
+                err = ResetError(f"{state} connection closed before any answer byte{reason}")
+            head.set_exception(err)
+            return
+        answer = self._answer
+        if answer is not None and not answer._eof and answer._exc is None:
+            if self._until_close and exc is None:
+                answer._eof = True  # an answer framed by the end of the connection: complete
+            else:
+                answer._exc = ProtocolError(f"the answer was cut short{reason}")
+            answer._wake()
+
+    # -- llhttp callbacks (httptools) -----------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value)
+        if size > MAX_FIELD_SIZE:
+            self._error = ProtocolError(
+                f"the answer's header field {name[:64]!r} is over {MAX_FIELD_SIZE} bytes (MAX_FIELD_SIZE)"
+            )
+            raise self._error
+        self._fields_size += size + 4
+        if self._fields_size > MAX_HEAD_SIZE:
+            what = "trailer" if self._head_done else "head"
+            self._error = ProtocolError(f"the answer's {what} is over {MAX_HEAD_SIZE} bytes (MAX_HEAD_SIZE)")
+            raise self._error
+        if self._head_done:
+            return  # a trailer field (after a chunked body): not forwarded, as with aiohttp
+        if b"\x00" in value or b"\r" in value:
+            self._error = ProtocolError(f"the answer's header field {name[:64]!r} holds a NUL or CR")
+            raise self._error
+        self._fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self._head_done:
+            raise _Surplus  # a second answer to one request
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        fields, self._fields = self._fields, []
+        if status < 200:
+            if status == 101:
+                self._error = ProtocolError("the upstream switched protocols unasked")
+                raise self._error
+            return  # 100 Continue, 103 Early Hints: informational, skipped
+        self._head_done = True
+        self._fields_size = 0  # from here on: trailer fields
+        headers: CIMultiDict[str] = CIMultiDict(
+            [(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for n, v in fields]
+        )
+        length: int | None = None
+        chunked = False
+        te = headers.getall("Transfer-Encoding", None)
+        if te is not None:  # llhttp refuses it together with Content-Length
+            chunked = te[-1].rsplit(",", 1)[-1].strip().lower() == "chunked"
+        else:
+            value = headers.get("Content-Length")
+            if value is not None:
+                length = int(value)  # llhttp checked: digits only, no second differing value
+        answer = _Answer(status, CIMultiDictProxy(headers), length)
+        if self._head_only:
+            self.keep_alive = _keep_alive(parser.get_http_version(), headers)
+            self._until_close = False
+            answer._eof = True
+        else:
+            self.keep_alive = parser.should_keep_alive()
+            self._until_close = length is None and not chunked and status not in _NO_BODY_STATUS
+        self._answer = answer
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result(answer)
+
+    def on_body(self, data: bytes) -> None:
+        answer = self._answer
+        if answer is None or answer._eof:
+            self._broken = True  # body bytes after a HEAD answer: not reusable
+            return
+        answer._chunks.append(data)
+        answer._size += len(data)
+        if answer._size > HIGH_WATER and not self._reading_paused:
+            self._pause()
+        if answer._waiter is not None:
+            answer._wake()
+
+    def on_message_complete(self) -> None:
+        answer = self._answer
+        if answer is not None and not answer._eof:
+            answer._eof = True
+            answer._wake()
 
     # -- request body ---------------------------------------------------------------------
     async def send_body(self, source: AsyncIterable[bytes], length: int | None) -> None:
@@ -318,8 +457,8 @@ class _Connection(BaseProtocol):
                     if sent > length:
                         raise BodyError(f"the request body is longer than its Content-Length ({length})")
                     tr.write(chunk)
-                if self._paused:
-                    await self._drain_helper()
+                if self._write_paused:
+                    await self._drain()
             if length is not None and sent != length:
                 raise BodyError(f"the request body ended after {sent} of {length} bytes")
             if self.transport is None:
@@ -339,6 +478,27 @@ class _Connection(BaseProtocol):
             self.abort()
 
 
+class _Answer:
+    """An answer's head and its body buffer, filled by the parser's callbacks."""
+
+    __slots__ = ("_chunks", "_eof", "_exc", "_size", "_waiter", "content_length", "headers", "status")
+
+    def __init__(self, status: int, headers: CIMultiDictProxy[str], content_length: int | None) -> None:
+        self.status = status
+        self.headers = headers
+        self.content_length = content_length
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._eof = False  # the parser saw the answer's end (the body may still be buffered)
+        self._exc: HTTPError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
 class HTTP1Response:
     """An answer's status and headers; the body is read with `read()` or `readany()`.
 
@@ -346,38 +506,58 @@ class HTTP1Response:
     when the body was read to its end on a keep-alive connection, and closes it otherwise.
     """
 
-    __slots__ = ("_conn", "_payload", "content_length", "headers", "reason", "status", "version")
+    __slots__ = ("_answer", "_conn", "content_length", "headers", "status")
 
-    def __init__(self, conn: _Connection, msg: RawResponseMessage, payload: StreamReader) -> None:
+    def __init__(self, conn: _Connection, answer: _Answer) -> None:
         self._conn: _Connection | None = conn
-        self._payload = payload
-        self.status = msg.code
-        self.reason = msg.reason
-        self.version = msg.version
-        self.headers = msg.headers
-        length: int | None = None
-        if not msg.chunked:
-            value = msg.headers.get("Content-Length")
-            if value is not None and value.isdigit():
-                length = int(value)
-        self.content_length = length
+        self._answer = answer
+        self.status = answer.status
+        self.headers = answer.headers
+        self.content_length = answer.content_length
+
+    @property
+    def buffered(self) -> int:
+        """Body bytes received and not yet read (bounded by flow control)."""
+        return self._answer._size
 
     async def readany(self) -> bytes:
-        """The next part of the body as it arrives; b"" at its end."""
-        return await self._payload.readany()
+        """The body bytes buffered so far, waiting for some if there are none; b"" at its end."""
+        answer = self._answer
+        while True:
+            if answer._exc is not None:
+                raise answer._exc
+            chunks = answer._chunks
+            if chunks:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                answer._size = 0
+                conn = self._conn
+                if conn is not None and conn._reading_paused:
+                    conn._resume()
+                return data
+            if answer._eof:
+                return b""
+            conn = self._conn
+            if conn is None:
+                raise ResetError("the answer was released before its end")
+            waiter = answer._waiter = conn._loop.create_future()
+            try:
+                await waiter
+            finally:
+                answer._waiter = None
 
     def at_eof(self) -> bool:
-        return self._payload.at_eof()
+        answer = self._answer
+        return answer._eof and not answer._chunks
 
     async def read(self) -> bytes:
         """The whole body; releases the connection."""
         try:
-            payload = self._payload
-            first = await payload.readany()
-            if not first or payload.at_eof():
+            first = await self.readany()
+            if not first or self.at_eof():
                 return first
             parts = [first]
-            while chunk := await payload.readany():
+            while chunk := await self.readany():
                 parts.append(chunk)
             return b"".join(parts)
         finally:
@@ -397,8 +577,8 @@ class HTTP1Response:
             conn.pool._release(conn, False)
 
     def __del__(self) -> None:
-        # A safety net like aiohttp's ClientResponse: an answer dropped without release()
-        # must not hold its connection (and its pool slot) forever.
+        # A safety net: an answer dropped without release() must not hold its connection
+        # (and its pool slot) forever.
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self.close()
@@ -488,13 +668,13 @@ class HTTP1Pool:
                 tr.write(head)
                 conn._upload = loop.create_task(conn.send_body(body, content_length))
             assert conn._head is not None
-            msg, payload = await conn._head
+            answer = await conn._head
         except BaseException:
             conn.finish()
             conn.abort()
             self._release(conn, False)
             raise
-        return HTTP1Response(conn, msg, payload)
+        return HTTP1Response(conn, answer)
 
     def _serialize(
         self,

@@ -1,7 +1,9 @@
 """`auth: oauth_client_credentials`: an access token fetched on demand and shared.
 
-* Fetched with the upstream's own session (same TLS settings and pool) from `token_url`,
-  HTTP Basic `client_id:client_secret`, `grant_type=client_credentials` (providers.md 2.1).
+* Fetched from `token_url` through the upstream's transport (`Transport.fetch`: the same
+  lean client and TLS settings; the target's pool, or a small pool of its own when
+  `token_url` is on another origin), HTTP Basic `client_id:client_secret`,
+  `grant_type=client_credentials` (providers.md 2.1).
 * Cached in the state backend's kv (so every replica sharing a Redis shares it) until
   shortly before it expires; one fetch at a time per process.
 * An upstream 401 with a cached token refreshes the token once and resends once: a step
@@ -20,10 +22,9 @@ import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import urlencode
 
-import aiohttp
-from yarl import URL
-
+from proxy._http1 import HTTPError
 from proxy.errors import ProxyError
 from proxy.model import Call, Response
 
@@ -102,19 +103,16 @@ class OAuthTokens:
         form = {"grant_type": "client_credentials"}
         if cfg.scope:
             form["scope"] = cfg.scope
-        headers = {
-            "Authorization": "Basic " + basic,
-            "Accept": "application/json",
-            "Content-Type": "application/x-www-form-urlencoded",
-        }
+        headers = [
+            ("Authorization", "Basic " + basic),
+            ("Accept", "application/json"),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ]
         try:
-            async with asyncio.timeout(self.timeout):
-                async with self.transport.session().post(
-                    URL(cfg.token_url), data=form, headers=headers, allow_redirects=False
-                ) as resp:
-                    status = resp.status
-                    body = await resp.read()
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            status, body = await self.transport.fetch(
+                "POST", str(cfg.token_url), headers, urlencode(form).encode(), within=self.timeout
+            )
+        except (HTTPError, OSError, ValueError) as exc:
             raise ProxyError(
                 "upstream_auth_failed",
                 f"cannot fetch an OAuth token for upstream {self.upstream}: {type(exc).__name__}",

@@ -1,11 +1,11 @@
 """The only module that speaks HTTP to upstreams.
 
-One connection pool per upstream (keep-alive, `limits.max_concurrency` connections):
-egressd's own lean HTTP/1.1 client (`proxy/_http1.py`, the default) or a pooled aiohttp
-`ClientSession` (`client="aiohttp"`, kept for comparison); connect/attempt/total
-timeouts, header hygiene, auth injection and streamed bodies both ways. Failures become
-`ProxyError`s whose `detail` says what kind of failure it was; `connect_error` means the
-request provably never left this process.
+One connection pool per upstream (keep-alive, `limits.max_concurrency` connections) of
+egressd's lean HTTP/1.1 client (`proxy/_http1.py`, llhttp through httptools), plus a small
+pool per other origin the upstream's auth needs (an OAuth token endpoint, `fetch`);
+connect/attempt/total timeouts, header hygiene, auth injection and streamed bodies both
+ways. Failures become `ProxyError`s whose `detail` says what kind of failure it was;
+`connect_error` means the request provably never left this process.
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ import functools
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-import aiohttp
-from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from proxy import _http1
 from proxy.clock import Clock
 from proxy.errors import ProxyError
 from proxy.events import AttemptFinished, EventBus
+from proxy.headers import HOP_BY_HOP, strip_hop_by_hop
 from proxy.model import Attempt, Call, Response
 
 if TYPE_CHECKING:
@@ -33,39 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("egressd.transport")
 
-# RFC 9110 section 7.6.1 connection-specific fields, plus the de-facto ones.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # Answers up to this size (by Content-Length) are read whole inside the attempt, which is
 # cheaper than streaming and lets a truncated answer become a clean 502 before headers.
 BUFFER_ANSWERS_UP_TO = 256 * 1024
 STREAM_CHUNK = 64 * 1024
-
-
-def strip_hop_by_hop(headers: MultiMapping[str], *, drop: Iterable[str] = ()) -> CIMultiDict[str]:
-    """Copy headers without hop-by-hop fields and without those named in `Connection`."""
-    out = CIMultiDict(headers)
-    named = out.getall("Connection", ())
-    for name in HOP_BY_HOP:
-        out.popall(name, None)
-    for name in drop:
-        out.popall(name, None)
-    for value in named:  # the rare slow path: fields the sender declared connection-specific
-        for token in value.split(","):
-            if token.strip():
-                out.popall(token.strip(), None)
-    return out
 
 
 def _auth_headers(policy: Policy) -> dict[str, str]:
@@ -82,24 +52,20 @@ def _auth_headers(policy: Policy) -> dict[str, str]:
     return {}  # oauth_client_credentials: injected per call by the OAuth helper
 
 
-Client = Literal["lean", "aiohttp"]
-DEFAULT_CLIENT: Client = "lean"
+__all__ = ["HOP_BY_HOP", "Transport", "strip_hop_by_hop"]
+
+# A token endpoint on another origin than the upstream's target gets a pool this small.
+SIDE_POOL_CONNECTIONS = 2
+# An auth side request's answer (a token) is read whole; a bigger one is refused.
+SIDE_ANSWER_LIMIT = 1024 * 1024
 # Request fields the lean client writes itself (framing), never copied from the call.
 _FRAMING = frozenset({"content-length", "transfer-encoding", "x-request-id"})
 
 
 class Transport:
-    """Sends calls for one upstream. Built once per transport-relevant configuration.
+    """Sends calls for one upstream. Built once per transport-relevant configuration."""
 
-    `client` picks the HTTP/1.1 client: "lean" (`proxy/_http1.py`) or "aiohttp"; both
-    behave the same from the outside (same headers sent, same errors, same streaming).
-    """
-
-    def __init__(self, policy: Policy, clock: Clock, events: EventBus, *, client: Client | None = None) -> None:
-        client = client or DEFAULT_CLIENT
-        if client not in ("lean", "aiohttp"):
-            raise ValueError(f"unknown upstream client {client!r}")
-        self.client: Client = client
+    def __init__(self, policy: Policy, clock: Clock, events: EventBus) -> None:
         self.policy = policy
         self.clock = clock
         self.events = events
@@ -114,112 +80,114 @@ class Transport:
             # Injected auth replaces whatever the app sent.
             removed += ["authorization", *(k.lower() for k in self._static_add)]
         self._remove = frozenset(removed)
-        self._session: aiohttp.ClientSession | None = None
         self._pool: _http1.HTTP1Pool | None = None
+        self._side_pools: dict[tuple[str, str, int], _http1.HTTP1Pool] = {}
         self._connect_timeout = policy.timeouts.connect
         self._attempt_timeout = policy.timeouts.attempt
         target = URL(self._base)
         self._base_path = target.raw_path.rstrip("/")
         self._origin = target
-        # Names the lean path drops from the app's headers because they are replaced.
-        self._lean_drop = self._remove | _FRAMING | {k.lower() for k in self._static_add}
+        # Names the request drops from the app's headers because they are replaced.
+        self._drop = self._remove | _FRAMING | {k.lower() for k in self._static_add}
         self._static_items = list(self._static_add.items())
 
     def fingerprint(self) -> str:
-        """Settings that, when unchanged across a reload, let the pooled session be kept."""
+        """Settings that, when unchanged across a reload, let the pools be kept."""
         return self.policy.fingerprint("target", "tls", "limits", "timeouts", "auth", "headers")
 
-    def _ssl(self) -> ssl.SSLContext | bool:
+    def _ssl_context(self) -> ssl.SSLContext:
+        """TLS for every pool of this upstream: `tls.verify` and `tls.ca_file` apply alike."""
         tls = self.policy.tls
-        if tls is not None and not tls.verify:
-            return False
         if tls is not None and tls.ca_file:
-            return ssl.create_default_context(cafile=tls.ca_file)
-        return True
+            context = ssl.create_default_context(cafile=tls.ca_file)
+        else:
+            context = ssl.create_default_context()
+        if tls is not None and not tls.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(["http/1.1"])
+        return context
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self.policy.limits.max_concurrency,
-                limit_per_host=0,
-                ssl=self._ssl(),
-                keepalive_timeout=30,
-                ttl_dns_cache=60,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-                # Forward what the app sent, nothing more: no default UA, Accept or Content-Type.
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=self._connect_timeout, sock_read=self._attempt_timeout
-                ),
-            )
-            # aiohttp silently resends idempotent requests once after a reset; egressd's retry
-            # stage owns every resend (policy, budget, attempt count), so turn that off.
-            self._session._retry_connection = False
-        return self._session
+    def _new_pool(self, url: URL, max_connections: int) -> _http1.HTTP1Pool:
+        https = url.scheme == "https"
+        return _http1.HTTP1Pool(
+            url.raw_host or "",
+            url.port or (443 if https else 80),
+            ssl_context=self._ssl_context() if https else None,
+            host_header=url.host_port_subcomponent,
+            max_connections=max_connections,
+            keepalive=30.0,
+        )
 
     def pool(self) -> _http1.HTTP1Pool:
+        """The upstream's pool (its target's origin)."""
         if self._pool is None:
-            url = self._origin
-            verify = self._ssl()
-            context: ssl.SSLContext | None = None
-            if url.scheme == "https":
-                if isinstance(verify, ssl.SSLContext):
-                    context = verify
-                else:
-                    context = ssl.create_default_context()
-                    if verify is False:
-                        context.check_hostname = False
-                        context.verify_mode = ssl.CERT_NONE
-                context.set_alpn_protocols(["http/1.1"])
-            host = url.raw_host or ""
-            self._pool = _http1.HTTP1Pool(
-                host,
-                url.port or (443 if url.scheme == "https" else 80),
-                ssl_context=context,
-                host_header=url.host_port_subcomponent,
-                max_connections=self.policy.limits.max_concurrency,
-                keepalive=30.0,
-            )
+            self._pool = self._new_pool(self._origin, self.policy.limits.max_concurrency)
         return self._pool
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+    def _pool_for(self, url: URL) -> _http1.HTTP1Pool:
+        """The pool for `url`'s origin: the upstream's own, or a small one of its own."""
+        origin = self._origin
+        key = (url.scheme, url.raw_host or "", url.explicit_port or 0)
+        if key == (origin.scheme, origin.raw_host or "", origin.explicit_port or 0):
+            return self.pool()
+        pool = self._side_pools.get(key)
+        if pool is None:
+            pool = self._side_pools[key] = self._new_pool(url, SIDE_POOL_CONNECTIONS)
+        return pool
 
-    def build_headers(self, call: Call, extra: dict[str, str] | None = None) -> CIMultiDict[str]:
-        if self._remove:
-            headers = CIMultiDict((k, v) for k, v in call.headers.items() if k.lower() not in self._remove)
-        else:
-            headers = CIMultiDict(call.headers)
-        for name, value in self._static_add.items():
-            headers[name] = value
-        if extra:
-            for name, value in extra.items():
-                headers[name] = value
-        headers["X-Request-Id"] = call.request_id
-        return headers
+    async def close(self) -> None:
+        pools = [p for p in (self._pool, *self._side_pools.values()) if p is not None]
+        self._pool = None
+        self._side_pools = {}
+        for pool in pools:
+            await pool.close()
+
+    async def fetch(
+        self, method: str, url: str | URL, headers: Iterable[tuple[str, str]], body: bytes | None, *, within: float
+    ) -> tuple[int, bytes]:
+        """A side request for the upstream's auth (an OAuth token): status and whole body,
+        within `within` seconds.
+
+        Same pools, TLS settings and client as the calls (the target's pool when `url` is
+        on its origin); no call headers, no events, never resent. Raises `_http1.HTTPError`
+        (ConnectError when it never left), or ValueError for a field holding CR, LF or NUL.
+        """
+        target = URL(url) if isinstance(url, str) else url
+        resp = await self._pool_for(target).request(
+            method,
+            target.raw_path_qs or "/",
+            headers,
+            body,
+            connect_timeout=self._connect_timeout,
+            idle_timeout=within,
+            total_timeout=within,
+        )
+        if resp.content_length is not None and resp.content_length > SIDE_ANSWER_LIMIT:
+            resp.close()
+            raise _http1.ProtocolError(f"the answer is over {SIDE_ANSWER_LIMIT} bytes")
+        parts: list[bytes] = []
+        size = 0
+        try:
+            while chunk := await resp.readany():
+                size += len(chunk)
+                if size > SIDE_ANSWER_LIMIT:
+                    raise _http1.ProtocolError(f"the answer is over {SIDE_ANSWER_LIMIT} bytes")
+                parts.append(chunk)
+        except BaseException:
+            resp.close()
+            raise
+        resp.release()
+        return resp.status, b"".join(parts)
 
     async def send(self, call: Call, extra_headers: dict[str, str] | None = None) -> Response:
         """One attempt. Raises ProxyError on failure; never retries."""
-        if self.client == "lean":
-            return await self._send_lean(call, extra_headers)
-        return await self._send_aiohttp(call, extra_headers)
-
-    async def _send_lean(self, call: Call, extra_headers: dict[str, str] | None) -> Response:
         started = self.clock.now()
         left = call.deadline - started
         budget = min(self._attempt_timeout, left)
         if budget <= 0:
             raise ProxyError("upstream_timeout", "the call's total time ran out", detail="timeout")
-        drop = self._lean_drop
+        drop = self._drop
         if extra_headers:
             drop = drop | {k.lower() for k in extra_headers}
         headers = [(k, v) for k, v in call.headers.items() if k.lower() not in drop]
@@ -265,9 +233,7 @@ class Transport:
         except BaseException as exc:
             if resp is not None:
                 resp.close()
-            failure = self._failed(
-                call, exc, sent_body_error, started, functools.partial(self._map_lean_error, exc, budget)
-            )
+            failure = self._failed(call, exc, sent_body_error, started, functools.partial(self._map_error, exc, budget))
             if failure is exc:
                 raise
             raise failure from exc
@@ -281,13 +247,13 @@ class Transport:
             status,
             out_headers,
             body=None,
-            stream=self._stream_lean(resp),
-            release=_lean_releaser(resp),
+            stream=self._stream(resp),
+            release=_releaser(resp),
             upstream=self.name,
             attempts=1,
         )
 
-    async def _stream_lean(self, resp: _http1.HTTP1Response) -> AsyncIterator[bytes]:
+    async def _stream(self, resp: _http1.HTTP1Response) -> AsyncIterator[bytes]:
         # The client's timers (idle = the attempt timeout, and the call's deadline) keep
         # running while the answer streams, so a stalled or drip-fed answer ends in time.
         try:
@@ -306,7 +272,7 @@ class Transport:
         finally:
             resp.release()
 
-    def _map_lean_error(self, exc: BaseException, budget: float) -> ProxyError:
+    def _map_error(self, exc: BaseException, budget: float) -> ProxyError:
         name = self.name
         if isinstance(exc, _http1.ConnectError):
             if exc.timed_out:
@@ -325,110 +291,6 @@ class Transport:
             return ProxyError(
                 "upstream_unreachable", f"refused to send a malformed header to {name}", detail="protocol_error"
             )
-        log.exception("unexpected transport failure for %s", name)
-        return ProxyError("upstream_unreachable", f"upstream {name} failed", detail="protocol_error")
-
-    async def _send_aiohttp(self, call: Call, extra_headers: dict[str, str] | None = None) -> Response:
-        started = self.clock.now()
-        budget = min(self._attempt_timeout, call.deadline - started)
-        if budget <= 0:
-            raise ProxyError("upstream_timeout", "the call's total time ran out", detail="timeout")
-        url = URL(self._base + call.target_path, encoded=True)
-        headers = self.build_headers(call, extra_headers)
-        body = call.body
-        data: bytes | AsyncIterator[bytes] | None
-        if body.buffered:
-            data = body.data if body.data else None
-            if data is not None or call.method in ("POST", "PUT", "PATCH"):
-                headers["Content-Length"] = str(len(body.data))
-        else:
-            data = body.chunks()
-            if body.length is not None:
-                headers["Content-Length"] = str(body.length)
-        sent_body_error: list[BaseException] = []
-        if data is not None and not isinstance(data, bytes):
-            data = _watch(data, sent_body_error)
-        resp: aiohttp.ClientResponse | None = None
-        story = call.story
-        if story is not None:
-            story.sending += 1
-        # aiohttp's own timers bound the try: `sock_read` (the attempt timeout) fires when the
-        # upstream sends nothing for that long, before or between answer bytes; `total` is
-        # what is left of the call's deadline and also bounds a streamed answer.
-        timeout = aiohttp.ClientTimeout(total=call.deadline - started, connect=self._connect_timeout, sock_read=budget)
-        try:
-            resp = await self.session().request(
-                call.method, url, headers=headers, data=data, allow_redirects=False, compress=False, timeout=timeout
-            )
-            length = resp.content_length
-            if call.method == "HEAD" or resp.status in (204, 304):
-                payload: bytes | None = b""
-                resp.release()
-            elif length is not None and length <= BUFFER_ANSWERS_UP_TO:
-                payload = await resp.read()
-            else:
-                payload = None
-        except ProxyError:
-            raise
-        except BaseException as exc:
-            if resp is not None:
-                resp.close()
-            failure = self._failed(call, exc, sent_body_error, started, functools.partial(self._map_error, exc, budget))
-            if failure is exc:
-                raise
-            raise failure from exc
-        assert resp is not None
-        self._attempt_event(_status_class(resp.status), resp.status, started)
-        out_headers = strip_hop_by_hop(resp.headers, drop=("content-length",) if payload is not None else ())
-        if story is not None:
-            story.attempts.append(Attempt(self.name, "answered", resp.status, out_headers))
-        if payload is not None:
-            return Response(resp.status, out_headers, body=payload, upstream=self.name, attempts=1)
-        return Response(
-            resp.status,
-            out_headers,
-            body=None,
-            stream=self._stream(resp, call.deadline),
-            release=_releaser(resp),
-            upstream=self.name,
-            attempts=1,
-        )
-
-    async def _stream(self, resp: aiohttp.ClientResponse, deadline: float) -> AsyncIterator[bytes]:
-        # The request's timers (idle `sock_read`, `total` = the call's deadline) keep running
-        # while the answer streams, so a stalled or drip-fed answer ends by the deadline.
-        try:
-            while True:
-                try:
-                    chunk = await resp.content.readany()
-                except TimeoutError as exc:
-                    raise ProxyError("upstream_timeout", "the answer stalled", detail="timeout") from exc
-                except aiohttp.ClientError as exc:
-                    raise ProxyError(
-                        "upstream_unreachable", f"the answer was cut short: {exc}", detail="reset"
-                    ) from exc
-                if not chunk:
-                    return
-                yield chunk
-        finally:
-            resp.release()
-
-    def _map_error(self, exc: BaseException, budget: float) -> ProxyError:
-        name = self.name
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            return ProxyError("upstream_timeout", f"connecting to {name} timed out", detail="connect_error")
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            # Refused, DNS failure, TLS failure: the request never left this process.
-            reason = "TLS verification failed" if isinstance(exc, aiohttp.ClientSSLError) else "cannot connect"
-            return ProxyError("upstream_unreachable", f"{reason} to upstream {name}", detail="connect_error")
-        if isinstance(exc, TimeoutError):
-            return ProxyError(
-                "upstream_timeout", f"upstream {name} did not answer within {budget:.3g}s", detail="timeout"
-            )
-        if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
-            return ProxyError("upstream_unreachable", f"upstream {name} sent a broken answer", detail="protocol_error")
-        if isinstance(exc, aiohttp.ClientError | OSError):
-            return ProxyError("upstream_unreachable", f"connection to upstream {name} was reset", detail="reset")
         log.exception("unexpected transport failure for %s", name)
         return ProxyError("upstream_unreachable", f"upstream {name} failed", detail="protocol_error")
 
@@ -462,18 +324,7 @@ def _status_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
-def _releaser(resp: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:
-    async def release() -> None:
-        # Closing (not releasing) a half-read answer: the connection cannot be reused.
-        if not resp.content.at_eof():
-            resp.close()
-        else:
-            resp.release()
-
-    return release
-
-
-def _lean_releaser(resp: _http1.HTTP1Response) -> Callable[[], Awaitable[None]]:
+def _releaser(resp: _http1.HTTP1Response) -> Callable[[], Awaitable[None]]:
     async def release() -> None:
         # Reused only when the whole answer was read; a half-read answer closes the connection.
         resp.release()
@@ -482,7 +333,7 @@ def _lean_releaser(resp: _http1.HTTP1Response) -> Callable[[], Awaitable[None]]:
 
 
 async def _watch(source: AsyncIterator[bytes], errors: list[BaseException]) -> AsyncIterator[bytes]:
-    """Remember why a streamed request body failed (aiohttp wraps the error)."""
+    """Remember why a streamed request body failed (the client wraps the error)."""
     try:
         async for chunk in source:
             yield chunk

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterable
 
 from multidict import CIMultiDict
 
+from proxy.headers import HOP_BY_HOP
 from proxy.model import Response
 from proxy.state.base import StoredResponse
 
@@ -17,21 +18,7 @@ MAX_DELTA_SECONDS = 2147483648.0
 _DIGITS = re.compile(r"[0-9]+")
 
 # Not kept in stored answers: per-connection, or recomputed on the way out.
-NOT_STORED = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Connection",
-        "Transfer-Encoding",
-        "TE",
-        "Trailer",
-        "Upgrade",
-        "Content-Length",
-        "Age",
-        "Set-Cookie",
-    )
-)
+NOT_STORED = HOP_BY_HOP | frozenset({"content-length", "age", "set-cookie"})
 
 
 def cache_control(values: Iterable[str]) -> dict[str, str | None]:
