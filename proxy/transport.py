@@ -238,7 +238,10 @@ class Transport:
                 raise
             raise failure from exc
         self._attempt_event(_status_class(status), status, started)
-        out_headers = strip_hop_by_hop(resp.headers, drop=("content-length",) if payload is not None else ())
+        # A buffered body gets its length from the listener; an answer to HEAD keeps the
+        # upstream's Content-Length (the size of what a GET would get: contract 7.3).
+        keep_length = payload is None or call.method == "HEAD"
+        out_headers = strip_hop_by_hop(resp.headers, drop=() if keep_length else ("content-length",))
         if story is not None:
             story.attempts.append(Attempt(self.name, "answered", status, out_headers))
         if payload is not None:

@@ -161,3 +161,23 @@ async def test_expect_100_continue_gets_the_final_error_instead(start_proxy: Sta
         early, final = await _raw_expect(proxy_url(server), path, b"y" * 4096)
         assert early.startswith(b"HTTP/1.1 " + status), early  # no 100: the final answer at once
         assert b"connection: close" in final.lower() or b"Connection: close" in early, (early, final)
+
+
+# -- HEAD keeps Content-Length (contract 7.3) ----------------------------------------------
+
+
+async def test_head_keeps_the_upstreams_content_length(start_proxy: StartProxy, run_app: RunApp) -> None:
+    async def doc(request: web.Request) -> web.Response:
+        return web.Response(body=b"z" * 1234, content_type="application/octet-stream")
+
+    app = web.Application()
+    app.router.add_get("/doc", doc)  # aiohttp answers HEAD for a GET route, without the body
+    up = await run_app(app)
+    server = await start_proxy([{"upstream": "up", "target": up.url}])
+    async with aiohttp.ClientSession() as http:
+        async with http.head(proxy_url(server) + "/up/doc") as r:
+            assert r.status == 200
+            assert r.headers["Content-Length"] == "1234"
+            assert await r.read() == b""
+        async with http.get(proxy_url(server) + "/up/doc") as r:
+            assert len(await r.read()) == 1234
