@@ -6,7 +6,9 @@ aiohttp's low-level server has public hooks for what egressd's listener sets
 max_headers=..., keepalive_timeout=..., auto_decompress=...)`, `web.ServerRunner`), but
 none for two things egressd needs:
 
-1. **A request-head deadline** (slowloris). aiohttp has no header-read timeout, and its
+1. **A request-head deadline** (slowloris), and closing the idle connections at once
+   when the drain begins (`close_if_idle`: aiohttp's own shutdown would also stop
+   reading the bodies of requests still being answered). aiohttp has no header-read timeout, and its
    keep-alive timer cannot stand in for one: it would also cut an idle kept-alive
    connection, which must stay open. One timer per connection: armed when the connection
    opens, cancelled when a head is complete, armed again only when bytes of a later head
@@ -41,6 +43,7 @@ INTERNALS: tuple[tuple[str, str, str], ...] = (
     ("RequestHandler", "connection_made", "asyncio protocol method, extended to arm the head timer"),
     ("RequestHandler", "connection_lost", "asyncio protocol method, extended to cancel the head timer"),
     ("RequestHandler", "force_close", "closes the connection when the head timer expires"),
+    ("RequestHandler", "_waiter", "the future an idle connection awaits its next request on (the drain closes it)"),
     ("RequestHandler", "handle_error", "called with status 400 for a request the parser refused"),
     ("Server", "__call__", "the protocol factory handed to loop.create_server"),
 )
@@ -106,6 +109,15 @@ class GuardedProtocol(web.RequestHandler):
             and (self._egressd_body is None or self._egressd_body.is_eof())
         ):
             self._egressd_timer = self._egressd_loop.call_later(self._egressd_timeout, self._head_expired)
+
+    def close_if_idle(self) -> bool:
+        """Close the connection now if it is waiting for its next request (none being
+        read, queued or answered): the drain's start. True if it did."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and not self._messages:
+            self.force_close()
+            return True
+        return False
 
     def _head_expired(self) -> None:
         self._egressd_timer = None

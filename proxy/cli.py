@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("EGRESSD_HEADER_TIMEOUT", "10"),
         help="seconds a client may take to send a request head (slowloris guard; 0 turns it off)",
     )
+    run.add_argument(
+        "--keepalive-timeout",
+        default=_env("EGRESSD_KEEPALIVE_TIMEOUT", "75"),
+        help="seconds an app connection may stay idle between requests before egressd closes it",
+    )
 
     check = sub.add_parser("check", help="validate a policy directory (exit 0 valid, 1 not)")
     check.add_argument("directory", nargs="?", default=_env("EGRESSD_POLICIES", "./policies"))
@@ -93,8 +98,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         drain = float(args.drain)
         header_timeout = float(args.header_timeout)
-        if drain < 0 or header_timeout < 0:
-            raise ValueError("--drain and --header-timeout must not be negative")
+        keepalive_timeout = float(args.keepalive_timeout)
+        if drain < 0 or header_timeout < 0 or keepalive_timeout < 0:
+            raise ValueError("--drain, --header-timeout and --keepalive-timeout must not be negative")
         settings = Settings(
             policies=Path(args.policies),
             listen=parse_hostport(args.listen),
@@ -104,6 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             data_dir=data_dir,
             drain=drain,
             header_timeout=header_timeout,
+            keepalive_timeout=keepalive_timeout,
         )
     except ValueError as exc:
         print(f"egressd: {exc}", file=sys.stderr)

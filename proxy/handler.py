@@ -30,10 +30,10 @@ from proxy.answers import error_response
 from proxy.clock import Clock
 from proxy.errors import ProxyError
 from proxy.events import CallFinished, EventBus
+from proxy.headers import strip_hop_by_hop
 from proxy.model import Call, CallStory, RequestBody, Response, unsafe_method
 from proxy.routing import rewrite_location, split_target
 from proxy.runtime import Runtime, UpstreamRuntime
-from proxy.transport import strip_hop_by_hop
 
 log = logging.getLogger("egressd")
 
@@ -104,6 +104,37 @@ class ProxyHandler:
         self.in_flight = 0
         self.idle = asyncio.Event()  # set while no call is in flight
         self.idle.set()
+        # The tasks answering a request now, and those `cut()` cancelled at the drain's end
+        # (each still gets an answer: contract 7.3).
+        self._running: set[asyncio.Task[Any]] = set()
+        self._cut: set[asyncio.Task[Any]] = set()
+
+    def cut(self) -> int:
+        """The drain ran out: end every call still running, each with an answer (a call
+        that may have reached its upstream gets 504 `upstream_timeout`, detail `draining`;
+        one never sent 503 `draining`). Returns how many were cut."""
+        for task in self._running:
+            self._cut.add(task)
+            task.cancel()
+        return len(self._running)
+
+    def _cut_off(self, sent: bool) -> ProxyError | None:
+        """Inside `except CancelledError`: the error to answer with when the cancellation
+        was `cut()`'s (the task is uncancelled and goes on to write it); else None."""
+        task = asyncio.current_task()
+        if task is None or task not in self._cut:
+            return None
+        self._cut.discard(task)
+        task.uncancel()
+        if sent:
+            return ProxyError(
+                "upstream_timeout",
+                "egressd is shutting down: the drain ended before the upstream answered",
+                detail="draining",
+            )
+        return ProxyError(
+            "draining", "egressd is shutting down: the drain ended before the call was sent", retry_after=1
+        )
 
     def malformed(self, request: web.BaseRequest, description: str) -> web.StreamResponse:
         """A request the HTTP parser refused (smuggling, bad header bytes, limits): 400, closed."""
@@ -118,9 +149,21 @@ class ProxyHandler:
         started = self.clock.now()
         self.in_flight += 1
         self.idle.clear()
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
         try:
-            return await self._handle(request, fixed_upstream, started)
+            out = await self._handle(request, fixed_upstream, started)
+            if self.draining:
+                # The drain closes the connection after this answer (Connection: close).
+                if out.prepared:
+                    request.protocol.close()
+                else:
+                    out.force_close()
+            return out
         finally:
+            self._running.discard(task)
+            self._cut.discard(task)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
@@ -166,21 +209,27 @@ class ProxyHandler:
                 # still be holding it back, so the connection cannot be reused.
                 response.close_connection = True
         except asyncio.CancelledError:
-            # The app went away before its answer: the call ends here (an unsafe call that
-            # was sent goes on in `_owned`, which writes its own line when it ends).
-            if not self._orphaned(request):
-                self._finish(
-                    Response(499, CIMultiDict(), upstream=rt.name if rt else ""),
-                    route,
-                    path,
-                    request_id,
-                    self.clock.now() - started,
-                    0,
-                    request,
-                    None,
-                    app_gone=True,
-                )
-            raise
+            cut = self._cut_off(sent=True)  # a safe call cut by the drain's end: answered
+            if cut is None:
+                # The app went away before its answer: the call ends here (an unsafe call that
+                # was sent goes on in `_owned`, which writes its own line when it ends).
+                if not self._orphaned(request):
+                    self._finish(
+                        Response(499, CIMultiDict(), upstream=rt.name if rt else ""),
+                        route,
+                        path,
+                        request_id,
+                        self.clock.now() - started,
+                        0,
+                        request,
+                        None,
+                        app_gone=True,
+                    )
+                raise
+            response = error_response(
+                cut, request_id=request_id, plugin=rt.plugin if rt else None, upstream=rt.name if rt else ""
+            )
+            response.detail = cut.detail
         except ProxyError as exc:
             response = error_response(
                 exc, request_id=request_id, plugin=rt.plugin if rt else None, upstream=rt.name if rt else ""
@@ -226,6 +275,15 @@ class ProxyHandler:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
+            cut = self._cut_off(sent=story.sending > 0)
+            if cut is not None:
+                # The drain ran out: the app gets its answer now; a call not sent yet ends
+                # here, one that was sent runs on until the process exits.
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    return task.result()
+                if story.sending == 0:
+                    task.cancel()
+                raise cut from None
             story.app_gone = True
             if task.done():
                 # Answered at the moment the app left: nobody will write the answer, so

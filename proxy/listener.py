@@ -11,13 +11,14 @@ on every reload.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
 
-from proxy._aiohttp_compat import OnMalformed, guarded_server
+from proxy._aiohttp_compat import GuardedProtocol, OnMalformed, guarded_server
 
 log = logging.getLogger("egressd")
 # Start-up lines ("... listening on HOST:PORT") are printed at any --log-level: tools and
@@ -29,17 +30,29 @@ lifecycle = logging.getLogger("egressd.lifecycle")
 MAX_REQUEST_LINE = 8190
 MAX_HEADER_FIELD = 8190
 MAX_HEADERS = 128
-# An idle kept-alive connection from the app is closed after this long. Longer than the
-# idle timeout of any client pool, so the app's side closes first and never sends on a
-# connection egressd is closing (aiohttp's own default, pinned here).
-KEEPALIVE_TIMEOUT = 3630.0
+# An idle kept-alive connection from the app is closed after this long (`--keepalive-timeout`,
+# contract 7.1): nginx's default. Every open connection holds a file descriptor, so an
+# unbounded idle time lets idle pools exhaust the process's file limit (issue 13).
+KEEPALIVE_TIMEOUT = 75.0
+# At the end of the shutdown, the time left to connections still open (all calls have
+# been answered or cut by then: proxy/server.py), for all listeners together.
+CLOSE_TIMEOUT = 0.5
+# A listener a reload removed: its calls in flight get this long to be answered.
+RETIRE_GRACE = 60.0
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 Spawn = Callable[[Coroutine[Any, Any, Any]], None]
 
 
-def proxy_server(handler: Handler, *, header_timeout: float, on_malformed: OnMalformed) -> web.Server:
-    """aiohttp's low-level server for a proxy listener."""
+def proxy_server(
+    handler: Handler,
+    *,
+    header_timeout: float,
+    on_malformed: OnMalformed,
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+) -> web.Server:
+    """aiohttp's low-level server for a proxy listener. An idle connection is closed after
+    `keepalive_timeout` seconds without a request (a request being answered never is)."""
     return guarded_server(
         handler,
         head_timeout=header_timeout,
@@ -49,7 +62,7 @@ def proxy_server(handler: Handler, *, header_timeout: float, on_malformed: OnMal
         max_line_size=MAX_REQUEST_LINE,
         max_field_size=MAX_HEADER_FIELD,
         max_headers=MAX_HEADERS,
-        keepalive_timeout=KEEPALIVE_TIMEOUT,
+        keepalive_timeout=keepalive_timeout,
         # Bodies are forwarded as sent: decompressing them here would send plain bytes
         # under the app's Content-Encoding (and invite decompression bombs).
         auto_decompress=False,
@@ -63,8 +76,7 @@ def fmt_addr(host: str, port: int) -> str:
 class Listeners:
     """The running listeners by key ("main", "admin", "upstream:<name>") and their addresses."""
 
-    def __init__(self, *, drain: float, spawn: Spawn) -> None:
-        self._drain = drain
+    def __init__(self, *, spawn: Spawn) -> None:
         self._spawn = spawn
         self._runners: dict[str, web.BaseRunner] = {}
         self.addresses: dict[str, tuple[str, int]] = {}  # the bound address (a :0 port resolved)
@@ -73,9 +85,9 @@ class Listeners:
     async def start(self, key: str, addr: tuple[str, int], app: web.Application | web.Server) -> None:
         runner: web.BaseRunner
         if isinstance(app, web.Application):
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=self._drain)
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=CLOSE_TIMEOUT)
         else:
-            runner = web.ServerRunner(app, access_log=None, shutdown_timeout=self._drain)
+            runner = web.ServerRunner(app, access_log=None, shutdown_timeout=CLOSE_TIMEOUT)
         await runner.setup()
         site = web.TCPSite(runner, addr[0], addr[1], backlog=1024, reuse_address=True)
         await site.start()
@@ -105,20 +117,50 @@ class Listeners:
                 runner = self._runners.pop(key)
                 self.addresses.pop(key, None)
                 self._configured.pop(key, None)
-                self._spawn(runner.cleanup())
+                self._spawn(self._retire(runner))
         for key, addr in keyed.items():
             if key not in self._runners:
                 await self.start(key, addr, make_server(key.split(":", 1)[1]))
                 self._configured[key] = addr
 
-    async def stop_accepting(self) -> None:
-        """Stop accepting connections on the proxy listeners; the admin stays up (/readyz says 503)."""
+    async def _retire(self, runner: web.BaseRunner) -> None:
+        """Stop a listener a reload removed: refuse new connections, close each connection
+        once idle, then close what is left (after `RETIRE_GRACE` at most)."""
+        try:
+            for site in list(runner.sites):
+                await site.stop()
+            loop = asyncio.get_running_loop()
+            until = loop.time() + RETIRE_GRACE
+            server = runner.server
+            while server is not None and loop.time() < until:
+                open_ = [c for c in server.connections if not (isinstance(c, GuardedProtocol) and c.close_if_idle())]
+                if not open_:
+                    break
+                await asyncio.sleep(0.25)
+        finally:
+            await runner.cleanup()
+
+    async def stop_accepting(self) -> int:
+        """The drain's start: the proxy listeners stop accepting (a new connection is
+        refused) and their idle connections are closed; connections with a request being
+        read or answered stay open for its answer. The admin listener stays up (/readyz
+        says 503). Returns the number of idle connections closed."""
+        closed = 0
         for key, runner in list(self._runners.items()):
-            if key != "admin":
-                for site in list(runner.sites):
-                    await site.stop()
+            if key == "admin":
+                continue
+            for site in list(runner.sites):
+                await site.stop()
+            server = runner.server
+            if server is not None:
+                for conn in server.connections:
+                    if isinstance(conn, GuardedProtocol) and conn.close_if_idle():
+                        closed += 1
+        return closed
 
     async def close(self) -> None:
-        for key in list(self._runners):
-            runner = self._runners.pop(key)
-            await runner.cleanup()
+        """Close every listener and connection, all together: one `CLOSE_TIMEOUT`, not
+        one per listener (calls are answered by then: proxy/server.py's drain)."""
+        runners = list(self._runners.values())
+        self._runners.clear()
+        await asyncio.gather(*(runner.cleanup() for runner in runners), return_exceptions=True)

@@ -31,6 +31,35 @@ if TYPE_CHECKING:
 log = logging.getLogger("egressd")
 
 
+class Drain:
+    """The end of this process's drain (SIGTERM, contract 7.3): `end()` is called by the
+    server when `--drain` runs out. A wait that must not outlive the drain (a call in a
+    rate-limit queue) sleeps through `sleep`, which then returns False at once."""
+
+    def __init__(self) -> None:
+        self.ended = False
+        self._future: asyncio.Future[None] | None = None
+
+    def end(self) -> None:
+        self.ended = True
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+    async def sleep(self, clock: Clock, seconds: float) -> bool:
+        """Sleep `seconds` on `clock`; False (sooner) when the drain ends first."""
+        if self.ended:
+            return False
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        sleeper = asyncio.ensure_future(clock.sleep(seconds))
+        try:
+            await asyncio.wait((sleeper, self._future), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not sleeper.done():
+                sleeper.cancel()
+        return sleeper.done() and not sleeper.cancelled()
+
+
 @dataclass
 class UpstreamRuntime:
     policy: Policy
@@ -54,6 +83,9 @@ class Runtime:
         self.upstreams: dict[str, UpstreamRuntime] = {}
         self.version: str | None = None
         self.policy_set: PolicySet | None = None
+        # Shared with every stage (`StageContext.extras["drain"]`): the rate-limit queue
+        # answers 503 `draining` when it ends.
+        self.drain = Drain()
         self._retired: set[asyncio.Task[None]] = set()
 
     def get(self, name: str) -> UpstreamRuntime | None:
@@ -81,6 +113,7 @@ class Runtime:
                 state=self.state,
                 plugin=plugin,
                 lookup=self.lookup,
+                extras={"drain": self.drain},
             )
             # With OAuth, the attempt loop sends through the token sender (and refreshes a
             # rejected token as one more attempt): proxy/upstream.py.

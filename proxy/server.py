@@ -29,8 +29,9 @@ from aiohttp import web
 from proxy.admin import Admin
 from proxy.clock import Clock, RealClock
 from proxy.events import EventBus
+from proxy.fds import fd_limit, fd_pressure, open_fds, raise_fd_limit
 from proxy.handler import ProxyHandler
-from proxy.listener import Listeners, proxy_server
+from proxy.listener import KEEPALIVE_TIMEOUT, Listeners, proxy_server
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.observe.status import StatusBoard
@@ -40,6 +41,12 @@ from proxy.state.base import StateBackend
 from proxy.state.memory import MemoryState
 
 log = logging.getLogger("egressd")
+# After the drain's end: the time the answers of queued calls (503 `draining`), then of
+# the calls cut in flight, get to be written before the connections are closed. With
+# the listeners' own CLOSE_TIMEOUT, the exit comes within `--drain` + 2 s (contract 7.3).
+ANSWER_GRACE = 0.4
+# The "near the file limit" warning is repeated at most this often while it holds.
+FD_WARN_EVERY = 60.0
 
 
 class StartupError(Exception):
@@ -59,6 +66,10 @@ class Settings:
     # seconds after it opened, or after the first byte of a later head on a kept-alive
     # connection, is closed (slowloris). 0 turns the timer off.
     header_timeout: float = 10.0
+    # An app connection idle this long between requests is closed (`--keepalive-timeout`).
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    # How often the open file descriptors are checked against the file limit (proxy/fds.py).
+    fd_check_interval: float = 2.0
     # The durable store (`--data-dir`): idempotency and fingerprint records and the routing
     # ledger survive a restart. None keeps them in process memory (`--data-dir none`).
     data_dir: Path | None = None
@@ -99,7 +110,7 @@ class EgressServer:
         self.ready = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.handler = ProxyHandler(self.runtime, self.clock, self.events, self.spawn)
-        self.listeners = Listeners(drain=settings.drain, spawn=self.spawn)
+        self.listeners = Listeners(spawn=self.spawn)
         self.addresses: dict[str, tuple[str, int]] = self.listeners.addresses
         self.admin = Admin(self)
         self.reloader = Reloader(
@@ -140,6 +151,8 @@ class EgressServer:
             await self.stop()
             raise StartupError(f"cannot listen: {exc}") from exc
         self.ready = True
+        if self.settings.fd_check_interval > 0:
+            self.spawn(self._watch_fds())
         log.info(
             "policies loaded",
             extra={"version": self.runtime.version, "upstreams": sorted(built), "state_backend": self.state.name},
@@ -153,7 +166,10 @@ class EgressServer:
             return await handle(request, fixed_upstream)
 
         return proxy_server(
-            handler, header_timeout=self.settings.header_timeout, on_malformed=self.handler.malformed
+            handler,
+            header_timeout=self.settings.header_timeout,
+            keepalive_timeout=self.settings.keepalive_timeout,
+            on_malformed=self.handler.malformed,
         )
 
     async def _sync_upstream_listeners(self) -> None:
@@ -174,16 +190,51 @@ class EgressServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _watch_fds(self) -> None:
+        """Warn (at most every `FD_WARN_EVERY` s) while the open file descriptors are 80 %
+        or more of the file limit; the gauges read the same numbers at each scrape."""
+        loop = asyncio.get_running_loop()
+        warned = -FD_WARN_EVERY
+        while True:
+            await asyncio.sleep(self.settings.fd_check_interval)
+            count, limit = open_fds(), fd_limit()
+            message = fd_pressure(count, limit)
+            if message is not None and loop.time() - warned >= FD_WARN_EVERY:
+                warned = loop.time()
+                log.warning(message, extra={"open_fds": count, "max_fds": limit})
+
+    async def _settle(self, seconds: float) -> bool:
+        """Wait up to `seconds` for no call to be in flight; True if none is."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.handler.idle.wait(), timeout=max(seconds, 0.0))
+        return self.handler.idle.is_set()
+
     async def drain_and_stop(self) -> None:
-        """SIGTERM: stop accepting, report not ready, let in-flight calls finish, exit."""
+        """SIGTERM (contract 7.3): new connections are refused and idle ones closed at
+        once, /readyz says 503; calls in flight, queued ones included, go on for up to
+        `--drain` seconds. Then calls still in a rate-limit queue get 503 `draining`, calls
+        still running are cut with an answer (proxy/handler.py, `cut`), and everything
+        closes: the exit comes within `--drain` + 2 s, whatever the number of listeners."""
         if self.draining:
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain
         self.handler.draining = True
         self.ready = False
-        log.info("draining", extra={"in_flight": self.in_flight, "drain_seconds": self.settings.drain})
-        await self.listeners.stop_accepting()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.handler.idle.wait(), timeout=self.settings.drain)
+        closed = await self.listeners.stop_accepting()
+        log.info(
+            "draining",
+            extra={"in_flight": self.in_flight, "drain_seconds": self.settings.drain, "idle_closed": closed},
+        )
+        if not await self._settle(deadline - loop.time()):
+            self.runtime.drain.end()  # the rate-limit queues answer 503 `draining`
+            if not await self._settle(ANSWER_GRACE):
+                cut = self.handler.cut()
+                log.warning(
+                    "the drain ended with calls still in flight: they were answered and cut",
+                    extra={"cut": cut, "drain_seconds": self.settings.drain},
+                )
+                await self._settle(ANSWER_GRACE)
         await self.stop()
 
     async def stop(self) -> None:
@@ -220,6 +271,9 @@ async def serve(settings: Settings, *, stop_event: asyncio.Event | None = None) 
     except DataDirError as exc:
         log.error(str(exc))
         return 1
+    raised = raise_fd_limit()
+    if raised is not None:
+        log.info(f"file limit raised from {raised[0]} to {raised[1]}", extra={"max_fds": raised[1]})
     server = EgressServer(settings, state=state, events=events)
     try:
         await server.start()

@@ -14,7 +14,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,18 @@ class Egressd:
     """One `python -m proxy run` on fixed free ports, restartable on the same ports."""
 
     def __init__(
-        self, policies: Path, *, redis_url: str | None = None, drain: float = 5.0, data_dir: Path | None = None
+        self,
+        policies: Path,
+        *,
+        redis_url: str | None = None,
+        drain: float = 5.0,
+        data_dir: Path | None = None,
+        args: Sequence[str] = (),
+        nofile: int | None = None,
     ) -> None:
         self.policies = policies
+        self.args = list(args)  # more `egressd run` flags
+        self.nofile = nofile  # a file limit (soft and hard) for the process
         self.redis_url = redis_url
         self.drain = drain
         # Its own durable store, kept across restarts of this object (never ./egressd-data).
@@ -54,9 +63,12 @@ class Egressd:
         ]  # fmt: skip
         if self.redis_url:
             cmd += ["--redis", self.redis_url, "--redis-prefix", self.prefix]
+        cmd += self.args
         env = {k: v for k, v in os.environ.items() if not k.startswith("EGRESSD_")}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env, preexec_fn=self._limits
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -67,6 +79,12 @@ class Egressd:
                         return
             time.sleep(0.05)
         raise RuntimeError(f"egressd not ready within {timeout}s:\n{self.log()}")
+
+    def _limits(self) -> None:
+        if self.nofile is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]

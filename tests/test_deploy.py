@@ -473,7 +473,9 @@ def test_default_render_is_a_hardened_standalone_tier(helm: ModuleType) -> None:
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8080, "admin": 9901}
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert pod["spec"]["automountServiceAccountToken"] is False
-    assert pod["spec"]["terminationGracePeriodSeconds"] > float(env["EGRESSD_DRAIN"])
+    # Derived from the drain: egressd exits within drain + 2 s, and 5 s to spare (issue 13).
+    assert pod["spec"]["terminationGracePeriodSeconds"] == float(env["EGRESSD_DRAIN"]) + 7
+    assert env["EGRESSD_KEEPALIVE_TIMEOUT"] == "75"
     assert deployment["spec"]["replicas"] >= 2
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
@@ -557,6 +559,17 @@ def test_schema_rejects_bad_values(helm: ModuleType, values: dict[str, Any]) -> 
         render(helm, CHART, values)
 
 
+def test_grace_period_follows_the_drain_and_can_be_overridden(helm: ModuleType) -> None:
+    pod = one(render(helm, CHART, {"drainSeconds": 45}), "Deployment")["spec"]["template"]["spec"]
+    assert env_of(pod["containers"][0])["EGRESSD_DRAIN"] == "45"
+    assert pod["terminationGracePeriodSeconds"] == 52
+    pod = one(render(helm, CHART, {"drainSeconds": 2.5}), "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 10
+    values = {"drainSeconds": 45, "standalone": {"terminationGracePeriodSeconds": 120}}
+    pod = one(render(helm, CHART, values), "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 120
+
+
 def test_service_monitor_needs_the_standalone_service(helm: ModuleType) -> None:
     with pytest.raises(helm.HelmError, match="use podMonitor for the sidecar form"):
         render(helm, CHART, {"standalone": {"enabled": False}, "serviceMonitor": {"enabled": True}})
@@ -586,6 +599,8 @@ def test_sidecar_form_in_an_app_chart(helm: ModuleType, app_chart: Path) -> None
     assert env["EGRESSD_ADMIN"] == "0.0.0.0:9901"
     assert env["STRIPE_SECRET_KEY"] == {"secretKeyRef": {"name": "checkout-provider-keys", "key": "stripe"}}
     assert sidecar["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    # The example derives the pod's grace period: preStop sleep + drain + 2 s + 5 s to spare.
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 5 + 20 + 7
     configmap = one(docs, "ConfigMap")
     assert sorted(configmap["data"]) == ["stripe.yaml"]
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}

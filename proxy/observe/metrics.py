@@ -24,6 +24,7 @@ from proxy.events import (
     Tally,
     tally_gains,
 )
+from proxy.fds import fd_limit, open_fds
 
 CIRCUIT_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -100,6 +101,14 @@ class Metrics:
         self.backend_errors = Counter(
             "egressd_state_backend_errors", "State backend failures.", ["backend"], registry=r
         )
+        # The process's file descriptors against its file limit (proxy/fds.py), read at
+        # each scrape; proxy/server.py also warns in the log from 80 %.
+        self.open_fds = Gauge("egressd_open_fds", "File descriptors open in this process.", registry=r)
+        self.open_fds.set_function(lambda: float(open_fds()))
+        self.max_fds = Gauge(
+            "egressd_max_fds", "The process's file limit (soft RLIMIT_NOFILE; -1: unlimited).", registry=r
+        )
+        self.max_fds.set_function(lambda: float(fd_limit()))
         # Label children are looked up once and kept: this runs on every call.
         self._requests: dict[tuple[str, int, str], Counter] = {}
         self._durations: dict[str, Histogram] = {}

@@ -31,6 +31,7 @@ from proxy.state.base import StateBackend, SyncLimits, state_key, sync_limits
 if TYPE_CHECKING:
     from proxy.config.schema import RateLimit
     from proxy.pipeline import StageContext
+    from proxy.runtime import Drain
 
 DEFAULT_MAX_PAUSE = 60.0
 _EPS = 1e-9
@@ -93,6 +94,9 @@ class RateLimiter:
         retry = ctx.policy.retry
         self.max_pause = retry.max_retry_after if retry is not None else DEFAULT_MAX_PAUSE
         self.waiting = 0  # callers of this process sleeping in the queue now
+        # The process's drain (proxy/runtime.py): a caller still queued when it ends gets
+        # 503 `draining` (contract 7.3). None outside a server (tests of the stage alone).
+        self.drain: Drain | None = ctx.extras.get("drain")
         # Where the GCRA slots come from: `shared: false` keeps the budget in this process
         # even when --redis is on; an upstream's pause (respect_upstream) is still shared
         # through ctx.state.
@@ -181,7 +185,17 @@ class RateLimiter:
     async def _sleep(self, seconds: float) -> None:
         self.waiting += 1
         try:
-            await self.ctx.clock.sleep(seconds)
+            drain = self.drain
+            if drain is None:
+                await self.ctx.clock.sleep(seconds)
+            elif not await drain.sleep(self.ctx.clock, seconds):
+                # Never sent: the app may send it again, to another replica (Retry-After).
+                raise ProxyError(
+                    "draining",
+                    f"egressd is shutting down: the call was still waiting in the rate-limit queue of "
+                    f"upstream {self.upstream} when the drain ended",
+                    retry_after=1,
+                )
         finally:
             self.waiting -= 1
 

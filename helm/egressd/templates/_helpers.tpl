@@ -108,6 +108,8 @@ env:
     value: {{ $v.log.level | quote }}
   - name: EGRESSD_DRAIN
     value: {{ $v.drainSeconds | quote }}
+  - name: EGRESSD_KEEPALIVE_TIMEOUT
+    value: {{ $v.keepaliveTimeoutSeconds | quote }}
   - name: EGRESSD_DATA_DIR
     value: {{ $v.dataDir.mountPath | quote }}
   {{- if or $v.redis.url $v.redis.existingSecret }}
@@ -220,6 +222,28 @@ persistentVolumeClaim:
 emptyDir:
   sizeLimit: {{ $c.Values.dataDir.sizeLimit }}
 {{- end -}}
+{{- end -}}
+
+{{/*
+The pod's terminationGracePeriodSeconds, derived from the drain: egressd exits within
+drainSeconds + 2 s of SIGTERM (contract 7.3), plus 5 s to spare; the classic sidecar form adds
+its preStop sleep. The standalone Deployment uses it unless standalone.terminationGracePeriodSeconds
+is set. In the sidecar form the app's chart owns the pod: it includes this template, or sets a
+number at least as large (the app's own shutdown time counts too):
+      terminationGracePeriodSeconds: {{ include "egressd.sidecar.terminationGracePeriodSeconds" . }}
+*/}}
+{{- define "egressd.terminationGracePeriodSeconds" -}}
+{{- $c := include "egressd.ctx" .root | fromYaml -}}
+{{- $v := $c.Values -}}
+{{- $grace := add (ceil $v.drainSeconds | int) 7 -}}
+{{- if and (eq .mode "sidecar") (not $v.sidecar.native) -}}
+{{- $grace = add $grace (int $v.sidecar.preStopSleepSeconds) -}}
+{{- end -}}
+{{- $grace -}}
+{{- end -}}
+
+{{- define "egressd.sidecar.terminationGracePeriodSeconds" -}}
+{{- include "egressd.terminationGracePeriodSeconds" (dict "root" . "mode" "sidecar") -}}
 {{- end -}}
 
 {{/* Pod labels that the PodMonitor of the sidecar form selects on. */}}
