@@ -334,6 +334,8 @@ def make_stripe_app(
     r.add_post("/v1/refunds", create_refund)
     r.add_get("/v1/refunds/{id}", retrieve_refund)
     r.add_get("/v1/charges/{id}", retrieve_charge)
+    # Stripe serves uploads on its own host (files.stripe.com); this fake takes them too.
+    r.add_post("/v1/files", create_file)
     return app
 
 
@@ -890,3 +892,37 @@ async def retrieve_charge(request: web.Request, params: dict[str, Any], key: str
     if ch is None:
         raise StripeError(404, f"No such charge: '{cid}'", code="resource_missing", param="id")
     return 200, _charge_object(ch)
+
+
+async def create_file(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/files`` (files.stripe.com): a multipart upload of ``file`` and ``purpose``."""
+    request["stripe_request_id"] = new_id("req_", 14)
+    try:
+        _authenticate(request)
+    except StripeError as exc:
+        return _json(exc.status, exc.body)
+    if request.content_type != "multipart/form-data":
+        err = StripeError(400, "File uploads must be multipart/form-data.", param="file")
+        return _json(err.status, err.body)
+    form = await request.post()
+    upload = form.get("file")
+    purpose = str(form.get("purpose") or "")
+    if not isinstance(upload, web.FileField) or not purpose:
+        err = StripeError(400, "Missing required param: file and purpose.", param="file")
+        return _json(err.status, err.body)
+    data = upload.file.read()
+    fid = new_id("file_", 24)
+    _record(request, "file.created", fid, request.headers.get("Idempotency-Key"), size=len(data), purpose=purpose)
+    return _json(
+        200,
+        {
+            "id": fid,
+            "object": "file",
+            "created": int(time.time()),
+            "filename": upload.filename,
+            "purpose": purpose,
+            "size": len(data),
+            "type": (upload.filename or "").rpartition(".")[2] or None,
+            "url": None,
+        },
+    )

@@ -152,7 +152,7 @@ def test_shipped_policies_load_clean() -> None:
         assert result.problems == (), lines(result)
         assert result.policy_set is not None
         names = result.policy_set.by_name()
-        assert set(names) == {"stripe", "paypal", "sendgrid", "mailgun"}
+        assert set(names) == {"stripe", "stripe-files", "paypal", "sendgrid", "mailgun"}
         assert names["stripe"].failover[0].to == "paypal"
         assert names["sendgrid"].failover[0].to == "mailgun"
         assert names["mailgun"].provider.settings == {"domain": "mg.example.com"}

@@ -7,6 +7,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,7 @@ from proxy.server import EgressServer
 from tests.conftest import Upstream, proxy_url
 
 StartProxy = Callable[..., Awaitable[EgressServer]]
+ROOT_POLICIES = Path(__file__).resolve().parent.parent / "policies"
 RunApp = Callable[[web.Application], Awaitable[Upstream]]
 
 
@@ -181,3 +183,41 @@ async def test_head_keeps_the_upstreams_content_length(start_proxy: StartProxy, 
             assert await r.read() == b""
         async with http.get(proxy_url(server) + "/up/doc") as r:
             assert len(await r.read()) == 1234
+
+
+# -- Stripe file uploads through their own upstream (issue 13 item 12) ---------------------
+
+
+async def test_stripe_file_upload_through_the_files_upstream(start_proxy: StartProxy) -> None:
+    """files.stripe.com is another base URL: the shipped example policy has a
+    `stripe-files` upstream, and the SDK's `files` base address points at it."""
+    import io
+
+    import stripe
+
+    from fakes import FakeServer
+    from proxy.config.loader import load_policy_dir
+
+    shipped = load_policy_dir(ROOT_POLICIES)
+    assert shipped.ok and shipped.policy_set is not None
+    files = next(p for p in shipped.policy_set.policies if p.upstream == "stripe-files")
+    assert files.target == "https://files.stripe.com" and files.limits.max_body == 32 * 1024 * 1024
+
+    async with FakeServer("stripe") as sf:
+        text = (ROOT_POLICIES / "stripe.yaml").read_text()
+        text = text.replace("https://api.stripe.com", sf.url).replace("https://files.stripe.com", sf.url)
+        # The example's failover names the paypal upstream: give it one (never used here).
+        docs = text + f"\n---\nupstream: paypal\ntarget: {sf.url}\nprovider: paypal\n"
+        server = await start_proxy(docs)
+        base = proxy_url(server)
+        client = stripe.StripeClient(
+            "sk_test_1",
+            base_addresses={"api": base + "/stripe", "files": base + "/stripe-files"},
+            max_network_retries=0,
+        )
+        upload = await asyncio.to_thread(
+            client.v1.files.create,
+            params={"purpose": "dispute_evidence", "file": io.BytesIO(b"%PDF-1.4 evidence")},
+        )
+    assert upload.id.startswith("file_") and upload.size == len(b"%PDF-1.4 evidence")
+    assert [e.data["purpose"] for e in sf.ledger.effects("file.created")] == ["dispute_evidence"]
