@@ -205,6 +205,11 @@ class ProviderPlugin:
     #: Request headers of this provider's own that select a different answer (an account,
     #: an API version): part of every cache key, beside the standard `Accept*` headers.
     vary_headers: ClassVar[tuple[str, ...]] = ()
+    #: Paths (relative to the upstream's target, exact, no query) of the provider's own
+    #: token endpoint, where the app authenticates with its own credentials (PayPal's
+    #: `/v1/oauth2/token`): egressd injects no auth there (no static header, no OAuth
+    #: token) and forwards the app's `Authorization` untouched (docs/providers.md).
+    app_auth_paths: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self.settings: Mapping[str, Any] = dict(settings or {})

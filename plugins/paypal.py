@@ -26,6 +26,9 @@ class PayPalPlugin(ProviderPlugin):
     idempotency_header: ClassVar[str | None] = "PayPal-Request-Id"
     # A partner acting for a merchant gets that merchant's answers.
     vary_headers: ClassVar[tuple[str, ...]] = ("PayPal-Partner-Attribution-Id",)
+    # The SDK's own token call (HTTP Basic with the app's client id and secret) passes
+    # through untouched even when the upstream has `auth: oauth_client_credentials`.
+    app_auth_paths: ClassVar[tuple[str, ...]] = ("/v1/oauth2/token",)
 
     def error_answer(self, code: str, status: int, message: str, *, request_id: str) -> ErrorAnswer:
         body = {

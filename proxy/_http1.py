@@ -13,7 +13,8 @@ consumer takes them, so a 100 MB answer passes in constant memory.
 Only `proxy/transport.py` uses this module. It never resends anything: a reset on a reused
 idle connection before any answer byte is a `ResetError` like any other, because egressd's
 retry stage owns every resend. Failures are `HTTPError`s whose `kind` is the transport's
-detail: `connect_error` (the request never left), `reset`, `timeout`, `protocol_error`.
+detail: `connect_error` (the request never left), `reset`, `timeout`, `protocol_error`,
+`header_too_large` (the answer's head broke `max_field_size` or `max_head_size`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 READ_LIMIT = 2**16
 HIGH_WATER = 2 * READ_LIMIT  # buffered answer bytes above which reading from the socket pauses
+# The default limits on an answer's head (`HTTP1Pool(max_field_size=, max_head_size=)`):
 MAX_FIELD_SIZE = 8190  # one answer header field, name and value (aiohttp's limit)
 MAX_HEAD_SIZE = 65536  # the answer's head: status line and fields (with any 1xx heads before it)
 _CRLF = b"\r\n"
@@ -70,6 +72,18 @@ class ProtocolError(HTTPError):
     """The answer was not valid HTTP/1.1, or its body was shorter than its framing said."""
 
     kind = "protocol_error"
+
+
+class HeaderTooLarge(ProtocolError):
+    """The answer's head broke a size limit: `what` is "field" (one header field over
+    `limit` bytes) or "head" (the whole head over `limit` bytes)."""
+
+    kind = "header_too_large"
+
+    def __init__(self, message: str, *, what: str, limit: int) -> None:
+        super().__init__(message)
+        self.what = what
+        self.limit = limit
 
 
 class BodyError(ResetError):
@@ -331,8 +345,11 @@ class _Connection(asyncio.Protocol):
             return
         if not head_done and not self._head_done:
             self._head_size += len(data)
-            if self._head_size > MAX_HEAD_SIZE:
-                self._fail(ProtocolError(f"the answer's head is over {MAX_HEAD_SIZE} bytes (MAX_HEAD_SIZE)"))
+            limit = self.pool.max_head_size
+            if self._head_size > limit:
+                self._fail(
+                    HeaderTooLarge(f"the answer's head is over {limit} bytes (max_head_size)", what="head", limit=limit)
+                )
                 self.abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -365,15 +382,22 @@ class _Connection(asyncio.Protocol):
     # -- llhttp callbacks (httptools) -----------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name) + len(value)
-        if size > MAX_FIELD_SIZE:
-            self._error = ProtocolError(
-                f"the answer's header field {name[:64]!r} is over {MAX_FIELD_SIZE} bytes (MAX_FIELD_SIZE)"
+        pool = self.pool
+        if size > pool.max_field_size:
+            self._error = HeaderTooLarge(
+                f"the answer's header field {name[:64]!r} is over {pool.max_field_size} bytes (max_field_size)",
+                what="field",
+                limit=pool.max_field_size,
             )
             raise self._error
         self._fields_size += size + 4
-        if self._fields_size > MAX_HEAD_SIZE:
+        if self._fields_size > pool.max_head_size:
             what = "trailer" if self._head_done else "head"
-            self._error = ProtocolError(f"the answer's {what} is over {MAX_HEAD_SIZE} bytes (MAX_HEAD_SIZE)")
+            self._error = HeaderTooLarge(
+                f"the answer's {what} is over {pool.max_head_size} bytes (max_head_size)",
+                what="head",
+                limit=pool.max_head_size,
+            )
             raise self._error
         if self._head_done:
             return  # a trailer field (after a chunked body): not forwarded, as with aiohttp
@@ -597,6 +621,8 @@ class HTTP1Pool:
         host_header: str | None = None,
         max_connections: int = 100,
         keepalive: float = 30.0,
+        max_field_size: int = MAX_FIELD_SIZE,
+        max_head_size: int = MAX_HEAD_SIZE,
     ) -> None:
         self.host = host
         self.port = port
@@ -607,6 +633,10 @@ class HTTP1Pool:
         self.host_header = host_header or host
         self.max_connections = max_connections
         self.keepalive = keepalive
+        # Limits on an answer's head (`--max-response-header-size`, `--max-response-head-size`):
+        # past them the answer fails with `HeaderTooLarge`.
+        self.max_field_size = max_field_size
+        self.max_head_size = max_head_size
         self._idle: list[_Connection] = []
         self._waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
         self._total = 0  # connections open or being opened, idle or in use

@@ -17,6 +17,32 @@ LEVELS = ("debug", "info", "warning", "error")
 DATA_DIR_NONE_WARNING = (
     "--data-dir none: idempotency records and the failover ledger are kept in memory only and are lost on restart"
 )
+# The head limits' flags: (flag, env var, default, upper bound, help). Values are whole numbers
+# from 1 to the bound; the defaults are proxy/listener.py's and proxy/_http1.py's.
+HEAD_LIMITS = (
+    (
+        "--max-request-header-size",
+        "EGRESSD_MAX_REQUEST_HEADER_SIZE",
+        8190,
+        1024 * 1024,
+        "bytes the request line and each request header (name and value) may take; past it: 400",
+    ),
+    ("--max-request-headers", "EGRESSD_MAX_REQUEST_HEADERS", 128, 10_000, "header fields a request may carry"),
+    (
+        "--max-response-header-size",
+        "EGRESSD_MAX_RESPONSE_HEADER_SIZE",
+        8190,
+        1024 * 1024,
+        "bytes each header of an upstream's answer may take; past it: 502 header_too_large",
+    ),
+    (
+        "--max-response-head-size",
+        "EGRESSD_MAX_RESPONSE_HEAD_SIZE",
+        65536,
+        16 * 1024 * 1024,
+        "bytes the whole head of an upstream's answer may take; past it: 502 header_too_large",
+    ),
+)
 DEMO_MISSING = "egressd: the demo is not part of this installation (`pip install .` from a source checkout includes it)"
 
 
@@ -55,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("EGRESSD_KEEPALIVE_TIMEOUT", "75"),
         help="seconds an app connection may stay idle between requests before egressd closes it",
     )
+    for flag, env, default, _, text in HEAD_LIMITS:
+        run.add_argument(flag, default=_env(env, str(default)), metavar="N", help=f"{text} (default {default})")
 
     check = sub.add_parser("check", help="validate a policy directory (exit 0 valid, 1 not)")
     check.add_argument("directory", nargs="?", default=_env("EGRESSD_POLICIES", "./policies"))
@@ -86,6 +114,14 @@ def _check(directory: str) -> int:
     return 1
 
 
+def _head_limit(args: argparse.Namespace, flag: str, upper: int) -> int:
+    """One head limit's value: a whole number from 1 to `upper` (ValueError otherwise)."""
+    raw = str(getattr(args, flag.lstrip("-").replace("-", "_"))).strip()
+    if not raw.isdigit() or not 1 <= int(raw) <= upper:
+        raise ValueError(f"{flag} must be a whole number from 1 to {upper}, not {raw[:20]!r}")
+    return int(raw)
+
+
 def _run(args: argparse.Namespace) -> int:
     from proxy.server import Settings, parse_hostport, serve
 
@@ -101,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
         keepalive_timeout = float(args.keepalive_timeout)
         if drain < 0 or header_timeout < 0 or keepalive_timeout < 0:
             raise ValueError("--drain, --header-timeout and --keepalive-timeout must not be negative")
+        limits = [_head_limit(args, flag, upper) for flag, _, _, upper, _ in HEAD_LIMITS]
         settings = Settings(
             policies=Path(args.policies),
             listen=parse_hostport(args.listen),
@@ -111,6 +148,10 @@ def _run(args: argparse.Namespace) -> int:
             drain=drain,
             header_timeout=header_timeout,
             keepalive_timeout=keepalive_timeout,
+            max_request_header_size=limits[0],
+            max_request_headers=limits[1],
+            max_response_header_size=limits[2],
+            max_response_head_size=limits[3],
         )
     except ValueError as exc:
         print(f"egressd: {exc}", file=sys.stderr)

@@ -50,6 +50,7 @@ _ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # Marks a request whose call egressd owns after the app left (its line comes later).
 _ORPHAN = "egressd.orphan"
 _SAFE_REASON = re.compile(r"[A-Za-z0-9 `'_./,()-]{1,80}")
+_LIMIT_FLAG = ("(--max-request-header-size)", "(--max-request-headers)")
 
 
 async def _after_continue(request: web.BaseRequest, continued: list[bool]) -> AsyncIterator[bytes]:
@@ -139,7 +140,10 @@ class ProxyHandler:
     def malformed(self, request: web.BaseRequest, description: str) -> web.StreamResponse:
         """A request the HTTP parser refused (smuggling, bad header bytes, limits): 400, closed."""
         request_id = os.urandom(16).hex()
-        error = ProxyError("bad_request", f"malformed HTTP request: {_malformed_reason(description)}")
+        reason = _malformed_reason(description)
+        # A head limit (proxy/listener.py's limit_reason) is named as is, with its flag.
+        message = reason if reason.endswith(_LIMIT_FLAG) else f"malformed HTTP request: {reason}"
+        error = ProxyError("bad_request", message)
         response = error_response(error, request_id=request_id)
         response.headers["X-Request-Id"] = request_id
         self._finish(response, "", "-", request_id, 0.0, len(response.body or b""), request, None)

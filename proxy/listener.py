@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -26,10 +27,16 @@ log = logging.getLogger("egressd")
 lifecycle = logging.getLogger("egressd.lifecycle")
 
 # Limits on the request head, explicit rather than inherited (docs/security.md): past them
-# the parser refuses the request with 400 `bad_request` before any routing happens.
+# the parser refuses the request with 400 `bad_request`, naming the limit and its flag,
+# before any routing happens. `--max-request-header-size` sets the first two (the request
+# line and one header field, name and value), `--max-request-headers` the third.
 MAX_REQUEST_LINE = 8190
 MAX_HEADER_FIELD = 8190
 MAX_HEADERS = 128
+# aiohttp's descriptions of the head limits (LineTooLong, BadHttpMessage), matched to name
+# the limit instead; tests/test_header_limits.py fails if an aiohttp upgrade rewords them.
+_LINE_TOO_LONG = re.compile(r"Got more than (\d+) bytes when reading")
+_TOO_MANY_HEADERS = "Too many headers received"
 # An idle kept-alive connection from the app is closed after this long (`--keepalive-timeout`,
 # contract 7.1): nginx's default. Every open connection holds a file descriptor, so an
 # unbounded idle time lets idle pools exhaust the process's file limit (issue 13).
@@ -50,23 +57,43 @@ def proxy_server(
     header_timeout: float,
     on_malformed: OnMalformed,
     keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+    max_header_size: int = MAX_HEADER_FIELD,
+    max_headers: int = MAX_HEADERS,
 ) -> web.Server:
     """aiohttp's low-level server for a proxy listener. An idle connection is closed after
-    `keepalive_timeout` seconds without a request (a request being answered never is)."""
+    `keepalive_timeout` seconds without a request (a request being answered never is).
+    The request line and each header field may be `max_header_size` bytes long, and a
+    request may carry `max_headers` header fields; `on_malformed` gets the limit named."""
+
+    def refused(request: web.BaseRequest, description: str) -> web.StreamResponse:
+        return on_malformed(request, limit_reason(description, max_headers=max_headers))
+
     return guarded_server(
         handler,
         head_timeout=header_timeout,
-        on_malformed=on_malformed,
+        on_malformed=refused,
         access_log=None,
         handler_cancellation=True,
-        max_line_size=MAX_REQUEST_LINE,
-        max_field_size=MAX_HEADER_FIELD,
-        max_headers=MAX_HEADERS,
+        max_line_size=max_header_size,
+        max_field_size=max_header_size,
+        max_headers=max_headers,
         keepalive_timeout=keepalive_timeout,
         # Bodies are forwarded as sent: decompressing them here would send plain bytes
         # under the app's Content-Encoding (and invite decompression bombs).
         auto_decompress=False,
     )
+
+
+def limit_reason(description: str, *, max_headers: int) -> str:
+    """The parser's description of a refused head, rewritten to name the limit (and the flag
+    that sets it) when a head limit refused it; any other description is returned as is.
+    Never the offending bytes: aiohttp's LineTooLong description quotes them."""
+    line = _LINE_TOO_LONG.match(description)
+    if line is not None:
+        return f"request line or header longer than {line.group(1)} bytes (--max-request-header-size)"
+    if description.startswith(_TOO_MANY_HEADERS):
+        return f"more than {max_headers} request headers (--max-request-headers)"
+    return description
 
 
 def fmt_addr(host: str, port: int) -> str:

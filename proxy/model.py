@@ -111,12 +111,12 @@ class RequestBody:
 
 #: Kinds of failed attempts after which the upstream may have acted on the request: the
 #: request (or part of it) was written and no complete answer came back.
-AMBIGUOUS_KINDS = frozenset({"timeout", "reset", "protocol_error"})
+AMBIGUOUS_KINDS = frozenset({"timeout", "reset", "protocol_error", "header_too_large"})
 
 
 class Attempt(NamedTuple):
     """One try the transport made to `upstream`: `kind` is "answered" (with `status` and
-    `headers`) or the failure kind (connect_error, timeout, reset, protocol_error)."""
+    `headers`) or the failure kind (connect_error, timeout, reset, protocol_error, header_too_large)."""
 
     upstream: str
     kind: str

@@ -11,6 +11,10 @@
   the rate limiter and counts in `attempts`.
 * Any token failure is `ProxyError("upstream_auth_failed")` (502), shaped by the caller's
   provider plugin: the app's own credentials were never the problem, so it never sees a 401.
+* Except at the provider's own token endpoint (`ProviderPlugin.app_auth_paths`, PayPal's
+  `/v1/oauth2/token`): the app's SDK fetches its own token there with its own Basic
+  credentials, so that call is sent as the app made it -- no token of egressd's, no
+  refresh, and the provider's answer (a 401 too) is the app's (docs/providers.md).
 """
 
 from __future__ import annotations
@@ -158,10 +162,16 @@ class OAuthSender:
         self.tokens = tokens
         self.transport = transport
         self.max_body = max_body
+        self.app_auth_paths = transport.app_auth_paths
 
     async def send(self, call: Call, rejected: str | None = None) -> tuple[Response, str]:
         """One attempt; returns the answer and the token it was sent with. `rejected`
-        names a token the upstream refused: a fresh one is fetched instead."""
+        names a token the upstream refused: a fresh one is fetched instead.
+
+        A call to the provider's own token endpoint (`app_auth_paths`) goes with the app's
+        credentials and no token: the token returned is "" (nothing to refresh)."""
+        if call.path in self.app_auth_paths:
+            return await self.transport.send(call), ""
         body = call.body
         if not body.replayable and (body.length is None or body.length <= self.max_body):
             await body.read()  # a resend with a fresh token needs the body again

@@ -22,7 +22,7 @@ from proxy.events import EventBus
 from proxy.oauth import build_sender
 from proxy.pipeline import Pipeline, StageContext, UpstreamHandle, build_pipeline
 from proxy.state.base import StateBackend
-from proxy.transport import Transport
+from proxy.transport import AnswerLimits, Transport
 
 if TYPE_CHECKING:
     from proxy.config.loader import PolicySet
@@ -76,8 +76,11 @@ class UpstreamRuntime:
 class Runtime:
     """Holds the current set of upstreams and builds a new set on reload."""
 
-    def __init__(self, clock: Clock, events: EventBus, state: StateBackend) -> None:
+    def __init__(
+        self, clock: Clock, events: EventBus, state: StateBackend, *, answer_limits: AnswerLimits | None = None
+    ) -> None:
         self.clock = clock
+        self.answer_limits = answer_limits
         self.events = events
         self.state = state
         self.upstreams: dict[str, UpstreamRuntime] = {}
@@ -103,7 +106,7 @@ class Runtime:
         for policy in policy_set.policies:
             plugin = load_plugin(policy.provider.name, policy.provider.settings)
             old = self.upstreams.get(policy.upstream)
-            transport = Transport(policy, self.clock, self.events)
+            transport = Transport(policy, self.clock, self.events, limits=self.answer_limits)
             if old is not None and old.transport.fingerprint() == transport.fingerprint():
                 transport = old.transport
             ctx = StageContext(

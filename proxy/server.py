@@ -26,12 +26,13 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy import _http1
 from proxy.admin import Admin
 from proxy.clock import Clock, RealClock
 from proxy.events import EventBus
 from proxy.fds import fd_limit, fd_pressure, open_fds, raise_fd_limit
 from proxy.handler import ProxyHandler
-from proxy.listener import KEEPALIVE_TIMEOUT, Listeners, proxy_server
+from proxy.listener import KEEPALIVE_TIMEOUT, MAX_HEADER_FIELD, MAX_HEADERS, Listeners, proxy_server
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.observe.status import StatusBoard
@@ -39,6 +40,7 @@ from proxy.reload import Built, PolicyRejected, Reloader
 from proxy.runtime import Runtime
 from proxy.state.base import StateBackend
 from proxy.state.memory import MemoryState
+from proxy.transport import AnswerLimits
 
 log = logging.getLogger("egressd")
 # After the drain's end: the time the answers of queued calls (503 `draining`), then of
@@ -68,6 +70,15 @@ class Settings:
     header_timeout: float = 10.0
     # An app connection idle this long between requests is closed (`--keepalive-timeout`).
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    # Head limits (docs/security.md). The request line and each request header field, name
+    # and value, in bytes (`--max-request-header-size`); the number of request header fields
+    # (`--max-request-headers`): past them 400 `bad_request` naming the limit. Each header
+    # field of an upstream's answer (`--max-response-header-size`) and its whole head
+    # (`--max-response-head-size`): past them 502 `upstream_unreachable`, `header_too_large`.
+    max_request_header_size: int = MAX_HEADER_FIELD
+    max_request_headers: int = MAX_HEADERS
+    max_response_header_size: int = _http1.MAX_FIELD_SIZE
+    max_response_head_size: int = _http1.MAX_HEAD_SIZE
     # How often the open file descriptors are checked against the file limit (proxy/fds.py).
     fd_check_interval: float = 2.0
     # The durable store (`--data-dir`): idempotency and fingerprint records and the routing
@@ -100,7 +111,8 @@ class EgressServer:
         self.clock: Clock = clock or RealClock()
         self.events = events or EventBus()
         self.state: StateBackend = state or MemoryState(self.clock)
-        self.runtime = Runtime(self.clock, self.events, self.state)
+        limits = AnswerLimits(settings.max_response_header_size, settings.max_response_head_size)
+        self.runtime = Runtime(self.clock, self.events, self.state, answer_limits=limits)
         self.metrics = Metrics(tallies=self.events.tallies)
         self.status = StatusBoard(tallies=self.events.tallies)
         self.events.subscribe(self.metrics)
@@ -169,6 +181,8 @@ class EgressServer:
             handler,
             header_timeout=self.settings.header_timeout,
             keepalive_timeout=self.settings.keepalive_timeout,
+            max_header_size=self.settings.max_request_header_size,
+            max_headers=self.settings.max_request_headers,
             on_malformed=self.handler.malformed,
         )
 

@@ -16,10 +16,12 @@ import functools
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from yarl import URL
 
+from plugins.registry import available as _plugins
 from proxy import _http1
 from proxy.clock import Clock
 from proxy.errors import ProxyError
@@ -52,7 +54,16 @@ def _auth_headers(policy: Policy) -> dict[str, str]:
     return {}  # oauth_client_credentials: injected per call by the OAuth helper
 
 
-__all__ = ["HOP_BY_HOP", "Transport", "strip_hop_by_hop"]
+def _app_auth_paths(policy: Policy) -> frozenset[str]:
+    """The provider's own token endpoint(s) (`ProviderPlugin.app_auth_paths`), where the
+    app's own credentials go through and no auth is injected; empty without `auth`."""
+    if policy.auth is None:
+        return frozenset()
+    plugin = _plugins().get(policy.provider.name)
+    return frozenset(plugin.app_auth_paths) if plugin is not None else frozenset()
+
+
+__all__ = ["HOP_BY_HOP", "AnswerLimits", "Transport", "strip_hop_by_hop"]
 
 # A token endpoint on another origin than the upstream's target gets a pool this small.
 SIDE_POOL_CONNECTIONS = 2
@@ -62,20 +73,32 @@ SIDE_ANSWER_LIMIT = 1024 * 1024
 _FRAMING = frozenset({"content-length", "transfer-encoding", "x-request-id"})
 
 
+@dataclass(frozen=True)
+class AnswerLimits:
+    """Limits on an upstream answer's head (`--max-response-header-size`, `--max-response-head-size`)."""
+
+    header_size: int = _http1.MAX_FIELD_SIZE  # one header field, name and value
+    head_size: int = _http1.MAX_HEAD_SIZE  # the whole head
+
+
 class Transport:
     """Sends calls for one upstream. Built once per transport-relevant configuration."""
 
-    def __init__(self, policy: Policy, clock: Clock, events: EventBus) -> None:
+    def __init__(self, policy: Policy, clock: Clock, events: EventBus, *, limits: AnswerLimits | None = None) -> None:
         self.policy = policy
+        self.limits = limits or AnswerLimits()
         self.clock = clock
         self.events = events
         self.name = policy.upstream
         self._base = policy.target.rstrip("/")
-        self._static_add: dict[str, str] = {
-            **dict(policy.headers.add if policy.headers else {}),
-            **_auth_headers(policy),
-        }
+        added = dict(policy.headers.add if policy.headers else {})
+        self._static_add: dict[str, str] = {**added, **_auth_headers(policy)}
         removed = [h.lower() for h in (policy.headers.remove if policy.headers else [])]
+        # The provider's own token endpoint (the app's credentials): `headers` apply, auth
+        # does not -- the app's Authorization goes through and nothing is injected.
+        self.app_auth_paths = _app_auth_paths(policy)
+        self._app_drop = frozenset(removed) | _FRAMING | {k.lower() for k in added}
+        self._app_static_items = list(added.items())
         if policy.auth is not None:
             # Injected auth replaces whatever the app sent.
             removed += ["authorization", *(k.lower() for k in self._static_add)]
@@ -93,7 +116,7 @@ class Transport:
 
     def fingerprint(self) -> str:
         """Settings that, when unchanged across a reload, let the pools be kept."""
-        return self.policy.fingerprint("target", "tls", "limits", "timeouts", "auth", "headers")
+        return self.policy.fingerprint("target", "tls", "limits", "timeouts", "auth", "headers", "provider")
 
     def _ssl_context(self) -> ssl.SSLContext:
         """TLS for every pool of this upstream: `tls.verify` and `tls.ca_file` apply alike."""
@@ -117,6 +140,8 @@ class Transport:
             host_header=url.host_port_subcomponent,
             max_connections=max_connections,
             keepalive=30.0,
+            max_field_size=self.limits.header_size,
+            max_head_size=self.limits.head_size,
         )
 
     def pool(self) -> _http1.HTTP1Pool:
@@ -188,10 +213,13 @@ class Transport:
         if budget <= 0:
             raise ProxyError("upstream_timeout", "the call's total time ran out", detail="timeout")
         drop = self._drop
-        if extra_headers:
+        static = self._static_items
+        if self.app_auth_paths and call.path in self.app_auth_paths:
+            drop, static, extra_headers = self._app_drop, self._app_static_items, None
+        elif extra_headers:
             drop = drop | {k.lower() for k in extra_headers}
         headers = [(k, v) for k, v in call.headers.items() if k.lower() not in drop]
-        headers += self._static_items
+        headers += static
         if extra_headers:
             headers += extra_headers.items()
         headers.append(("X-Request-Id", call.request_id))
@@ -285,6 +313,17 @@ class Transport:
         if isinstance(exc, _http1.ReadTimeout):
             return ProxyError(
                 "upstream_timeout", f"upstream {name} did not answer within {budget:.3g}s", detail="timeout"
+            )
+        if isinstance(exc, _http1.HeaderTooLarge):
+            # The request was sent: as ambiguous as a protocol_error (proxy/model.py).
+            if exc.what == "field":
+                what, flag = "a header larger than", "--max-response-header-size"
+            else:
+                what, flag = "a head larger than", "--max-response-head-size"
+            return ProxyError(
+                "upstream_unreachable",
+                f"upstream {name} answered with {what} {exc.limit} bytes ({flag})",
+                detail="header_too_large",
             )
         if isinstance(exc, _http1.ProtocolError):
             return ProxyError("upstream_unreachable", f"upstream {name} sent a broken answer", detail="protocol_error")

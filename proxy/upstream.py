@@ -16,7 +16,9 @@ try, it owns the attempts of a call; nothing else resends. Per call:
                            no verdict (a rate-limit refusal, a cancellation): a half-open
                            trial slot is given back (finally)
         token rejected?    401 with a cached token (auth): refresh the token, one more
-                           attempt, through the breaker and the limiter again
+                           attempt, through the breaker and the limiter again; not
+                           at the provider's own token endpoint (sent with the app's
+                           credentials, no token: its 401 is the app's answer)
         retry.decide       wait (backoff, Retry-After, budget, deadline) and go round,
                            or finish: attempts, exhausted, retry_skipped on the result
 
@@ -119,7 +121,13 @@ def attempt_loop(
                             else:
                                 await breaker.release()
             # -- token rejected: refresh it and make one more attempt (auth) ------------------
-            if auth is not None and type(result) is Response and result.status == 401 and call.body.replayable:
+            if (
+                auth is not None
+                and token
+                and type(result) is Response
+                and result.status == 401
+                and call.body.replayable
+            ):
                 await result.close()
                 if rejected is None:
                     rejected = token

@@ -122,7 +122,9 @@ class IdempotencyStage:
         self.events.emit(IdempotencyResult(self.upstream, result))
 
     async def __call__(self, call: Call, nxt: Handler) -> Response:
-        if not unsafe_method(call.method):
+        if not unsafe_method(call.method) or call.path in self.plugin.app_auth_paths:
+            # (the provider's own token endpoint: its answer is the app's credential and is
+            # never recorded, generated a key or collapsed with another call)
             return await nxt(call)
         header = self.cfg.header
         app_key = call.headers.get(header) or None
