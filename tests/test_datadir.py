@@ -471,3 +471,19 @@ def test_run_with_data_dir_none_warns(tmp_path: Path) -> None:
         assert proc.stderr is not None
         proc.stderr.close()
     assert not (tmp_path / "egressd-data").exists()
+
+
+def test_a_new_data_dir_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """Recorded answers can carry secrets (a PaymentIntent's client_secret)."""
+    import stat
+
+    from proxy.state.factory import open_data_dir
+
+    data = tmp_path / "new"
+    state = open_data_dir(data)
+    try:
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        for f in data.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    finally:
+        asyncio.run(state.close())

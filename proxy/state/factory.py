@@ -10,6 +10,7 @@ with the data dir as its local fallback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from pathlib import Path
@@ -32,7 +33,9 @@ def open_data_dir(data_dir: Path, *, lock_timeout: float = LOCK_TIMEOUT) -> SQLi
     if path.exists() and not path.is_dir():
         raise DataDirError(f"data dir {path}: not a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        # Recorded answers may carry secrets (a PaymentIntent's client_secret): a data dir
+        # egressd creates is readable by its own user only.
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise DataDirError(f"data dir {path}: cannot create it: {exc.strerror or exc}") from None
     if not path.is_dir():
@@ -41,7 +44,13 @@ def open_data_dir(data_dir: Path, *, lock_timeout: float = LOCK_TIMEOUT) -> SQLi
         raise DataDirError(f"data dir {path}: not writable")
     db = DB_NAME
     try:
-        return SQLiteState(path, lock_timeout=lock_timeout)
+        state = SQLiteState(path, lock_timeout=lock_timeout)
+        for suffix in ("", "-wal", "-shm"):  # owner only, whatever umask created them
+            db_file = path / (db + suffix)
+            if db_file.exists():
+                with contextlib.suppress(OSError):  # another user's file in a shared dir
+                    db_file.chmod(0o600)
+        return state
     except sqlite3.DatabaseError as exc:
         text = str(exc)
         if "locked" in text or "busy" in text:

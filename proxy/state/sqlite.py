@@ -181,7 +181,11 @@ def open_database(path: Path, *, lock_timeout: float = LOCK_TIMEOUT) -> sqlite3.
 
 
 def _setup(path: Path, lock_timeout: float) -> sqlite3.Connection:
-    db = sqlite3.connect(str(path), timeout=lock_timeout, isolation_level=None)
+    old_umask = os.umask(0o077)  # the database and its -wal/-shm files: owner only
+    try:
+        db = sqlite3.connect(str(path), timeout=lock_timeout, isolation_level=None)
+    finally:
+        os.umask(old_umask)
     try:
         db.execute(f"PRAGMA busy_timeout = {int(lock_timeout * 1000)}")
         mode = db.execute("PRAGMA journal_mode").fetchone()
