@@ -24,7 +24,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from bench.overhead import (  # noqa: E402
     Server,
-    cpu_seconds,
+    _client_paced,
     free_port,
     machine,
     pct,
@@ -44,45 +43,9 @@ from bench.overhead import (  # noqa: E402
 
 
 async def paced(url: str, method: str, rate: float, seconds: float, pid: int) -> dict[str, Any]:
-    import aiohttp
-
-    interval = 1.0 / rate
-    errors = 0
-    lat: list[float] = []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
-
-        async def one(at: float, record: bool) -> None:
-            nonlocal errors
-            headers = {"Idempotency-Key": uuid.uuid4().hex, "Content-Type": "application/json"}
-            try:
-                async with session.request(method, url, data=b'{"amount":2000}', headers=headers) as r:
-                    await r.read()
-                    ok = r.status == 200
-            except (aiohttp.ClientError, TimeoutError):
-                ok = False
-            if record:
-                if ok:
-                    lat.append(time.perf_counter() - at)
-                else:
-                    errors += 1
-
-        async def pace(n: int, record: bool) -> None:
-            tasks = []
-            t0 = time.perf_counter()
-            for i in range(n):
-                at = t0 + i * interval
-                delay = at - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(at, record)))
-            await asyncio.gather(*tasks)
-
-        await pace(max(50, int(rate * 0.3)), record=False)
-        cpu0 = cpu_seconds(pid)
-        n = int(rate * seconds)
-        await pace(n, record=True)
-        cpu1 = cpu_seconds(pid)
-    return {"calls": n, "errors": errors, "cpu_us_per_call": (cpu1 - cpu0) / n * 1e6, "latencies": lat}
+    """bench/overhead.py's paced client, each call with a new Idempotency-Key."""
+    out = await _client_paced(url, rate, seconds, [pid], method=method, body=b'{"amount":2000}', keyed=True)
+    return {**out, "cpu_us_per_call": out["cpu"][0] / out["calls"] * 1e6, "latencies": out["latencies"]}
 
 
 def egressd(name: str, policies: Path, data_dir: str, tmp: Path) -> Server:

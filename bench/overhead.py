@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,18 @@ async def _client_sat(url: str, conns: int, seconds: float) -> dict[str, Any]:
     return {"rps": done / elapsed, "calls": done, "errors": errors, "seconds": elapsed}
 
 
-async def _client_paced(url: str, rate: float, seconds: float, pids: list[int]) -> dict[str, Any]:
+async def _client_paced(
+    url: str,
+    rate: float,
+    seconds: float,
+    pids: list[int],
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+    keyed: bool = False,
+) -> dict[str, Any]:
+    """Open-loop load at `rate` calls/s; `pids`' CPU time is read around the measured part.
+    `keyed`: every call carries a new `Idempotency-Key` (bench/durable_cost.py)."""
     import aiohttp
 
     interval = 1.0 / rate
@@ -129,8 +141,9 @@ async def _client_paced(url: str, rate: float, seconds: float, pids: list[int]) 
 
         async def one(at: float, record: bool) -> None:
             nonlocal errors
+            headers = {"Idempotency-Key": uuid.uuid4().hex, "Content-Type": "application/json"} if keyed else None
             try:
-                async with session.get(url, timeout=timeout) as r:
+                async with session.request(method, url, data=body, headers=headers, timeout=timeout) as r:
                     await r.read()
                     ok = r.status == 200
             except (aiohttp.ClientError, TimeoutError):
