@@ -53,11 +53,9 @@ import platform
 import random
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -333,59 +331,6 @@ def redis_problem() -> str | None:
 async def bounded(aw: Awaitable[Any], seconds: float) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(aw, seconds)
-
-
-class Proc:
-    """One `python -m proxy run --data-dir DIR` on fixed free ports, restartable on them."""
-
-    def __init__(self, policies: Path, data_dir: Path, log_path: Path, *, redis_url: str | None = None) -> None:
-        self.policies = policies
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.redis_url = redis_url
-        self.prefix = f"eo-{uuid.uuid4().hex[:6]}:"  # kept across restarts: the records are found again
-        self.listen = free_port()
-        self.admin = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.listen}"
-
-    def start(self, timeout: float = 30.0) -> None:
-        cmd = [
-            sys.executable, "-m", "proxy", "run", "--policies", str(self.policies),
-            "--listen", f"127.0.0.1:{self.listen}", "--admin", f"127.0.0.1:{self.admin}",
-            "--log-format", "text", "--log-level", "warning", "--drain", "2", "--data-dir", str(self.data_dir),
-        ]  # fmt: skip
-        if self.redis_url:
-            cmd += ["--redis", self.redis_url, "--redis-prefix", self.prefix]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EGRESSD_")}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"egressd exited with {self.proc.returncode}: {self.log_tail()}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/readyz", timeout=0.5) as r:
-                    if r.status == 200:
-                        return
-            time.sleep(0.05)
-        raise RuntimeError(f"egressd not ready within {timeout:.0f}s: {self.log_tail()}")
-
-    def log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-5:])
-        return ""
-
-    def kill9(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        self.kill9()
 
 
 async def wait_until(predicate: Callable[[], bool], within: float) -> bool:
@@ -770,12 +715,9 @@ async def _kill9_one(ctx: Ctx, row: Row, n: int, *, with_redis: bool) -> None:
         doc["timeouts"] = {"connect": "1s", "attempt": "12s", "total": "15s"}
         policies = ctx.tmpdir("policies-")
         (policies / "p.yaml").write_text(yaml.safe_dump_all([doc], sort_keys=False))
-        proc = Proc(
-            policies,
-            ctx.tmpdir("data-"),
-            ctx.workdir / f"egressd-kill9-{uuid.uuid4().hex[:6]}.log",
-            redis_url=redis_url,
-        )
+        from tests.egressd_process import Egressd  # the tests' restartable `egressd run`
+
+        proc = Egressd(policies, redis_url=redis_url, drain=2.0, data_dir=ctx.tmpdir("data-"))
         stack.callback(proc.stop)
         await asyncio.to_thread(proc.start)
         url = proc.url + "/sendgrid" + SENDGRID.path
@@ -801,7 +743,8 @@ async def _kill9_one(ctx: Ctx, row: Row, n: int, *, with_redis: bool) -> None:
                 row.notes.append(
                     f"only {sg.ledger.count(SENDGRID.effect)} of {4 * n} sends reached the fake before the kill"
                 )
-            await asyncio.to_thread(proc.kill9)
+            proc.signal(signal.SIGKILL)
+            await asyncio.to_thread(proc.wait, 10)
             cut_answers = await asyncio.gather(*cut_tasks)
             row.answers.update(f"killed: {a.label}" for a in cut_answers)
             sg.faults.clear()
