@@ -74,9 +74,5 @@ def open_state(*, data_dir: Path | None, redis_url: str | None, redis_prefix: st
         return local if local is not None else MemoryState()
     from proxy.state.resilient import open_shared_state
 
-    shared = open_shared_state(redis_url, prefix=redis_prefix, events=events)
-    if local is not None:
-        # `open_shared_state` parses the URL (budget_ms) and builds the wrapper with a
-        # fresh in-memory fallback that nothing has used yet: the data dir takes its place.
-        shared.fallback = shared.local = local
-    return shared
+    # The data dir (when given) is what a replica keeps on its own while Redis is away.
+    return open_shared_state(redis_url, prefix=redis_prefix, events=events, fallback=local)

@@ -850,11 +850,14 @@ async def _repeating(call: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
-def open_shared_state(url: str, *, prefix: str = "egressd:", events: EventBus | None = None) -> ResilientState:
+def open_shared_state(
+    url: str, *, prefix: str = "egressd:", events: EventBus | None = None, fallback: MemoryState | None = None
+) -> ResilientState:
     """What `egressd run --redis URL` uses: a `RedisState` wrapped in a `ResilientState`.
 
     The URL may carry `budget_ms=N` (the per-operation time budget, default 50) in its
-    query; it is taken out before the URL reaches redis-py.
+    query; it is taken out before the URL reaches redis-py. `fallback`: the replica's own
+    state (the data dir's `SQLiteState`; a new `MemoryState` when None).
     """
     parts = urlsplit(url)
     query = parse_qsl(parts.query)
@@ -866,7 +869,7 @@ def open_shared_state(url: str, *, prefix: str = "egressd:", events: EventBus | 
         else:
             kept.append((name, value))
     clean = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(kept), parts.fragment))
-    state = ResilientState(RedisState(clean, prefix=prefix), MemoryState(), events, budget=budget)
+    state = ResilientState(RedisState(clean, prefix=prefix), fallback or MemoryState(), events, budget=budget)
     # With a running loop, start the background probe now: it warms the connection pool
     # and counts replicas without blocking this call (nothing is connected here). Without
     # one (RuntimeError), it starts with the first operation instead.
