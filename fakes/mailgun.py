@@ -6,6 +6,13 @@
 ``{"message": "..."}``; 401 is the plain text ``Forbidden``; unknown domains (when
 ``domains`` is given) are 404 ``Domain not found: ...``.
 
+``GET /v3/{domain}/events?event=accepted&user-variables={"NAME": "VALUE"}`` is a small
+part of the events API: an ``accepted`` event for every message of that domain whose
+user variables (``v:NAME`` fields) hold all the given pairs, as
+``{"items": [{"event", "id", "timestamp", "message": {"headers": {"message-id"}},
+"user-variables"}], "paging": {}}``.  egressd's outbox asks it before it resends a send
+in doubt.
+
 Side effect: ``message.queued`` per accepted request; ``data`` holds every form field
 (lists of strings; files as ``{filename, content_type, size}``).  Its ``key`` is the
 ``h:X-Idempotency-Key`` form field when present (Mailgun does not dedupe on it).
@@ -177,7 +184,48 @@ def make_mailgun_app(
             subject=first("subject"),
             fields=fields,
         )
+        variables = {n[2:]: v[0] for n, v in fields.items() if n.startswith("v:") and v and isinstance(v[0], str)}
+        events.setdefault(domain, []).append(
+            {
+                "event": "accepted",
+                "id": secrets.token_urlsafe(16),
+                "timestamp": time.time(),
+                "message": {"headers": {"message-id": msg_id.strip("<>"), "subject": first("subject")}},
+                "recipient": to[0],
+                "user-variables": variables,
+            }
+        )
         return _json(200, {"id": msg_id, "message": "Queued. Thank you."})
 
+    events: dict[str, list[dict[str, Any]]] = {}
+
+    async def list_events(request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Basic "):
+            return web.Response(status=401, text="Forbidden", content_type="text/plain")
+        parsed: Any = {}
+        raw = request.query.get("user-variables")
+        if raw is not None:
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                parsed = None
+        if not isinstance(parsed, dict):
+            return _json(400, {"message": "user-variables must be a JSON object"})
+        wanted: dict[str, Any] = parsed
+        kind = request.query.get("event")
+        try:
+            limit = max(1, min(int(request.query.get("limit", "100")), 300))
+        except ValueError:
+            return _json(400, {"message": "limit must be a number"})
+        found = [
+            e
+            for e in events.get(request.match_info["domain"], [])
+            if (kind is None or e["event"] == kind)
+            and all(str(e["user-variables"].get(k)) == str(v) for k, v in wanted.items())
+        ]
+        return _json(200, {"items": found[:limit], "paging": {}})
+
     app.router.add_post("/v3/{domain}/messages", send)
+    app.router.add_get("/v3/{domain}/events", list_events)
     return app

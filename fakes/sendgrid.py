@@ -6,6 +6,11 @@ empty body and ``X-Message-Id``; 200 when ``mail_settings.sandbox_mode.enable`` 
 the limits of providers.md 4.6 are enforced.  Every response carries
 ``X-RateLimit-Limit/Remaining/Reset``.
 
+``GET /v3/messages?query=unique_args['NAME']="VALUE"&limit=N`` is a small part of the Email
+Activity API: the messages whose ``custom_args`` (top level or in a personalization) hold
+NAME=VALUE, as ``{"messages": [{"msg_id", "status", "to_email", "subject", ...}]}`` (400
+for any other query).  egressd's outbox asks it before it resends a send in doubt.
+
 Side effects: ``mail.sent`` (one per accepted request; ``data`` holds the recipients,
 subject, custom_args, categories and message id) and ``mail.sandboxed``.  SendGrid has no
 idempotency key, so ``key`` is None.
@@ -34,6 +39,8 @@ from .server import (
 )
 
 __all__ = ["SendGridError", "make_sendgrid_app"]
+
+_ACTIVITY_QUERY = re.compile(r"""\s*unique_args\['([^']+)'\]\s*=\s*"([^"]*)"\s*""")
 
 MAX_BYTES = 30 * 1024 * 1024
 HELP = "http://sendgrid.com/docs/API_Reference/Web_API_v3/Mail/errors.html"
@@ -338,9 +345,46 @@ def make_sendgrid_app(
             resp = web.Response(status=200)
         else:
             led.record("mail.sent", msg_id, request_id=rid, **summary)
+            index(msg_id, body, summary)
             resp = web.Response(status=202)
         resp.headers["X-Message-Id"] = msg_id
         return resp
 
+    # Email Activity: custom_args name=value -> the messages carrying it.
+    activity: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    def index(msg_id: str, body: dict[str, Any], summary: dict[str, Any]) -> None:
+        args: dict[str, str] = dict(body.get("custom_args") or {})
+        for p in body.get("personalizations") or []:
+            if isinstance(p, dict):
+                args.update(p.get("custom_args") or {})
+        item = {
+            "from_email": summary.get("from"),
+            "msg_id": msg_id,
+            "subject": summary.get("subject"),
+            "to_email": (summary.get("to") or [None])[0],
+            "status": "processed",
+            "opens_count": 0,
+            "clicks_count": 0,
+            "last_event_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        for k, v in args.items():
+            activity.setdefault((str(k), str(v)), []).append(item)
+
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer SG."):
+            return _json(401, SendGridError(401, "Permission denied, wrong credentials").body)
+        m = _ACTIVITY_QUERY.fullmatch(request.query.get("query", ""))
+        if m is None:
+            return _json(400, _bad("invalid query", "query").body)
+        try:
+            limit = max(1, min(int(request.query.get("limit", "10")), 1000))
+        except ValueError:
+            return _json(400, _bad("invalid limit", "limit").body)
+        return _json(200, {"messages": activity.get((m.group(1), m.group(2)), [])[:limit]})
+
     app.router.add_post("/v3/mail/send", send)
+    app.router.add_get("/v3/messages", messages)
     return app

@@ -232,6 +232,35 @@ class ProviderPlugin:
         body = {"error": {"type": "egressd_error", "code": code, "message": message}}
         return ErrorAnswer(status, json_bytes(body))
 
+    # -- outbox (contract 7.6, docs/outbox.md) -------------------------------------------
+    def outbox_accepts(self, method: str, path: str) -> bool:
+        """Whether a call is a send the outbox may keep (generic: any unsafe method)."""
+        return method not in ("GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE")
+
+    def outbox_accepted(self, outbox_id: str, request: WireRequest) -> WireAnswer:
+        """The provider's own "accepted" answer for a send egressd kept (generic: 202 with
+        the outbox id)."""
+        return WireAnswer(202, {"Content-Type": "application/json"}, json_bytes({"outbox_id": outbox_id}))
+
+    def outbox_tag(self, request: WireRequest, outbox_id: str) -> WireRequest:
+        """The kept send as it is delivered: carrying `outbox_id` where the provider keeps
+        it and reports it back (in its events, and to `outbox_probe`). Default: unchanged."""
+        return request
+
+    def outbox_message_id(self, answer: WireAnswer) -> str:
+        """The provider's id of a send it accepted, from its answer ("" when none)."""
+        return ""
+
+    def outbox_probe(self, request: WireRequest, outbox_id: str) -> WireRequest | None:
+        """A read-only request that asks the provider whether it accepted the send tagged
+        `outbox_id` (`request` is the send as the app made it). None: it cannot be asked,
+        so a send that may have reached it is never sent again by egressd."""
+        return None
+
+    def outbox_probe_verdict(self, answer: WireAnswer) -> tuple[str, str]:
+        """(`found`, provider id) | (`absent`, "") | (`unknown`, "") for the probe's answer."""
+        return "unknown", ""
+
     # -- object ownership ----------------------------------------------------------------
     def references(self, request: WireRequest) -> tuple[str, ...]:
         """Ids of objects this request acts on that may have been created on a fallback

@@ -4,8 +4,8 @@ fails over to this upstream)."""
 
 from __future__ import annotations
 
-from plugins import mail_mailgun_to_sendgrid
-from plugins.base import ErrorAnswer, ProviderPlugin, Translator, json_bytes
+from plugins import mail_mailgun_to_sendgrid, mail_outbox
+from plugins.base import ErrorAnswer, ProviderPlugin, Translator, WireAnswer, WireRequest, json_bytes
 
 
 class MailgunPlugin(ProviderPlugin):
@@ -18,3 +18,22 @@ class MailgunPlugin(ProviderPlugin):
         if target.name == "sendgrid":
             return mail_mailgun_to_sendgrid.translate
         return None
+
+    # -- outbox: plugins/mail_outbox.py ------------------------------------------------------
+    def outbox_accepts(self, method: str, path: str) -> bool:
+        return method == "POST" and bool(mail_outbox.mailgun_domain(path))
+
+    def outbox_accepted(self, outbox_id: str, request: WireRequest) -> WireAnswer:
+        return mail_outbox.mailgun_accepted(outbox_id, request)
+
+    def outbox_tag(self, request: WireRequest, outbox_id: str) -> WireRequest:
+        return mail_outbox.mailgun_tag(request, outbox_id)
+
+    def outbox_message_id(self, answer: WireAnswer) -> str:
+        return mail_outbox.mailgun_message_id(answer)
+
+    def outbox_probe(self, request: WireRequest, outbox_id: str) -> WireRequest | None:
+        return mail_outbox.mailgun_probe(request, outbox_id)
+
+    def outbox_probe_verdict(self, answer: WireAnswer) -> tuple[str, str]:
+        return mail_outbox.mailgun_probe_verdict(answer)

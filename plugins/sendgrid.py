@@ -3,8 +3,8 @@ SendGrid has no idempotency key."""
 
 from __future__ import annotations
 
-from plugins import mail_sendgrid_to_mailgun
-from plugins.base import ErrorAnswer, ProviderPlugin, Translator, json_bytes
+from plugins import mail_outbox, mail_sendgrid_to_mailgun
+from plugins.base import ErrorAnswer, ProviderPlugin, Translator, WireAnswer, WireRequest, json_bytes
 
 
 class SendGridPlugin(ProviderPlugin):
@@ -18,3 +18,22 @@ class SendGridPlugin(ProviderPlugin):
         if target.name == "mailgun":
             return mail_sendgrid_to_mailgun.translate
         return None
+
+    # -- outbox: plugins/mail_outbox.py ------------------------------------------------------
+    def outbox_accepts(self, method: str, path: str) -> bool:
+        return method == "POST" and path.rstrip("/") == "/v3/mail/send"
+
+    def outbox_accepted(self, outbox_id: str, request: WireRequest) -> WireAnswer:
+        return mail_outbox.sendgrid_accepted(outbox_id)
+
+    def outbox_tag(self, request: WireRequest, outbox_id: str) -> WireRequest:
+        return mail_outbox.sendgrid_tag(request, outbox_id)
+
+    def outbox_message_id(self, answer: WireAnswer) -> str:
+        return mail_outbox.sendgrid_message_id(answer)
+
+    def outbox_probe(self, request: WireRequest, outbox_id: str) -> WireRequest | None:
+        return mail_outbox.sendgrid_probe(request, outbox_id)
+
+    def outbox_probe_verdict(self, answer: WireAnswer) -> tuple[str, str]:
+        return mail_outbox.sendgrid_probe_verdict(answer)

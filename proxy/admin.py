@@ -1,4 +1,10 @@
-"""The admin listener: /healthz, /readyz, /metrics, /status and /status.json.
+"""The admin listener: /healthz, /readyz, /metrics, /status, /status.json and the outbox.
+
+`/outbox.json` lists kept sends (GET; `?state=`, `?upstream=`, `?limit=`, or one entry
+at `/outbox/ID`), `POST /outbox/ID/retry` and `POST /outbox/ID/drop` manage them
+(`egressd outbox`). The POSTs need the header `X-Egressd-Admin: outbox`, which a browser
+cannot send across sites (a form or an image on another page cannot reach them). The
+admin listener has no authentication: keep it on loopback or behind a NetworkPolicy.
 
 An aiohttp `Application` on its own port (`--admin`, loopback by default). It only reads
 the server: the probes its `ready`/`draining` flags, /metrics the Prometheus registry
@@ -11,16 +17,31 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from proxy.clock import Clock
 from proxy.observe.metrics import Metrics
 from proxy.observe.status import CSP as STATUS_CSP
 from proxy.observe.status import StatusBoard, render_html, safe_target, scrub
+from proxy.outbox.store import STATES, Entry, OutboxStore, OutboxUnavailable
+from proxy.outbox.worker import OutboxWorker
 from proxy.runtime import Runtime
 from proxy.state.base import StateBackend
+
+log = logging.getLogger("egressd.admin")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        text=json.dumps(data, default=str),
+        status=status,
+        content_type="application/json",
+        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 class ServerView(Protocol):
@@ -42,6 +63,12 @@ class ServerView(Protocol):
     def metrics(self) -> Metrics: ...
     @property
     def status(self) -> StatusBoard: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def outbox(self) -> OutboxWorker: ...
+    @property
+    def outbox_store(self) -> OutboxStore: ...
 
 
 class Admin:
@@ -55,7 +82,71 @@ class Admin:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/status", self._status_html)
         app.router.add_get("/status.json", self._status_json)
+        app.router.add_get("/outbox.json", self._outbox_list)
+        app.router.add_get("/outbox/{id}", self._outbox_get)
+        app.router.add_post("/outbox/{id}/{action}", self._outbox_action)
         return app
+
+    # -- the outbox (contract 7.6) -------------------------------------------------------
+    def _entry_json(self, entry: Entry) -> dict[str, Any]:
+        data = entry.summary()
+        data["last_error"] = scrub(str(data["last_error"]))
+        return data
+
+    async def _outbox_list(self, request: web.Request) -> web.Response:
+        state = request.query.get("state") or None
+        if state is not None and state not in STATES:
+            return _json({"error": f"unknown state {state!r}; one of {', '.join(STATES)}"}, 400)
+        try:
+            limit = min(max(int(request.query.get("limit", "100")), 1), 10_000)
+        except ValueError:
+            return _json({"error": "limit must be a whole number"}, 400)
+        upstream = request.query.get("upstream") or None
+        try:
+            entries = await self.server.outbox_store.list(upstream=upstream, state=state, limit=limit)
+        except OutboxUnavailable as exc:
+            return _json({"error": f"the outbox store cannot be read: {exc}"}, 503)
+        return _json(
+            {
+                **self.server.outbox.snapshot(),
+                "entries": [self._entry_json(e) for e in entries],
+            }
+        )
+
+    async def _outbox_get(self, request: web.Request) -> web.Response:
+        entry = await self.server.outbox_store.get(request.match_info["id"])
+        if entry is None:
+            return _json({"error": "no such outbox entry"}, 404)
+        return _json(self._entry_json(entry))
+
+    async def _outbox_action(self, request: web.Request) -> web.Response:
+        if request.headers.get("X-Egressd-Admin") != "outbox":
+            return _json({"error": "send the header X-Egressd-Admin: outbox (egressd outbox does)"}, 403)
+        entry_id, action = request.match_info["id"], request.match_info["action"]
+        store = self.server.outbox_store
+        entry = await store.get(entry_id)
+        if entry is None:
+            return _json({"error": "no such outbox entry"}, 404)
+        if action == "retry":
+            rt = self.server.runtime.get(entry.upstream)
+            settings = rt.policy.outbox if rt is not None else None
+            if settings is None:
+                return _json({"error": f"upstream {entry.upstream} has no outbox policy loaded"}, 409)
+            done = await store.retry(entry_id, self.server.clock.wall(), settings.max_age)
+            if done is None:
+                return _json(
+                    {"error": f"only ambiguous or dead entries can be retried (this one is {entry.state})"}, 409
+                )
+            self.server.outbox.wake()
+            log.warning("outbox entry put back in the queue by the operator", extra={"outbox_id": entry_id})
+            return _json(self._entry_json(done))
+        if action == "drop":
+            dropped = await store.drop(entry_id)
+            if dropped is None:
+                return _json({"error": f"the entry is being delivered ({entry.state}); try again"}, 409)
+            log.warning("outbox entry dropped by the operator", extra={"outbox_id": entry_id, "state": dropped.state})
+            return _json({**self._entry_json(dropped), "dropped": True})
+        return _json({"error": "unknown action: retry or drop"}, 404)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -110,6 +201,7 @@ class Admin:
                 **self._records_snapshot(),
             },
             "upstreams": upstreams,
+            "outbox": self.server.outbox.snapshot(),
         }
 
     def _records_snapshot(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ STATUS_BY_CODE: Mapping[str, int] = {
     "draining": 503,
     "state_unavailable": 503,
     "over_capacity": 503,
+    "outbox_full": 503,
     "upstream_timeout": 504,
 }
 

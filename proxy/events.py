@@ -109,6 +109,21 @@ class StateBackendError(NamedTuple):
     error: str
 
 
+class OutboxDelivery(NamedTuple):
+    """A kept send's delivery attempt settled (proxy/outbox/worker.py)."""
+
+    upstream: str
+    result: str  # delivered | failed_over | retried | ambiguous | dead
+
+
+class OutboxDepth(NamedTuple):
+    """The outbox of one upstream, as the worker last read it (every few seconds)."""
+
+    upstream: str
+    entries: int  # pending: queued, claimed, sending, in doubt
+    oldest_seconds: float  # age of the oldest pending entry (0 when none)
+
+
 Event = (
     CallFinished
     | AttemptFinished
@@ -123,6 +138,8 @@ Event = (
     | IdempotencyResult
     | ConfigReloaded
     | StateBackendError
+    | OutboxDelivery
+    | OutboxDepth
 )
 
 Subscriber = Callable[[Event], None]

@@ -134,13 +134,16 @@ class CallStory:
     and whether the app went away while egressd owned the call.
     """
 
-    __slots__ = ("app_gone", "attempts", "failover_from", "sending")
+    __slots__ = ("app_gone", "attempts", "before_send", "failover_from", "sending")
 
     def __init__(self, *, failover_from: str | None = None) -> None:
         self.attempts: list[Attempt] = []  # finished tries, in order
         self.sending = 0  # tries started (a request written or being written upstream)
         self.app_gone = False  # the app closed its connection before the answer
         self.failover_from: str | None = failover_from  # set on calls a failover sends
+        # Awaited by the transport before each try writes its first byte, with the
+        # upstream's name (the outbox marks a kept send "sending" there: proxy/outbox/).
+        self.before_send: Callable[[str], Awaitable[None]] | None = None
 
     def may_have_acted(self, upstream: str, not_processed: Callable[[int, Mapping[str, str]], bool]) -> bool:
         """Whether an upstream may have acted on this call without a complete answer,

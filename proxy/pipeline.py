@@ -1,8 +1,11 @@
 """One call's way through egressd, outermost step first.
 
-    idempotency -> cache -> failover -> upstream (attempt loop) -> terminal
+    idempotency -> outbox -> cache -> failover -> upstream (attempt loop) -> terminal
 
     idempotency   proxy/stages/idempotency.py  replay a stored answer; claim the key
+    outbox        proxy/outbox/stage.py        keep a send durably and answer "accepted"
+                                               (the delivery worker sends it later through
+                                               the steps below: `Pipeline.below("outbox")`)
     cache         proxy/stages/cache.py        answer from the cache; stale-if-error
     failover      proxy/stages/failover.py     hand the call to a fallback upstream
     upstream      proxy/upstream.py            every attempt at the upstream: the retry
@@ -78,9 +81,10 @@ def stage_order() -> tuple[StageFactory, ...]:
     """The factories of the wrapper stages, outermost first. Each returns None when the
     policy does not use its block, and the stage is then left out of the chain. (A
     function, not a module constant: the stage modules import this one.)"""
+    from proxy.outbox import stage as outbox
     from proxy.stages import cache, failover, idempotency
 
-    return (idempotency.build, cache.build, failover.build)
+    return (idempotency.build, outbox.build, cache.build, failover.build)
 
 
 class Pipeline:
@@ -107,9 +111,16 @@ class Pipeline:
         if retry is not None or breaker is not None or limiter is not None or auth is not None:
             handler = attempt_loop(terminal, retry=retry, breaker=breaker, limiter=limiter, auth=auth)
         self.upstream: Handler = handler  # what the innermost wrapper calls
+        self._below: dict[str, Handler] = {}
         for stage in reversed(self.wrappers):
+            self._below[stage.name] = handler
             handler = _bind(stage, handler)
         self.handle: Handler = handler
+
+    def below(self, name: str) -> Handler:
+        """The steps under the wrapper `name` (what it calls next): the outbox worker
+        delivers a kept send there, so it is not kept again nor claimed twice."""
+        return self._below.get(name, self.handle)
 
     @property
     def stages(self) -> tuple[Any, ...]:

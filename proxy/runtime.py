@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -89,6 +90,10 @@ class Runtime:
         # Shared with every stage (`StageContext.extras["drain"]`): the rate-limit queue
         # answers 503 `draining` when it ends.
         self.drain = Drain()
+        # The outbox's store and the wake-up of its delivery worker (set by the server;
+        # a pipeline built without them keeps its sends in memory: proxy/outbox/stage.py).
+        self.outbox_store: object | None = None
+        self.outbox_wake: Callable[[], None] | None = None
         self._retired: set[asyncio.Task[None]] = set()
 
     def get(self, name: str) -> UpstreamRuntime | None:
@@ -116,7 +121,7 @@ class Runtime:
                 state=self.state,
                 plugin=plugin,
                 lookup=self.lookup,
-                extras={"drain": self.drain},
+                extras={"drain": self.drain, "outbox_store": self.outbox_store, "outbox_wake": self.outbox_wake},
             )
             # With OAuth, the attempt loop sends through the token sender (and refreshes a
             # rejected token as one more attempt): proxy/upstream.py.

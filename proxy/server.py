@@ -36,6 +36,8 @@ from proxy.listener import KEEPALIVE_TIMEOUT, MAX_HEADER_FIELD, MAX_HEADERS, Lis
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.observe.status import StatusBoard
+from proxy.outbox.store import OutboxStore, open_outbox
+from proxy.outbox.worker import OutboxWorker
 from proxy.reload import Built, PolicyRejected, Reloader
 from proxy.runtime import Runtime
 from proxy.state.base import StateBackend
@@ -106,6 +108,7 @@ class EgressServer:
         clock: Clock | None = None,
         state: StateBackend | None = None,
         events: EventBus | None = None,
+        outbox_store: OutboxStore | None = None,
     ) -> None:
         self.settings = settings
         self.clock: Clock = clock or RealClock()
@@ -113,6 +116,12 @@ class EgressServer:
         self.state: StateBackend = state or MemoryState(self.clock)
         limits = AnswerLimits(settings.max_response_header_size, settings.max_response_head_size)
         self.runtime = Runtime(self.clock, self.events, self.state, answer_limits=limits)
+        # The outbox (contract 7.6): its store goes with the state backend (data dir,
+        # Redis, or memory); the stage keeps sends there and wakes the delivery worker.
+        self.outbox_store: OutboxStore = outbox_store or open_outbox(self.state)
+        self.outbox = OutboxWorker(self.runtime, self.outbox_store, self.clock, self.events)
+        self.runtime.outbox_store = self.outbox_store
+        self.runtime.outbox_wake = self.outbox.wake
         self.metrics = Metrics(tallies=self.events.tallies)
         self.status = StatusBoard(tallies=self.events.tallies)
         self.events.subscribe(self.metrics)
@@ -163,6 +172,13 @@ class EgressServer:
             await self.stop()
             raise StartupError(f"cannot listen: {exc}") from exc
         self.ready = True
+        self.outbox.start()
+        kept = sorted(name for name, rt in built.items() if rt.policy.outbox is not None)
+        if kept and self.outbox_store.name == "memory":
+            log.warning(
+                "the outbox is kept in process memory (--data-dir none): sends it accepted are lost on restart",
+                extra={"upstreams": kept},
+            )
         if self.settings.fd_check_interval > 0:
             self.spawn(self._watch_fds())
         log.info(
@@ -240,6 +256,8 @@ class EgressServer:
             "draining",
             extra={"in_flight": self.in_flight, "drain_seconds": self.settings.drain, "idle_closed": closed},
         )
+        # The outbox worker takes no new entries; what it is delivering gets the drain.
+        outbox_stopped = loop.create_task(self.outbox.stop(wait=max(self.settings.drain - ANSWER_GRACE, 0.0)))
         if not await self._settle(deadline - loop.time()):
             self.runtime.drain.end()  # the rate-limit queues answer 503 `draining`
             if not await self._settle(ANSWER_GRACE):
@@ -249,13 +267,16 @@ class EgressServer:
                     extra={"cut": cut, "drain_seconds": self.settings.drain},
                 )
                 await self._settle(ANSWER_GRACE)
+        await outbox_stopped
         await self.stop()
 
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        await self.outbox.stop()
         await self.listeners.close()
         await self.runtime.close()
+        await self.outbox_store.close()
         await self.state.close()
         self.access_log.flush()
 

@@ -237,6 +237,8 @@ class Transport:
         resp: _http1.HTTP1Response | None = None
         story = call.story
         if story is not None:
+            if story.before_send is not None:
+                await story.before_send(self.name)
             story.sending += 1
         try:
             resp = await self.pool().request(

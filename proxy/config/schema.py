@@ -556,6 +556,25 @@ class CircuitBreaker(_Model):
     half_open_requests: int = Field(default=3, ge=1)
 
 
+#: Providers whose calls need a synchronous result: an outbox cannot answer for them.
+SYNCHRONOUS_PROVIDERS = frozenset({"stripe", "paypal"})
+
+
+class Outbox(_Model):
+    """Deferred sends (contract 7.6, docs/outbox.md)."""
+
+    # on_failure: send now; keep the send when it failed without reaching the upstream.
+    # always: keep every send and answer "accepted" at once.
+    when: Literal["on_failure", "always"] = "on_failure"
+    max_age: PositiveDuration = Field(default="24h", validate_default=True)
+    max_entries: int = Field(default=100000, ge=1)
+    # Deliveries in flight at once, per process (each still waits its turn in rate_limit).
+    concurrency: int = Field(default=16, ge=1, le=1000)
+    # After an ambiguous delivery (or a process killed while sending), how long to wait
+    # before asking the provider whether it took the send (its event index lags).
+    probe_after: PositiveDuration = Field(default="60s", validate_default=True)
+
+
 class Crosswalk(_Model):
     """Ids that exist on both providers and cannot be computed (primary id -> fallback id)."""
 
@@ -608,8 +627,19 @@ class Policy(_Model):
     cache: Cache | None = None
     circuit_breaker: CircuitBreaker | None = None
     failover: list[Failover] = Field(default_factory=list)
+    outbox: Outbox | None = None
 
     _fingerprints: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _outbox_needs_an_asynchronous_provider(self) -> Policy:
+        if self.outbox is not None and self.provider.name in SYNCHRONOUS_PROVIDERS:
+            raise ValueError(
+                f"outbox is not allowed for provider {self.provider.name}: its calls need a synchronous "
+                "result (a payment's outcome), which a kept send cannot give; use it on e-mail upstreams "
+                "(sendgrid, mailgun) or a generic API whose provider only queues"
+            )
+        return self
 
     @property
     def listen_address(self) -> tuple[str, int] | None:

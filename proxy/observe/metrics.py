@@ -16,6 +16,8 @@ from proxy.events import (
     ConfigReloaded,
     Event,
     FailoverResult,
+    OutboxDelivery,
+    OutboxDepth,
     RateLimited,
     RateLimitWaited,
     RetryScheduled,
@@ -45,6 +47,8 @@ class Metrics:
         FailoverResult,
         ConfigReloaded,
         StateBackendError,
+        OutboxDelivery,
+        OutboxDepth,
     )
 
     def __init__(
@@ -101,6 +105,20 @@ class Metrics:
         self.backend_errors = Counter(
             "egressd_state_backend_errors", "State backend failures.", ["backend"], registry=r
         )
+        # The outbox (contract 7.6): deliveries by result, and each upstream's depth and
+        # oldest pending entry as the delivery worker last read them (every 2 s).
+        self.outbox_deliveries = Counter(
+            "egressd_outbox_deliveries", "Outbox deliveries by result.", ["upstream", "result"], registry=r
+        )
+        self.outbox_entries = Gauge(
+            "egressd_outbox_entries", "Kept sends waiting for delivery.", ["upstream"], registry=r
+        )
+        self.outbox_oldest = Gauge(
+            "egressd_outbox_oldest_seconds",
+            "Age of the oldest kept send waiting for delivery.",
+            ["upstream"],
+            registry=r,
+        )
         # The process's file descriptors against its file limit (proxy/fds.py), read at
         # each scrape; proxy/server.py also warns in the log from 80 %.
         self.open_fds = Gauge("egressd_open_fds", "File descriptors open in this process.", registry=r)
@@ -128,6 +146,8 @@ class Metrics:
             FailoverResult: lambda e: self.failovers.labels(e.source, e.target, e.result).inc(),
             ConfigReloaded: lambda e: self.reloads.labels(e.result).inc(),
             StateBackendError: lambda e: self.backend_errors.labels(e.backend).inc(),
+            OutboxDelivery: lambda e: self.outbox_deliveries.labels(e.upstream, e.result).inc(),
+            OutboxDepth: self._outbox_depth,
         }
 
     def __call__(self, event: Event) -> None:
@@ -198,6 +218,10 @@ class Metrics:
             # observe(0.0): the sum gains nothing, the first bucket whose bound is >= 0 one.
             index = next(i for i, bound in enumerate(bounds) if 0.0 <= bound)
             buckets[index].inc(n)
+
+    def _outbox_depth(self, event: OutboxDepth) -> None:
+        self.outbox_entries.labels(event.upstream).set(event.entries)
+        self.outbox_oldest.labels(event.upstream).set(event.oldest_seconds)
 
     def declare_upstream(self, name: str) -> None:
         """Make an upstream's series visible at 0 before its first call."""

@@ -37,7 +37,7 @@ WINDOW = 300.0
 USE_WINDOW = 60.0
 MAX_SAMPLES = 20_000
 MAX_ERRORS = 10
-GOOD_OUTCOMES = frozenset({"success", "client_error", "replayed", "cached"})
+GOOD_OUTCOMES = frozenset({"success", "client_error", "replayed", "cached", "queued"})
 #: Content-Security-Policy of `/status`: no script, no fetch, no external anything.
 CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 REFRESH_SECONDS = 5

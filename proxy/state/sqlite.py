@@ -55,9 +55,9 @@ Expired rows are deleted by the background task in bounded batches (`PURGE_BATCH
 per transaction, at most `PURGE_BATCHES` per tick), so the file's size follows the
 records alive: roughly the answers kept for their `replay_ttl` / `fingerprint_window`.
 
-Later: the outbox (contract 7.6) and webhook deliveries (7.5) will add their own tables
-here (`outbox`, `webhook_events`) in `_SCHEMA`, with a schema version bump; they are not
-created yet.
+Queues. The outbox (contract 7.6) keeps its entries in the `outbox` table of this same
+database (schema version 2; proxy/outbox/sqlite_store.py reads and writes it through this
+store's connection). Webhook deliveries (7.5) will add `webhook_events` the same way.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ from proxy.state.redis import decode_response, encode_response
 log = logging.getLogger("egressd.state")
 
 DB_NAME = "egressd.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the outbox table
 ROW_SHAPE = 1  # the `shape` of the rows this version writes (and the only one it reads)
 LOCK_TIMEOUT = 5.0  # start-up: how long to wait for another process's lock; writes: how long to retry
 # At run time a statement waits at most this long for another process's lock, blocking
@@ -122,11 +122,33 @@ _SCHEMA = (
     # The processes using this data dir (for dead-owner detection).
     "CREATE TABLE IF NOT EXISTS instances ("
     " id TEXT PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, started REAL NOT NULL, seen REAL NOT NULL)",
+    # Kept sends (proxy/outbox/store.py has the states).
+    "CREATE TABLE IF NOT EXISTS outbox ("
+    " id TEXT PRIMARY KEY,"
+    " upstream TEXT NOT NULL,"
+    " state TEXT NOT NULL,"
+    " due REAL NOT NULL,"
+    " created REAL NOT NULL,"
+    " expires REAL NOT NULL,"
+    " updated REAL NOT NULL,"
+    " attempts INTEGER NOT NULL DEFAULT 0,"
+    " owner TEXT NOT NULL DEFAULT '',"
+    " method TEXT NOT NULL,"
+    " path TEXT NOT NULL,"
+    " query TEXT NOT NULL,"
+    " headers TEXT NOT NULL,"  # JSON [[name, value], ...]
+    " body BLOB,"
+    " sent_to TEXT NOT NULL DEFAULT '',"  # comma-separated upstream names
+    " provider_id TEXT NOT NULL DEFAULT '',"
+    " delivered_via TEXT NOT NULL DEFAULT '',"
+    " last_error TEXT NOT NULL DEFAULT '',"
+    " shape INTEGER NOT NULL DEFAULT 1)",
 )
 # Created once the tables are known to have the columns they index.
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS records_expires ON records (expires)",
     "CREATE INDEX IF NOT EXISTS ledger_expires ON ledger (expires)",
+    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (upstream, state, due)",
 )
 
 _COLUMNS: dict[str, frozenset[str]] = {
@@ -136,6 +158,29 @@ _COLUMNS: dict[str, frozenset[str]] = {
     ),
     "ledger": frozenset({"key", "value", "expires", "shape"}),
     "instances": frozenset({"id", "pid", "host", "started", "seen"}),
+    "outbox": frozenset(
+        {
+            "id",
+            "upstream",
+            "state",
+            "due",
+            "created",
+            "expires",
+            "updated",
+            "attempts",
+            "owner",
+            "method",
+            "path",
+            "query",
+            "headers",
+            "body",
+            "sent_to",
+            "provider_id",
+            "delivered_via",
+            "last_error",
+            "shape",
+        }
+    ),
 }
 
 
@@ -199,6 +244,10 @@ def _setup(path: Path, lock_timeout: float) -> sqlite3.Connection:
             for statement in _SCHEMA:
                 db.execute(statement)
             db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            # Version 1 -> 2 only added a table (created above): the database is version 2 now.
+            db.execute(
+                "UPDATE meta SET value = ? WHERE name = 'schema_version' AND value = '1'", (str(SCHEMA_VERSION),)
+            )
             row = db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
             for table, needed in _COLUMNS.items():
                 have = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}

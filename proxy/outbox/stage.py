@@ -1,0 +1,158 @@
+"""The outbox stage: keep a send durably and answer for the provider (contract 7.6).
+
+Under the idempotency stage (a resend with the same key or fingerprint gets the same
+"accepted" answer, replayed) and over cache, failover and the attempt loop, which the
+delivery worker (proxy/outbox/worker.py) calls later with the kept send.
+
+* `when: always`: every send the plugin calls a send (`outbox_accepts`: SendGrid
+  `POST /v3/mail/send`, Mailgun `POST /v3/{domain}/messages`, any unsafe call for a
+  generic upstream) is stored, then answered at once.
+* `when: on_failure`: the send goes out now. It is kept only when it failed without
+  reaching the upstream (contract 7.8): every attempt ended in a connect error or a 429
+  the plugin documents as "not processed", or none was made (the rate limiter refused
+  it, with or without a queue; the circuit is open; the process is draining). A send
+  that may have reached the upstream is never kept: its answer (or egressd's 502/504)
+  goes to the app as without an outbox, since keeping it could send it twice.
+
+The answer goes out only after `OutboxStore.add` returned (the row is committed, or in
+Redis). The body is read whole first, bounded by `limits.max_body` (413 before anything
+is stored); a full outbox answers 503 `outbox_full` with `Retry-After`, a store that
+cannot take it 503 `state_unavailable`; nothing is stored then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from multidict import CIMultiDict
+
+from plugins.base import WireRequest
+from proxy.errors import ProxyError
+from proxy.model import Call, CallStory, Response, unsafe_method
+from proxy.outbox.store import Entry, OutboxFull, OutboxStore, OutboxUnavailable, new_id
+from proxy.pipeline import Handler, StageContext
+
+if TYPE_CHECKING:
+    from plugins.base import ProviderPlugin
+
+OUTBOX_HEADER = "X-Egressd-Outbox"
+#: egressd's own refusals that prove the send was not sent (contract 7.8).
+NOT_SENT_CODES = frozenset({"rate_limited", "circuit_open", "draining", "over_capacity"})
+FULL_RETRY_AFTER = 30.0
+_DROP_HEADERS = frozenset({"content-length", "transfer-encoding", "expect", "x-request-id"})
+
+
+def reached_upstream(story: CallStory, plugin: ProviderPlugin) -> bool:
+    """Whether any attempt of the call may have reached an upstream's application: an
+    attempt that was written and not refused by a connect error or a documented "not
+    processed" answer (429)."""
+    for attempt in story.attempts:
+        if attempt.kind == "connect_error":
+            continue
+        if attempt.kind == "answered" and plugin.not_processed(attempt.status, attempt.headers or {}):
+            continue
+        return True
+    return story.sending > len(story.attempts)  # a try still counted as started
+
+
+def not_sent(result: Response | ProxyError, story: CallStory, plugin: ProviderPlugin) -> bool:
+    """A failed call that did not reach the upstream (so keeping it cannot send it twice)."""
+    if reached_upstream(story, plugin):
+        return False
+    if isinstance(result, ProxyError):
+        code, detail = result.code, result.detail
+    elif result.error_code is not None:
+        code, detail = result.error_code, result.detail
+    else:
+        return result.status == 429 and plugin.not_processed(result.status, result.headers)
+    if code in NOT_SENT_CODES:
+        return True
+    # Connect errors: nothing was written (every attempt in the story is one).
+    return code == "upstream_unreachable" and (detail == "connect_error" or bool(story.attempts))
+
+
+class OutboxStage:
+    name = "outbox"
+
+    def __init__(self, ctx: StageContext, store: OutboxStore, wake: Callable[[], None]) -> None:
+        policy = ctx.policy
+        assert policy.outbox is not None
+        self.settings = policy.outbox
+        self.upstream = policy.upstream
+        self.plugin = ctx.plugin
+        self.clock = ctx.clock
+        self.store = store
+        self.wake = wake
+        self.always = policy.outbox.when == "always"
+
+    async def __call__(self, call: Call, nxt: Handler) -> Response:
+        if not unsafe_method(call.method) or not self.plugin.outbox_accepts(call.method, call.path):
+            return await nxt(call)
+        body = await call.body.read()  # bounded by limits.max_body: 413 before anything is kept
+        if self.always:
+            return await self._keep(call, body)
+        story = call.story
+        if story is None:
+            story = CallStory()
+            call = call.replace(story=story)
+        result: Response | ProxyError
+        try:
+            result = await nxt(call)
+        except ProxyError as exc:
+            result = exc
+        if isinstance(result, Response) and result.status < 400:
+            return result
+        if not not_sent(result, story, self.plugin):
+            if isinstance(result, ProxyError):
+                raise result
+            return result
+        if isinstance(result, Response):
+            await result.close()
+        return await self._keep(call, body)
+
+    async def _keep(self, call: Call, body: bytes) -> Response:
+        now = self.clock.wall()
+        entry = Entry(
+            id=new_id(),
+            upstream=self.upstream,
+            method=call.method,
+            path=call.path,
+            query=call.query,
+            headers=[(k, v) for k, v in call.headers.items() if k.lower() not in _DROP_HEADERS],
+            body=body,
+            created=now,
+            expires=now + self.settings.max_age,
+            due=now,
+        )
+        try:
+            await self.store.add(entry, max_entries=self.settings.max_entries)
+        except OutboxFull:
+            raise ProxyError(
+                "outbox_full",
+                f"the outbox of {self.upstream} holds {self.settings.max_entries} sends (outbox.max_entries)",
+                retry_after=FULL_RETRY_AFTER,
+            ) from None
+        except OutboxUnavailable as exc:
+            raise ProxyError(
+                "state_unavailable", f"the outbox cannot store the send now: {exc}", retry_after=1.0
+            ) from None
+        self.wake()
+        request = WireRequest(call.method, call.path, call.query, {k: v for k, v in call.headers.items()}, body)
+        answer = self.plugin.outbox_accepted(entry.id, request)
+        headers: CIMultiDict[str] = CIMultiDict(answer.headers)
+        headers[OUTBOX_HEADER] = f"queued; id={entry.id}"
+        return Response(answer.status, headers, body=answer.body, upstream=self.upstream, outcome="queued")
+
+
+def build(ctx: StageContext) -> OutboxStage | None:
+    if ctx.policy.outbox is None:
+        return None
+    store = ctx.extras.get("outbox_store")
+    wake = ctx.extras.get("outbox_wake")
+    if store is None:
+        from proxy.outbox.store import MemoryOutbox
+
+        # Without a server (a pipeline built in a test): a store of its own, nobody to wake.
+        store = ctx.extras["outbox_store"] = MemoryOutbox(ctx.clock.wall)
+    return OutboxStage(ctx, store, wake if callable(wake) else (lambda: None))
