@@ -103,6 +103,7 @@ class Admin:
             return _json({"error": "limit must be a whole number"}, 400)
         upstream = request.query.get("upstream") or None
         try:
+            await self.server.outbox.refresh()
             entries = await self.server.outbox_store.list(upstream=upstream, state=state, limit=limit)
         except OutboxUnavailable as exc:
             return _json({"error": f"the outbox store cannot be read: {exc}"}, 503)
@@ -164,6 +165,7 @@ class Admin:
         """`/status.json`; docs/operations.md ("Status page") documents every field."""
         server = self.server
         board = server.status
+        outbox = server.outbox.snapshot()
         upstreams: dict[str, Any] = {}
         for name, rt in sorted(server.runtime.upstreams.items()):
             stages: dict[str, dict[str, Any]] = {}
@@ -176,6 +178,8 @@ class Admin:
             snap["target"] = safe_target(rt.policy.target)
             snap["provider"] = rt.policy.provider.name
             snap["stages"] = list(rt.pipeline.stage_names)
+            if rt.policy.outbox is not None:
+                snap["outbox"] = outbox["upstreams"].get(name, {})
             upstreams[name] = snap
         state = server.state
         health = getattr(state, "health", None)
@@ -201,7 +205,7 @@ class Admin:
                 **self._records_snapshot(),
             },
             "upstreams": upstreams,
-            "outbox": self.server.outbox.snapshot(),
+            "outbox": outbox,
         }
 
     def _records_snapshot(self) -> dict[str, Any]:

@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report with charts")
 
     sub.add_parser("schema", help="print the JSON Schema of one policy document")
+    from proxy.outbox import cli as outbox_cli
+
+    outbox_cli.add_parser(sub, _env("EGRESSD_ADMIN", "127.0.0.1:9901"))
     return parser
 
 
@@ -201,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             return _demo(args)
+        if args.command == "outbox":
+            from proxy.outbox import cli as outbox_cli
+
+            return outbox_cli.run(args)
     except KeyboardInterrupt:
         return 130
     return 2

@@ -435,6 +435,27 @@ def _upstream_card(name: str, up: dict[str, Any], now: float) -> str:
     else:
         items.append(_item("rate limit", "none"))
     items.append(_item("cache hit rate", _pct_text(up.get("cache_hit_rate"))))
+    outbox = up.get("outbox")
+    if isinstance(outbox, dict):
+        items.append(
+            _item(
+                "outbox pending",
+                f"{_fmt(outbox.get('pending', 0))} (oldest {_fmt(outbox.get('oldest_seconds'), ' s')})",
+            )
+        )
+        items.append(
+            _item(
+                "outbox doubt / ambiguous / dead",
+                " / ".join(_fmt(outbox.get(k, 0)) for k in ("in_doubt", "ambiguous", "dead")),
+            )
+        )
+        done = outbox.get("deliveries") or {}
+        items.append(
+            _item(
+                "outbox delivered / failed over",
+                f"{_fmt(done.get('delivered', 0))} / {_fmt(done.get('failed_over', 0))}",
+            )
+        )
 
     failovers = up.get("failovers") or {}
     if failovers:

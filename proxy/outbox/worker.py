@@ -390,6 +390,10 @@ class OutboxWorker:
             await self._finish(entry)
 
     # -- what /status and /outbox.json show ------------------------------------------------
+    async def refresh(self) -> None:
+        """Read the counts now (the maintenance turn reads them every few seconds)."""
+        self.stats = await self.store.stats(self.clock.wall())
+
     def snapshot(self) -> dict[str, Any]:
         now = self.clock.wall()
         upstreams: dict[str, Any] = {}
