@@ -4,6 +4,12 @@
 
 from __future__ import annotations
 
+import json
+import time
+
+import pytest
+import stripe
+
 from plugins.base import GenericPlugin
 from plugins.mailgun import MailgunPlugin
 from plugins.paypal import PayPalPlugin
@@ -22,6 +28,143 @@ SENDGRID = SendGridPlugin()
 MAILGUN = MailgunPlugin()
 WHSEC = "whsec_test_0123456789abcdef"
 TOL = 300.0
+
+
+# ---- Stripe ------------------------------------------------------------------------------------
+
+STRIPE_EVENT = json.dumps(
+    {
+        "id": "evt_1NG8Du2eZvKYlo2CUI79vXWy",
+        "object": "event",
+        "api_version": "2026-06-24.dahlia",
+        "created": 1_700_000_000,
+        "data": {"object": {"id": "pi_3abc", "object": "payment_intent", "amount": 2000, "status": "succeeded"}},
+        "livemode": False,
+        "type": "payment_intent.succeeded",
+    },
+    indent=2,
+).encode()
+
+
+def test_stripe_sign_is_accepted_by_the_sdk() -> None:
+    now = time.time()
+    headers = STRIPE.sign_webhook(STRIPE_EVENT, WebhookSecrets(secret=WHSEC), now)
+    assert headers is not None and set(headers) == {"Stripe-Signature"}
+    assert headers["Stripe-Signature"].startswith(f"t={int(now)},v1=")
+    event = stripe.Webhook.construct_event(STRIPE_EVENT, headers["Stripe-Signature"], WHSEC)
+    assert event.id == "evt_1NG8Du2eZvKYlo2CUI79vXWy" and event.data.object.amount == 2000
+    # Through signed_delivery: the body goes unchanged, the header is the same.
+    delivery = STRIPE.signed_delivery(STRIPE_EVENT, WebhookSecrets(secret=WHSEC), now)
+    assert delivery is not None and delivery.body == STRIPE_EVENT and dict(delivery.headers) == headers
+
+
+def test_stripe_resign_makes_an_old_event_pass_again() -> None:
+    """7.8: a delivery retried days later carries a fresh timestamp, so the SDK's 300 s
+    check passes; the original (or a stale) signature would not."""
+    now = time.time()
+    old = STRIPE.sign_webhook(STRIPE_EVENT, WebhookSecrets(secret=WHSEC), now - 3 * 86400)
+    assert old is not None
+    with pytest.raises(stripe.SignatureVerificationError):
+        stripe.Webhook.construct_event(STRIPE_EVENT, old["Stripe-Signature"], WHSEC)
+    fresh = STRIPE.sign_webhook(STRIPE_EVENT, WebhookSecrets(secret=WHSEC), now)
+    assert fresh is not None
+    assert stripe.Webhook.construct_event(STRIPE_EVENT, fresh["Stripe-Signature"], WHSEC).id.startswith("evt_")
+
+
+def test_stripe_verify_accepts_what_stripe_signs() -> None:
+    now = time.time()
+    header = stripe.WebhookSignature.generate_signature_header(STRIPE_EVENT.decode(), WHSEC, timestamp=int(now))
+    verdict = STRIPE.verify_webhook(STRIPE_EVENT, {"Stripe-Signature": header}, WebhookSecrets(secret=WHSEC), now, TOL)
+    assert (verdict.ok, verdict.reason) == (True, "ok")
+    # Header names are matched whatever their case.
+    verdict = STRIPE.verify_webhook(STRIPE_EVENT, {"stripe-signature": header}, WebhookSecrets(secret=WHSEC), now, TOL)
+    assert verdict.ok
+
+
+def _stripe_header(body: bytes, secret: str, t: int) -> str:
+    return stripe.WebhookSignature.generate_signature_header(body.decode(), secret, timestamp=t)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("tampered", "bad_signature"),
+        ("wrong_secret", "bad_signature"),
+        ("old", "timestamp_outside_tolerance"),
+        ("future", "timestamp_outside_tolerance"),
+        ("missing", "missing_signature"),
+        ("no_v1", "missing_signature"),
+        ("no_t", "malformed_signature"),
+        ("bad_t", "malformed_signature"),
+        ("no_secret", "no_secret"),
+    ],
+)
+def test_stripe_verify_refuses(case: str, reason: str) -> None:
+    now = 1_800_000_000.0
+    t = int(now)
+    body = STRIPE_EVENT
+    secrets = WebhookSecrets(secret=WHSEC)
+    headers = {"Stripe-Signature": _stripe_header(body, WHSEC, t)}
+    if case == "tampered":
+        body = body.replace(b"2000", b"2001")
+    elif case == "wrong_secret":
+        headers = {"Stripe-Signature": _stripe_header(body, "whsec_other", t)}
+    elif case == "old":
+        headers = {"Stripe-Signature": _stripe_header(body, WHSEC, t - 301)}
+    elif case == "future":
+        headers = {"Stripe-Signature": _stripe_header(body, WHSEC, t + 301)}
+    elif case == "missing":
+        headers = {}
+    elif case == "no_v1":
+        headers = {"Stripe-Signature": f"t={t},v0=abc"}
+    elif case == "no_t":
+        headers = {"Stripe-Signature": headers["Stripe-Signature"].split(",", 1)[1]}
+    elif case == "bad_t":
+        headers = {"Stripe-Signature": headers["Stripe-Signature"].replace(f"t={t}", "t=12x")}
+    elif case == "no_secret":
+        secrets = WebhookSecrets()
+    verdict = STRIPE.verify_webhook(body, headers, secrets, now, TOL)
+    assert (verdict.ok, verdict.reason) == (False, reason)
+    assert WHSEC not in repr(verdict)
+
+
+def test_stripe_verify_at_the_tolerance_edge() -> None:
+    now = 1_800_000_000.0
+    header = _stripe_header(STRIPE_EVENT, WHSEC, int(now) - 300)
+    secrets = WebhookSecrets(secret=WHSEC)
+    assert STRIPE.verify_webhook(STRIPE_EVENT, {"Stripe-Signature": header}, secrets, now, 300).ok
+    assert not STRIPE.verify_webhook(STRIPE_EVENT, {"Stripe-Signature": header}, secrets, now, 299).ok
+
+
+def test_stripe_rotation_any_v1_passes() -> None:
+    now = 1_800_000_000.0
+    t = int(now)
+    mine = _stripe_header(STRIPE_EVENT, WHSEC, t).split("v1=")[1]
+    other = _stripe_header(STRIPE_EVENT, "whsec_rolled", t).split("v1=")[1]
+    secrets = WebhookSecrets(secret=WHSEC)
+    for value in (f"t={t},v1={other},v1={mine}", f"t={t},v1={mine},v1={other}", f"t={t},v0=xx,v1={mine}"):
+        assert STRIPE.verify_webhook(STRIPE_EVENT, {"Stripe-Signature": value}, secrets, now, TOL).ok, value
+    both_other = {"Stripe-Signature": f"t={t},v1={other},v1={other}"}
+    assert STRIPE.verify_webhook(STRIPE_EVENT, both_other, secrets, now, TOL).reason == "bad_signature"
+    # The other secret's holder accepts the same header too (both were signed).
+    rolled = WebhookSecrets(secret="whsec_rolled")
+    assert STRIPE.verify_webhook(STRIPE_EVENT, {"Stripe-Signature": f"t={t},v1={mine},v1={other}"}, rolled, now, TOL).ok
+
+
+def test_stripe_events_and_no_signing_without_secret() -> None:
+    events = STRIPE.webhook_events(STRIPE_EVENT, {})
+    assert events == [
+        InboundEvent(
+            id="evt_1NG8Du2eZvKYlo2CUI79vXWy",
+            type="payment_intent.succeeded",
+            body=STRIPE_EVENT,
+            object_ids=("pi_3abc",),
+            ledger_ids=(),
+        )
+    ]
+    assert STRIPE.webhook_events(b"not json", {}) == []
+    assert STRIPE.sign_webhook(STRIPE_EVENT, WebhookSecrets(), 1.0) is None
+    assert STRIPE.signed_delivery(STRIPE_EVENT, WebhookSecrets(), 1.0) is None
 
 
 # ---- the API itself ----------------------------------------------------------------------------
