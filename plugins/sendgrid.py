@@ -3,8 +3,11 @@ SendGrid has no idempotency key."""
 
 from __future__ import annotations
 
-from plugins import mail_sendgrid_to_mailgun
+from collections.abc import Mapping
+
+from plugins import mail_sendgrid_to_mailgun, webhooks_sendgrid
 from plugins.base import ErrorAnswer, ProviderPlugin, Translator, json_bytes
+from plugins.webhooks import InboundEvent, Verdict, WebhookSecrets
 
 
 class SendGridPlugin(ProviderPlugin):
@@ -18,3 +21,17 @@ class SendGridPlugin(ProviderPlugin):
         if target.name == "mailgun":
             return mail_sendgrid_to_mailgun.translate
         return None
+
+    # -- inbound webhooks (plugins/webhooks_sendgrid.py) ---------------------------------
+    def verify_webhook(
+        self, body: bytes, headers: Mapping[str, str], secrets: WebhookSecrets, now: float, tolerance: float
+    ) -> Verdict:
+        return webhooks_sendgrid.verify(body, headers, secrets.public_key, now, tolerance)
+
+    def webhook_events(self, body: bytes, headers: Mapping[str, str]) -> list[InboundEvent]:
+        return webhooks_sendgrid.events(body)
+
+    def sign_webhook(self, body: bytes, secrets: WebhookSecrets, now: float) -> dict[str, str] | None:
+        """Signed with egressd's `signing_key` (the app verifies with its public key);
+        None without one."""
+        return webhooks_sendgrid.sign(body, secrets.signing_key, now)

@@ -4,11 +4,16 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import time
 
 import pytest
 import stripe
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from sendgrid.helpers.eventwebhook import EventWebhook
 
 from plugins.base import GenericPlugin
 from plugins.mailgun import MailgunPlugin
@@ -165,6 +170,158 @@ def test_stripe_events_and_no_signing_without_secret() -> None:
     assert STRIPE.webhook_events(b"not json", {}) == []
     assert STRIPE.sign_webhook(STRIPE_EVENT, WebhookSecrets(), 1.0) is None
     assert STRIPE.signed_delivery(STRIPE_EVENT, WebhookSecrets(), 1.0) is None
+
+
+# ---- SendGrid ----------------------------------------------------------------------------------
+
+
+def _p256() -> tuple[ec.EllipticCurvePrivateKey, str, str]:
+    """A key pair: (key, public key as SendGrid shows it: base64 DER, private key PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return key, base64.b64encode(der).decode(), pem
+
+
+SG_BATCH = (
+    b'[\n  {"email": "ann@example.com", "timestamp": 1700000000, "event": "delivered",'
+    b' "sg_event_id": "sg-ev-1", "sg_message_id": "14c5d75ce93.dfd.64b469.filter0001.16648.5515E0B88.0",'
+    b' "response": "250 OK"},\n'
+    b'  {"email":"bob@example.com","timestamp":1700000001,"event":"open","sg_event_id":"sg-ev-2",'
+    b'"sg_message_id":"W8ZnYx0vRuqAojlNq2nKsw.recvd-5f8-1-0","useragent":"UA","ip":"192.0.2.1","order":"7"}\n]'
+)
+
+
+def test_sendgrid_sign_is_accepted_by_the_sdk() -> None:
+    _key, public, pem = _p256()
+    now = time.time()
+    headers = SENDGRID.sign_webhook(SG_BATCH, WebhookSecrets(signing_key=pem), now)
+    assert headers is not None
+    assert headers["X-Twilio-Email-Event-Webhook-Timestamp"] == str(int(now))
+    sig = headers["X-Twilio-Email-Event-Webhook-Signature"]
+    ts = headers["X-Twilio-Email-Event-Webhook-Timestamp"]
+    sdk = EventWebhook(public)
+    assert sdk.verify_signature(SG_BATCH.decode(), sig, ts) is True
+    assert sdk.verify_signature(SG_BATCH.decode().replace("250", "550"), sig, ts) is False
+    assert sdk.verify_signature(SG_BATCH.decode(), sig, str(int(now) + 1)) is False
+    # And our own verify agrees with the SDK.
+    assert SENDGRID.verify_webhook(SG_BATCH, headers, WebhookSecrets(public_key=public), now, TOL).ok
+    other = _p256()[1]
+    assert EventWebhook(other).verify_signature(SG_BATCH.decode(), sig, ts) is False
+    assert SENDGRID.verify_webhook(SG_BATCH, headers, WebhookSecrets(public_key=other), now, TOL).reason == (
+        "bad_signature"
+    )
+
+
+def test_sendgrid_without_signing_key_sends_as_received() -> None:
+    assert SENDGRID.sign_webhook(SG_BATCH, WebhookSecrets(public_key="x"), 1.0) is None
+    assert SENDGRID.signed_delivery(SG_BATCH, WebhookSecrets(), 1.0) is None
+    # A key that is not P-256 cannot sign either (and `key_problem` says so for `check`).
+    rsa_pem = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        .decode()
+    )
+    assert SENDGRID.sign_webhook(SG_BATCH, WebhookSecrets(signing_key=rsa_pem), 1.0) is None
+    from plugins.webhooks_sendgrid import key_problem
+
+    assert key_problem(signing_key=rsa_pem) is not None and key_problem(signing_key=_p256()[2]) is None
+
+
+def _sendgrid_signed(key: ec.EllipticCurvePrivateKey, body: bytes, ts: int) -> dict[str, str]:
+    """What SendGrid sends: a (randomized) ECDSA P-256 SHA-256 signature of ts + body."""
+    sig = key.sign(str(ts).encode() + body, ec.ECDSA(hashes.SHA256()))
+    return {
+        "X-Twilio-Email-Event-Webhook-Signature": base64.b64encode(sig).decode(),
+        "X-Twilio-Email-Event-Webhook-Timestamp": str(ts),
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("good", "ok"),
+        ("pem_public_key", "ok"),
+        ("tampered", "bad_signature"),
+        ("wrong_key", "bad_signature"),
+        ("old", "timestamp_outside_tolerance"),
+        ("ts_changed", "bad_signature"),
+        ("missing_sig", "missing_signature"),
+        ("missing_ts", "missing_signature"),
+        ("bad_base64", "malformed_signature"),
+        ("bad_ts", "malformed_signature"),
+        ("no_public_key", "no_public_key"),
+        ("rsa_public_key", "bad_public_key"),
+    ],
+)
+def test_sendgrid_verify(case: str, reason: str) -> None:
+    key, public, _pem = _p256()
+    now = 1_800_000_000.0
+    ts = int(now)
+    body = SG_BATCH
+    headers = _sendgrid_signed(key, body, ts)
+    secrets = WebhookSecrets(public_key=public)
+    assert EventWebhook(public).verify_signature(
+        body.decode(),
+        headers["X-Twilio-Email-Event-Webhook-Signature"],
+        headers["X-Twilio-Email-Event-Webhook-Timestamp"],
+    )
+    if case == "pem_public_key":
+        pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        secrets = WebhookSecrets(public_key=pem.decode())
+    elif case == "tampered":
+        body = body.replace(b"ann@", b"eve@")
+    elif case == "wrong_key":
+        secrets = WebhookSecrets(public_key=_p256()[1])
+    elif case == "old":
+        headers = _sendgrid_signed(key, body, ts - 301)
+    elif case == "ts_changed":
+        headers["X-Twilio-Email-Event-Webhook-Timestamp"] = str(ts - 1)
+    elif case == "missing_sig":
+        del headers["X-Twilio-Email-Event-Webhook-Signature"]
+    elif case == "missing_ts":
+        del headers["X-Twilio-Email-Event-Webhook-Timestamp"]
+    elif case == "bad_base64":
+        headers["X-Twilio-Email-Event-Webhook-Signature"] = "not base64!"
+    elif case == "bad_ts":
+        headers["X-Twilio-Email-Event-Webhook-Timestamp"] = "soon"
+    elif case == "no_public_key":
+        secrets = WebhookSecrets()
+    elif case == "rsa_public_key":
+        rsa_der = (
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            .public_key()
+            .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+        secrets = WebhookSecrets(public_key=base64.b64encode(rsa_der).decode())
+    verdict = SENDGRID.verify_webhook(body, headers, secrets, now, TOL)
+    assert (verdict.ok, verdict.reason) == (reason == "ok", reason)
+
+
+def test_sendgrid_batch_is_split_per_event_with_its_own_bytes() -> None:
+    events = SENDGRID.webhook_events(SG_BATCH, {})
+    assert [(e.id, e.type) for e in events] == [("sg-ev-1", "delivered"), ("sg-ev-2", "open")]
+    first, second = events
+    assert first.body == SG_BATCH[SG_BATCH.index(b"{") : SG_BATCH.index(b"}") + 1]
+    assert json.loads(second.body)["order"] == "7" and second.body in SG_BATCH
+    assert first.object_ids == ("14c5d75ce93.dfd.64b469.filter0001.16648.5515E0B88.0",)
+    assert first.ledger_ids == (
+        "14c5d75ce93.dfd.64b469.filter0001.16648.5515E0B88.0",
+        "14c5d75ce93.dfd.64b469.filter0001.16648.5515E0B88",
+        "14c5d75ce93.dfd.64b469.filter0001.16648",
+        "14c5d75ce93.dfd.64b469.filter0001",
+        "14c5d75ce93.dfd.64b469",
+        "14c5d75ce93.dfd",
+        "14c5d75ce93",
+    )
+    assert second.ledger_ids == ("W8ZnYx0vRuqAojlNq2nKsw.recvd-5f8-1-0", "W8ZnYx0vRuqAojlNq2nKsw")
+    # No sg_event_id: the event's own bytes stand in (identical content = same event).
+    [nameless] = SENDGRID.webhook_events(b'[{"event":"open","email":"a@b.c"}]', {})
+    assert nameless.id == "sha256:" + hashlib.sha256(b'{"event":"open","email":"a@b.c"}').hexdigest()
+    assert SENDGRID.webhook_events(b'{"event":"open"}', {}) == []
+    assert SENDGRID.webhook_events(b"[1, 2", {}) == []
 
 
 # ---- the API itself ----------------------------------------------------------------------------
