@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 import stripe
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from mailgun.security import SecurityGuard
 from sendgrid.helpers.eventwebhook import EventWebhook
 
 from plugins.base import GenericPlugin
@@ -322,6 +326,130 @@ def test_sendgrid_batch_is_split_per_event_with_its_own_bytes() -> None:
     assert nameless.id == "sha256:" + hashlib.sha256(b'{"event":"open","email":"a@b.c"}').hexdigest()
     assert SENDGRID.webhook_events(b'{"event":"open"}', {}) == []
     assert SENDGRID.webhook_events(b"[1, 2", {}) == []
+
+
+# ---- Mailgun -----------------------------------------------------------------------------------
+
+MG_KEY = "key-mailgun-signing-0123456789"
+
+
+def _mg_sig(key: str, timestamp: str, token: str) -> str:
+    """The documented scheme (providers.md 5.5), independently of the plugin."""
+    return hmac.new(key.encode(), (timestamp + token).encode(), hashlib.sha256).hexdigest()
+
+
+def mailgun_body(event_data: Mapping[str, Any], *, key: str = MG_KEY, ts: int = 1_800_000_000) -> bytes:
+    token = "t" * 50
+    signature = {"timestamp": str(ts), "token": token, "signature": _mg_sig(key, str(ts), token)}
+    # Pretty-printed, as Mailgun's own bodies are not compact: the bytes must survive re-signing.
+    return json.dumps({"signature": signature, "event-data": event_data}, indent=2).encode()
+
+
+MG_DELIVERED = {
+    "id": "CPgfbmQMTCKtHW6uIWtuVe",
+    "timestamp": 1_800_000_000.908181,
+    "log-level": "info",
+    "event": "delivered",
+    "recipient": "ann@example.com",
+    "recipient-domain": "example.com",
+    "tags": ["receipt"],
+    "message": {"headers": {"message-id": "20231114221320.1.ABCDEF@mg.shop.example", "to": "ann@example.com"}},
+    "user-variables": {"order_id": "6735"},
+    "delivery-status": {"code": 250, "message": "OK", "description": "", "attempt-no": 1, "tls": True},
+}
+
+
+def test_mailgun_verify_documented_scheme_and_sdk_agree() -> None:
+    body = mailgun_body(MG_DELIVERED)
+    sig = json.loads(body)["signature"]
+    now = 1_800_000_010.0
+    assert MAILGUN.verify_webhook(body, {}, WebhookSecrets(secret=MG_KEY), now, TOL).ok
+    # The SDK agrees (its TTL is against the real clock, so disabled here).
+    assert SecurityGuard.verify_webhook(MG_KEY, sig["token"], sig["timestamp"], sig["signature"], max_age_seconds=0)
+    assert not SecurityGuard.verify_webhook("other", sig["token"], sig["timestamp"], sig["signature"], 0)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("wrong_key", "bad_signature"),
+        ("token_changed", "bad_signature"),
+        ("old", "timestamp_outside_tolerance"),
+        ("missing", "missing_signature"),
+        ("not_json", "malformed_body"),
+        ("ts_not_digits", "malformed_signature"),
+        ("no_secret", "no_secret"),
+    ],
+)
+def test_mailgun_verify_refuses(case: str, reason: str) -> None:
+    now = 1_800_000_000.0
+    body = mailgun_body(MG_DELIVERED, ts=int(now))
+    secrets = WebhookSecrets(secret=MG_KEY)
+    if case == "wrong_key":
+        body = mailgun_body(MG_DELIVERED, key="key-other", ts=int(now))
+    elif case == "token_changed":
+        body = body.replace(b'"' + b"t" * 50, b'"u' + b"t" * 49, 1)
+    elif case == "old":
+        body = mailgun_body(MG_DELIVERED, ts=int(now) - 301)
+    elif case == "missing":
+        body = json.dumps({"event-data": MG_DELIVERED}).encode()
+    elif case == "not_json":
+        body = b"timestamp=1&token=x&signature=y"
+    elif case == "ts_not_digits":
+        payload = json.loads(body)
+        payload["signature"]["timestamp"] = "1.5e9"
+        body = json.dumps(payload).encode()
+    elif case == "no_secret":
+        secrets = WebhookSecrets()
+    verdict = MAILGUN.verify_webhook(body, {}, secrets, now, TOL)
+    assert (verdict.ok, verdict.reason) == (False, reason)
+
+
+def test_mailgun_resign_rewrites_only_the_signature() -> None:
+    body = mailgun_body(MG_DELIVERED, ts=1_700_000_000)  # days old: the app's check would refuse it
+    now = time.time()
+    secrets = WebhookSecrets(secret=MG_KEY)
+    assert MAILGUN.sign_webhook(body, secrets, now) is None  # not a header scheme
+    delivery = MAILGUN.signed_delivery(body, secrets, now)
+    assert delivery is not None and dict(delivery.headers) == {}
+    sig = json.loads(delivery.body)["signature"]
+    assert sig["timestamp"] == str(int(now)) and len(sig["token"]) == 50 and sig["token"] != "t" * 50
+    assert SecurityGuard.verify_webhook(MG_KEY, sig["token"], sig["timestamp"], sig["signature"])  # real clock TTL
+    assert MAILGUN.verify_webhook(delivery.body, {}, secrets, now, TOL).ok
+    # Every byte outside the signature object is Mailgun's.
+    text, new = body.decode(), delivery.body.decode()
+    old_spans = top_level_spans(text)
+    new_spans = top_level_spans(new)
+    assert old_spans is not None and new_spans is not None
+    (_, s0, e0), (_, s1, e1) = old_spans[0], new_spans[0]
+    assert text[:s0] == new[:s1] and text[e0:] == new[e1:]
+    # Pure: the same inputs give the same body; another second gives another token.
+    assert MAILGUN.signed_delivery(body, secrets, now) == delivery
+    later = MAILGUN.signed_delivery(body, secrets, now + 1)
+    assert later is not None and json.loads(later.body)["signature"]["token"] != sig["token"]
+
+
+def test_mailgun_resign_needs_one_signature_member_and_the_key() -> None:
+    secrets = WebhookSecrets(secret=MG_KEY)
+    twice = b'{"signature": {}, "event-data": {}, "signature": {}}'
+    assert MAILGUN.signed_delivery(twice, secrets, 1.0) is None
+    assert MAILGUN.signed_delivery(b'{"event-data": {}}', secrets, 1.0) is None
+    assert MAILGUN.signed_delivery(b"[]", secrets, 1.0) is None
+    assert MAILGUN.signed_delivery(mailgun_body(MG_DELIVERED), WebhookSecrets(), 1.0) is None
+
+
+def test_mailgun_events() -> None:
+    body = mailgun_body(MG_DELIVERED)
+    assert MAILGUN.webhook_events(body, {}) == [
+        InboundEvent(
+            id="CPgfbmQMTCKtHW6uIWtuVe",
+            type="delivered",
+            body=body,
+            object_ids=("20231114221320.1.ABCDEF@mg.shop.example",),
+            ledger_ids=("20231114221320.1.ABCDEF@mg.shop.example",),
+        )
+    ]
+    assert MAILGUN.webhook_events(b'{"signature": {}}', {}) == []
 
 
 # ---- the API itself ----------------------------------------------------------------------------
