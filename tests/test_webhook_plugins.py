@@ -452,6 +452,138 @@ def test_mailgun_events() -> None:
     assert MAILGUN.webhook_events(b'{"signature": {}}', {}) == []
 
 
+# ---- PayPal ------------------------------------------------------------------------------------
+
+PP_HEADERS = {
+    "PAYPAL-AUTH-ALGO": "SHA256withRSA",
+    "PAYPAL-CERT-URL": "https://api.sandbox.paypal.com/v1/notifications/certs/CERT-360caa42-fca2a594-a5cafa77",
+    "PAYPAL-TRANSMISSION-ID": "69cd13f0-d67a-11e5-baa3-778b53f4ae55",
+    "PAYPAL-TRANSMISSION-SIG": (
+        "lmI95Jx3Y9nhR5SJWlHVIWpg4AgFk7n9bCHSRxbrd8A9zrhdu2rMyFrmz+Zjh3s3boXB07VXCXUZy/UFzUlnGJn0wDugt7FlSvdK"
+        "eIJenLRemUxYCPVoEZzg9VFNqOa48gMkvF+XTpxBeUx/kWy6B5cp7GkT2+pOowfRK7OaynuxUoKW3JcMWw272VKjLTtTAShncla7"
+        "tGF+55rxyt2KNZIIqxNMJ48RDZheGU5w1npu9dZHnPgTXB9iomeVRoD8O/jhRpnKsGrDschyNdkeh81BJJMH4Ctc6lnCCquoP/Gz"
+        "Czz33MMsNdid7vL/NIWaCsekQpW26FpWPi/tfj8nLA=="
+    ),
+    "PAYPAL-TRANSMISSION-TIME": "2026-02-16T21:01:49Z",
+}
+PP_NOW = 1_771_275_709.0  # 2026-02-16T21:01:49Z
+PP_CAPTURE_COMPLETED = {
+    "id": "WH-58D329510W468432D-8HN650336L201105X",
+    "event_version": "1.0",
+    "create_time": "2026-02-16T21:01:49.000Z",
+    "resource_type": "capture",
+    "resource_version": "2.0",
+    "event_type": "PAYMENT.CAPTURE.COMPLETED",
+    "summary": "Payment completed for $ 10.99 USD",
+    "resource": {
+        "id": "3C679366HH908993F",
+        "status": "COMPLETED",
+        "amount": {"currency_code": "USD", "value": "10.99"},
+        "final_capture": True,
+        "seller_protection": {"status": "ELIGIBLE"},
+        "supplementary_data": {"related_ids": {"order_id": "5O190127TN364715T"}},
+        "create_time": "2026-02-16T21:01:40Z",
+        "update_time": "2026-02-16T21:01:40Z",
+        "links": [
+            {"href": "https://api.sandbox.paypal.com/v2/payments/captures/3C679366HH908993F", "rel": "self"},
+            {"href": "https://api.sandbox.paypal.com/v2/payments/captures/3C679366HH908993F/refund", "rel": "refund"},
+            {"href": "https://api.sandbox.paypal.com/v2/checkout/orders/5O190127TN364715T", "rel": "up"},
+        ],
+    },
+}
+
+
+def test_paypal_verify_builds_the_remote_check() -> None:
+    body = json.dumps(PP_CAPTURE_COMPLETED, indent=1).encode()
+    verdict = PAYPAL.verify_webhook(body, PP_HEADERS, WebhookSecrets(webhook_id="1JE4291016473214C"), PP_NOW, TOL)
+    assert (verdict.ok, verdict.reason) == (False, "remote_check_required")
+    check = verdict.remote
+    assert check is not None
+    assert (check.method, check.path) == ("POST", "/v1/notifications/verify-webhook-signature")
+    assert dict(check.headers) == {"Content-Type": "application/json"}
+    sent = json.loads(check.body)
+    assert sent == {
+        "auth_algo": "SHA256withRSA",
+        "cert_url": PP_HEADERS["PAYPAL-CERT-URL"],
+        "transmission_id": PP_HEADERS["PAYPAL-TRANSMISSION-ID"],
+        "transmission_sig": PP_HEADERS["PAYPAL-TRANSMISSION-SIG"],
+        "transmission_time": PP_HEADERS["PAYPAL-TRANSMISSION-TIME"],
+        "webhook_id": "1JE4291016473214C",
+        "webhook_event": PP_CAPTURE_COMPLETED,
+    }
+    # The event goes to PayPal as the bytes it sent (not re-encoded).
+    assert check.body.endswith(b',"webhook_event":' + body + b"}")
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("no_webhook_id", "no_webhook_id"),
+        ("missing_header", "missing_signature"),
+        ("foreign_cert_url", "untrusted_cert_url"),
+        ("http_cert_url", "untrusted_cert_url"),
+        ("lookalike_cert_url", "untrusted_cert_url"),
+        ("old", "timestamp_outside_tolerance"),
+        ("bad_time", "malformed_signature"),
+        ("not_json", "malformed_body"),
+    ],
+)
+def test_paypal_verify_refuses_locally(case: str, reason: str) -> None:
+    headers = dict(PP_HEADERS)
+    body = json.dumps(PP_CAPTURE_COMPLETED).encode()
+    secrets = WebhookSecrets(webhook_id="1JE4291016473214C")
+    now = PP_NOW
+    if case == "no_webhook_id":
+        secrets = WebhookSecrets()
+    elif case == "missing_header":
+        del headers["PAYPAL-TRANSMISSION-SIG"]
+    elif case == "foreign_cert_url":
+        headers["PAYPAL-CERT-URL"] = "https://evil.example/cert.pem"
+    elif case == "http_cert_url":
+        headers["PAYPAL-CERT-URL"] = "http://api.paypal.com/v1/notifications/certs/X"
+    elif case == "lookalike_cert_url":
+        headers["PAYPAL-CERT-URL"] = "https://api.paypal.com.evil.example/certs/X"
+    elif case == "old":
+        now = PP_NOW + 301
+    elif case == "bad_time":
+        headers["PAYPAL-TRANSMISSION-TIME"] = "yesterday"
+    elif case == "not_json":
+        body = b"[]"
+    verdict = PAYPAL.verify_webhook(body, headers, secrets, now, TOL)
+    assert (verdict.ok, verdict.reason, verdict.remote) == (False, reason, None)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "ok", "reason", "transient"),
+    [
+        (200, b'{"verification_status": "SUCCESS"}', True, "ok", False),
+        (200, b'{"verification_status": "FAILURE"}', False, "bad_signature", False),
+        (200, b"<html>", False, "remote_check_unreadable", True),
+        (400, b'{"name": "VALIDATION_ERROR"}', False, "remote_check_refused", False),
+        (401, b"", False, "remote_check_unavailable", True),
+        (503, b"", False, "remote_check_unavailable", True),
+    ],
+)
+def test_paypal_remote_verdict(status: int, body: bytes, ok: bool, reason: str, transient: bool) -> None:
+    verdict = PAYPAL.remote_verdict(status, body)
+    assert (verdict.ok, verdict.reason, verdict.transient) == (ok, reason, transient)
+
+
+def test_paypal_cannot_sign_and_events() -> None:
+    body = json.dumps(PP_CAPTURE_COMPLETED).encode()
+    assert PAYPAL.sign_webhook(body, WebhookSecrets(webhook_id="W"), 1.0) is None
+    assert PAYPAL.signed_delivery(body, WebhookSecrets(webhook_id="W"), 1.0) is None
+    assert PAYPAL.webhook_events(body, {}) == [
+        InboundEvent(
+            id="WH-58D329510W468432D-8HN650336L201105X",
+            type="PAYMENT.CAPTURE.COMPLETED",
+            body=body,
+            object_ids=("3C679366HH908993F", "5O190127TN364715T"),
+            ledger_ids=("ch_ppf_3C679366HH908993F", "pi_ppf_5O190127TN364715T"),
+        )
+    ]
+
+
 # ---- the API itself ----------------------------------------------------------------------------
 
 
