@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from plugins import pay_paypal_to_stripe, webhooks_paypal
 from plugins.base import ErrorAnswer, ProviderPlugin, Translator, WireRequest, json_bytes
-from plugins.webhooks import InboundEvent, Verdict, WebhookSecrets
+from plugins.webhooks import InboundEvent, LedgerLookup, TranslatedEvent, Verdict, WebhookSecrets
 
 _NAME_BY_STATUS = {
     400: "INVALID_REQUEST",
@@ -66,3 +66,8 @@ class PayPalPlugin(ProviderPlugin):
         return webhooks_paypal.events(body)
 
     # sign_webhook: None (PayPal's certificate scheme; the app verifies with PayPal).
+
+    def translate_event(self, event: InboundEvent, lookup: LedgerLookup, *, target: str) -> TranslatedEvent | None:
+        if target == "stripe":
+            return webhooks_paypal.to_stripe(event, lookup)
+        return None

@@ -47,10 +47,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from plugins import pay_stripe_to_paypal as s2p
-from plugins.shapes import unix
+from plugins.money import minor_from_paypal, paypal_value
+from plugins.shapes import token, unix
 from plugins.webhooks import (
     InboundEvent,
+    LedgerLookup,
     RemoteCheck,
+    TranslatedEvent,
     Verdict,
     content_id,
     dumps,
@@ -195,3 +198,91 @@ def events(body: bytes) -> list[InboundEvent]:
             ledger_ids=ledger_ids,
         )
     ]
+
+
+# ---- translation to Stripe ---------------------------------------------------------------------
+
+
+def stripe_event_id(paypal_event_id: str) -> str:
+    return EVENT_PREFIX + token("paypal-event:" + paypal_event_id, 24, upper=False)
+
+
+def _payment_record(lookup: LedgerLookup, ids: tuple[str, ...]) -> Mapping[str, Any] | None:
+    """The PaymentIntent record among the ledger ids (a `re_ppf_` id maps to a refund
+    record, which is not enough to render a Charge)."""
+    for ledger_id in ids:
+        if ledger_id.startswith(s2p.RE_PREFIX):
+            continue
+        record = lookup(ledger_id)
+        if record is not None and record.get("kind") == "payment_intent" and record.get("order_id"):
+            return record
+    return None
+
+
+def _order(record: Mapping[str, Any], capture: Mapping[str, Any]) -> dict[str, Any]:
+    """The order as far as the event tells it: the record's order with this capture."""
+    return {
+        "id": record["order_id"],
+        "status": "COMPLETED",
+        "purchase_units": [{"payments": {"captures": [dict(capture)]}}],
+    }
+
+
+def to_stripe(event: InboundEvent, lookup: LedgerLookup) -> TranslatedEvent | None:
+    stripe_type = STRIPE_TYPES.get(event.type)
+    if stripe_type is None or not event.ledger_ids:
+        return None
+    body = json_object(event.body)
+    resource = body.get("resource") if body else None
+    if body is None or not isinstance(resource, Mapping) or not resource.get("id"):
+        return None
+    record = _payment_record(lookup, event.ledger_ids)
+    if record is None:
+        return None
+    currency = str(record.get("currency") or "usd").lower()
+    if stripe_type == "charge.refunded":
+        capture_id = event.object_ids[1] if len(event.object_ids) > 1 else record.get("capture_id")
+        amount = int(record.get("amount") or 0)
+        breakdown = resource.get("seller_payable_breakdown")
+        total = breakdown.get("total_refunded_amount") if isinstance(breakdown, Mapping) else None
+        refunded = total if isinstance(total, Mapping) else resource.get("amount") or {}
+        value = str(refunded.get("value") or "0")
+        refunded_minor = minor_from_paypal(value, currency)
+        capture = {
+            "id": capture_id,
+            "status": "REFUNDED" if refunded_minor >= amount else "PARTIALLY_REFUNDED",
+            "amount": {"currency_code": currency.upper(), "value": paypal_value(amount, currency)},
+            "create_time": resource.get("create_time"),
+        }
+        order = _order(record, capture)
+        order["purchase_units"][0]["payments"]["refunds"] = [
+            {"status": "COMPLETED", "amount": {"currency_code": currency.upper(), "value": value}}
+        ]
+        pi = s2p.payment_intent(order, record)
+        obj = s2p.charge_object(order, record, pi)
+    else:
+        order = _order(record, resource)
+        obj = s2p.payment_intent(order, record)
+        if stripe_type == "payment_intent.succeeded" and obj["status"] != "succeeded":
+            return None  # a COMPLETED event whose capture says otherwise: not translated
+        if stripe_type == "payment_intent.payment_failed" and obj["status"] != "requires_payment_method":
+            return None
+    event_id = stripe_event_id(event.id)
+    stripe_event: dict[str, Any] = {
+        "id": event_id,
+        "object": "event",
+        "api_version": STRIPE_API_VERSION,
+        "created": unix(body.get("create_time"), float(record.get("created") or 0)),
+        "data": {"object": obj},
+        "livemode": bool(record.get("livemode")),
+        "pending_webhooks": 1,
+        "request": {"id": None, "idempotency_key": None},
+        "type": stripe_type,
+    }
+    return TranslatedEvent(
+        event_id=event_id,
+        type=stripe_type,
+        body=dumps(stripe_event),
+        headers={"Content-Type": "application/json; charset=utf-8"},
+        content_type="application/json; charset=utf-8",
+    )

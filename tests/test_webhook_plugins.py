@@ -19,13 +19,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from mailgun.security import SecurityGuard
 from sendgrid.helpers.eventwebhook import EventWebhook
 
-from plugins.base import GenericPlugin
+from plugins import pay_stripe_to_paypal as s2p
+from plugins.base import FailoverContext, GenericPlugin, Translated, TranslatorRun, WireAnswer, WireRequest
+from plugins.forms import encode_stripe_form
 from plugins.mailgun import MailgunPlugin
 from plugins.paypal import PayPalPlugin
 from plugins.sendgrid import SendGridPlugin
 from plugins.stripe import StripePlugin
 from plugins.webhooks import (
     InboundEvent,
+    TranslatedEvent,
     WebhookSecrets,
     array_spans,
     top_level_spans,
@@ -582,6 +585,194 @@ def test_paypal_cannot_sign_and_events() -> None:
             ledger_ids=("ch_ppf_3C679366HH908993F", "pi_ppf_5O190127TN364715T"),
         )
     ]
+
+
+# ---- translation PayPal -> Stripe -----------------------------------------------------------------
+
+
+def drive(run: TranslatorRun, answers: list[WireAnswer]) -> Translated:
+    try:
+        next(run)
+        for answer in answers:
+            run.send(answer)
+        raise AssertionError("translator wanted more answers")
+    except StopIteration as stop:
+        result: Translated = stop.value
+        return result
+
+
+def _ok(status: int, body: Any) -> WireAnswer:
+    return WireAnswer(status, {"Content-Type": "application/json"}, json.dumps(body).encode())
+
+
+def failover_ledger(capture_status: str = "COMPLETED") -> dict[str, dict[str, Any]]:
+    """The routing ledger as a real Stripe -> PayPal failover writes it (the translator's
+    own entries, through JSON as `failover._finish` stores them)."""
+    order = {
+        "id": "5O190127TN364715T",
+        "intent": "CAPTURE",
+        "status": "COMPLETED",
+        "create_time": "2026-02-16T21:01:39Z",
+        "purchase_units": [
+            {
+                "reference_id": "default",
+                "amount": {"currency_code": "USD", "value": "10.99"},
+                "payments": {
+                    "captures": [
+                        {
+                            "id": "3C679366HH908993F",
+                            "status": capture_status,
+                            "amount": {"currency_code": "USD", "value": "10.99"},
+                        }
+                    ]
+                },
+            }
+        ],
+    }
+    body = encode_stripe_form(
+        {
+            "amount": 1099,
+            "currency": "usd",
+            "payment_method": "pm_card_visa",
+            "confirm": True,
+            "description": "Order 6735",
+            "metadata": {"order_id": "6735"},
+        }
+    )
+    ctx = FailoverContext(
+        source="stripe",
+        target="paypal",
+        payment_methods={"pm_card_visa": "8TX02017P3456"},
+        idempotency_key="key-1",
+        request_id="rid-1",
+        now=1_771_275_699,
+    )
+    out = drive(s2p.translate(WireRequest("POST", "/v1/payment_intents", body=body), ctx), [_ok(201, order)])
+    return {k: json.loads(json.dumps(v, default=str)) for k, v in out.ledger}
+
+
+def _translate(plugin: Any, body: bytes, ledger: Mapping[str, Any], target: str) -> TranslatedEvent | None:
+    """What the listener does: split, prefetch the event's ledger ids, translate."""
+    [event] = plugin.webhook_events(body, {})
+    prefetched = {i: ledger[i] for i in event.ledger_ids if i in ledger}
+    result: TranslatedEvent | None = plugin.translate_event(event, prefetched.get, target=target)
+    return result
+
+
+def _app_receives(translated: TranslatedEvent) -> Any:
+    """Sign with the primary's scheme and check it the way the app's SDK does."""
+    now = time.time()
+    delivery = STRIPE.signed_delivery(translated.body, WebhookSecrets(secret=WHSEC), now)
+    assert delivery is not None and delivery.body == translated.body
+    return stripe.Webhook.construct_event(delivery.body, delivery.headers["Stripe-Signature"], WHSEC)
+
+
+def test_paypal_capture_completed_becomes_payment_intent_succeeded() -> None:
+    ledger = failover_ledger()
+    assert set(ledger) == {"pi_ppf_5O190127TN364715T", "ch_ppf_3C679366HH908993F"}
+    body = json.dumps(PP_CAPTURE_COMPLETED).encode()
+    translated = _translate(PAYPAL, body, ledger, "stripe")
+    assert translated is not None
+    assert translated.type == "payment_intent.succeeded"
+    event = _app_receives(translated)
+    assert event.type == "payment_intent.succeeded" and event.object == "event"
+    assert event.id == translated.event_id and event.id.startswith("evt_ppf_")
+    assert event.created == 1_771_275_709 and event.livemode is False
+    pi = event.data.object
+    assert isinstance(pi, stripe.PaymentIntent)
+    assert pi.id == "pi_ppf_5O190127TN364715T"
+    assert (pi.amount, pi.amount_received, pi.currency, pi.status) == (1099, 1099, "usd", "succeeded")
+    assert pi.latest_charge == "ch_ppf_3C679366HH908993F"
+    assert pi.metadata.to_dict() == {"order_id": "6735"} and pi.description == "Order 6735"
+    assert pi.payment_method == "pm_card_visa" and pi.last_payment_error is None
+    # Derived from the PayPal event id: the same on every redelivery, another for another event.
+    again = _translate(PAYPAL, body, ledger, "stripe")
+    assert again is not None and again.event_id == translated.event_id and again.body == translated.body
+    other = json.dumps({**PP_CAPTURE_COMPLETED, "id": "WH-OTHER"}).encode()
+    moved = _translate(PAYPAL, other, ledger, "stripe")
+    assert moved is not None and moved.event_id != translated.event_id
+
+
+def test_paypal_translation_finds_the_intent_by_either_id() -> None:
+    ledger = failover_ledger()
+    only_capture = {"ch_ppf_3C679366HH908993F": ledger["ch_ppf_3C679366HH908993F"]}
+    no_order = json.loads(json.dumps(PP_CAPTURE_COMPLETED))
+    del no_order["resource"]["supplementary_data"]
+    for event_body, held in ((PP_CAPTURE_COMPLETED, only_capture), (no_order, ledger)):
+        translated = _translate(PAYPAL, json.dumps(event_body).encode(), held, "stripe")
+        assert translated is not None and json.loads(translated.body)["data"]["object"]["id"] == (
+            "pi_ppf_5O190127TN364715T"
+        )
+
+
+def test_paypal_capture_denied_becomes_payment_failed() -> None:
+    ledger = failover_ledger("PENDING")
+    denied = json.loads(json.dumps(PP_CAPTURE_COMPLETED))
+    denied.update(id="WH-DENIED-1", event_type="PAYMENT.CAPTURE.DENIED")
+    denied["resource"]["status"] = "DECLINED"
+    translated = _translate(PAYPAL, json.dumps(denied).encode(), ledger, "stripe")
+    assert translated is not None
+    event = _app_receives(translated)
+    assert event.type == "payment_intent.payment_failed"
+    pi = event.data.object
+    assert (pi.id, pi.status, pi.amount_received) == ("pi_ppf_5O190127TN364715T", "requires_payment_method", 0)
+    assert pi.last_payment_error.code == "card_declined" and pi.payment_method is None
+
+
+@pytest.mark.parametrize(("refunded", "minor", "full"), [("5.00", 500, False), ("10.99", 1099, True)])
+def test_paypal_capture_refunded_becomes_charge_refunded(refunded: str, minor: int, full: bool) -> None:
+    ledger = failover_ledger()
+    event_body = {
+        "id": "WH-REFUND-1",
+        "create_time": "2026-02-17T10:00:00Z",
+        "resource_type": "refund",
+        "event_type": "PAYMENT.CAPTURE.REFUNDED",
+        "resource": {
+            "id": "1JU08902781691411",
+            "status": "COMPLETED",
+            "amount": {"currency_code": "USD", "value": refunded},
+            "seller_payable_breakdown": {"total_refunded_amount": {"currency_code": "USD", "value": refunded}},
+            "create_time": "2026-02-17T10:00:00Z",
+            "links": [
+                {"href": "https://api.paypal.com/v2/payments/refunds/1JU08902781691411", "rel": "self"},
+                {"href": "https://api.paypal.com/v2/payments/captures/3C679366HH908993F", "rel": "up"},
+            ],
+        },
+    }
+    body = json.dumps(event_body).encode()
+    [inbound] = PAYPAL.webhook_events(body, {})
+    assert inbound.ledger_ids == ("re_ppf_1JU08902781691411", "ch_ppf_3C679366HH908993F")
+    translated = _translate(PAYPAL, body, ledger, "stripe")
+    assert translated is not None
+    event = _app_receives(translated)
+    assert event.type == "charge.refunded" and event.created == 1_771_322_400
+    charge = event.data.object
+    assert isinstance(charge, stripe.Charge)
+    assert (charge.id, charge.payment_intent) == ("ch_ppf_3C679366HH908993F", "pi_ppf_5O190127TN364715T")
+    assert (charge.amount, charge.amount_captured, charge.amount_refunded) == (1099, 1099, minor)
+    assert (charge.currency, charge.refunded, charge.captured, charge.status) == ("usd", full, True, "succeeded")
+
+
+def test_paypal_events_without_translation() -> None:
+    ledger = failover_ledger()
+    body = json.dumps(PP_CAPTURE_COMPLETED).encode()
+    # The ledger does not know the objects: the app never saw them through egressd.
+    assert _translate(PAYPAL, body, {}, "stripe") is None
+    strangers = json.loads(json.dumps(PP_CAPTURE_COMPLETED))
+    strangers["resource"].update(id="9XX00000000000000", supplementary_data={"related_ids": {"order_id": "8YY"}})
+    strangers["resource"]["links"] = []
+    assert _translate(PAYPAL, json.dumps(strangers).encode(), ledger, "stripe") is None
+    # An event type with no Stripe counterpart in 7.5.
+    pending = {**PP_CAPTURE_COMPLETED, "event_type": "PAYMENT.CAPTURE.PENDING"}
+    assert _translate(PAYPAL, json.dumps(pending).encode(), ledger, "stripe") is None
+    # COMPLETED whose capture is not completed is not passed off as a success.
+    odd = json.loads(json.dumps(PP_CAPTURE_COMPLETED))
+    odd["resource"]["status"] = "PENDING"
+    assert _translate(PAYPAL, json.dumps(odd).encode(), ledger, "stripe") is None
+    # Only into Stripe's shape.
+    assert _translate(PAYPAL, body, ledger, "sendgrid") is None
+    # The reverse (Stripe events -> PayPal) is not made: PayPal's signature cannot be.
+    assert _translate(STRIPE, STRIPE_EVENT, {"pi_3abc": {"kind": "order"}}, "paypal") is None
 
 
 # ---- the API itself ----------------------------------------------------------------------------
