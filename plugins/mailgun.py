@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from plugins import mail_mailgun_to_sendgrid, webhooks_mailgun
 from plugins.base import ErrorAnswer, ProviderPlugin, Translator, json_bytes
-from plugins.webhooks import InboundEvent, SignedDelivery, Verdict, WebhookSecrets
+from plugins.webhooks import InboundEvent, LedgerLookup, SignedDelivery, TranslatedEvent, Verdict, WebhookSecrets
 
 
 class MailgunPlugin(ProviderPlugin):
@@ -37,3 +37,8 @@ class MailgunPlugin(ProviderPlugin):
         """The body with only its `signature` object replaced (fresh timestamp, token and
         HMAC); None without the key or without exactly one `signature` member."""
         return webhooks_mailgun.resign(body, secrets.secret, now)
+
+    def translate_event(self, event: InboundEvent, lookup: LedgerLookup, *, target: str) -> TranslatedEvent | None:
+        if target == "sendgrid":
+            return webhooks_mailgun.to_sendgrid(event, lookup)
+        return None

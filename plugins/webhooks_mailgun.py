@@ -62,13 +62,18 @@ from typing import Any
 from plugins.webhooks import (
     OK,
     InboundEvent,
+    LedgerLookup,
     SignedDelivery,
+    TranslatedEvent,
     Verdict,
     content_id,
+    derived_id,
+    dumps,
     json_object,
     top_level_spans,
     within,
 )
+from plugins.webhooks_sendgrid import SENDGRID_FIELDS
 
 TOKEN_LENGTH = 50
 SUPPRESSED = {
@@ -160,3 +165,93 @@ def events(body: bytes) -> list[InboundEvent]:
             ledger_ids=ids,
         )
     ]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _sendgrid_kind(data: Mapping[str, Any]) -> str | None:
+    kind = str(data.get("event") or "")
+    if kind in SIMPLE:
+        return SIMPLE[kind]
+    if kind == "failed":
+        severity = data.get("severity")
+        if severity == "permanent":
+            return "dropped" if data.get("reason") in SUPPRESSED else "bounce"
+        if severity == "temporary":
+            return "deferred"
+    return None
+
+
+def to_sendgrid(event: InboundEvent, lookup: LedgerLookup) -> TranslatedEvent | None:
+    payload = json_object(event.body)
+    data = payload.get("event-data") if payload else None
+    if not isinstance(data, Mapping):
+        return None
+    kind = _sendgrid_kind(data)
+    if kind is None:
+        return None
+    record: Mapping[str, Any] | None = None
+    mid = ""
+    for ledger_id in event.ledger_ids:
+        record = lookup(ledger_id)
+        if record is not None:
+            mid = ledger_id
+            break
+    if record is None:
+        return None
+    raw_status = data.get("delivery-status")
+    status: Mapping[str, Any] = raw_status if isinstance(raw_status, Mapping) else {}
+    try:
+        timestamp = int(float(data.get("timestamp") or 0))
+    except (TypeError, ValueError):
+        timestamp = 0
+    sg_event_id = derived_id("mailgun-event", event.id)
+    out: dict[str, Any] = {
+        "email": str(data.get("recipient") or ""),
+        "timestamp": timestamp,
+        "event": kind,
+        "sg_event_id": sg_event_id,
+        "sg_message_id": str(record.get("x_message_id") or mid),
+        "smtp-id": f"<{mid}>",
+    }
+    tags = data.get("tags")
+    if isinstance(tags, list) and tags:
+        out["category"] = [str(t) for t in tags]
+    code = status.get("code")
+    message = str(status.get("message") or "")
+    description = str(status.get("description") or "")
+    client = data.get("client-info")
+    client = client if isinstance(client, Mapping) else {}
+    if kind == "delivered":
+        out["response"] = f"{code} {message}".strip() if code else message
+    elif kind == "bounce":
+        out["reason"] = description or message
+        enhanced = status.get("enhanced-code")
+        out["status"] = str(enhanced) if enhanced else "5.0.0"
+        out["type"] = "bounce"
+    elif kind == "dropped":
+        out["reason"] = SUPPRESSED[str(data.get("reason"))]
+    elif kind == "deferred":
+        out["response"] = f"{code} {message}".strip() if code else message
+        out["attempt"] = str(status.get("attempt-no") or 1)
+    if kind in ("open", "click"):
+        out["useragent"] = str(client.get("user-agent") or "")
+        out["ip"] = str(data.get("ip") or "")
+    if kind == "click":
+        out["url"] = str(data.get("url") or "")
+    variables = data.get("user-variables")
+    if isinstance(variables, Mapping):
+        for name, value in variables.items():
+            if str(name) not in SENDGRID_FIELDS:
+                out[str(name)] = _text(value)
+    return TranslatedEvent(
+        event_id=sg_event_id,
+        type=kind,
+        body=dumps([out]),
+        headers={"Content-Type": "application/json"},
+        content_type="application/json",
+    )

@@ -775,6 +775,133 @@ def test_paypal_events_without_translation() -> None:
     assert _translate(STRIPE, STRIPE_EVENT, {"pi_3abc": {"kind": "order"}}, "paypal") is None
 
 
+# ---- translation Mailgun -> SendGrid --------------------------------------------------------------
+
+MID = "20231114221320.1.ABCDEF@mg.shop.example"
+URL = "https://shop.example/x"
+#: The record the routing ledger would need (see the report: mail failover writes none yet).
+MAIL_LEDGER = {MID: {"kind": "message", "owner": "mailgun", "x_message_id": MID}}
+
+
+def _mg(**event: Any) -> bytes:
+    data = {
+        "id": "MG-EVENT-1",
+        "timestamp": 1_800_000_000.5,
+        "recipient": "ann@example.com",
+        "message": {"headers": {"message-id": MID}},
+        "user-variables": {"order_id": "6735"},
+        **event,
+    }
+    return mailgun_body(data)
+
+
+BASE_SG = {
+    "email": "ann@example.com",
+    "timestamp": 1_800_000_000,
+    "sg_message_id": MID,
+    "smtp-id": f"<{MID}>",
+    "order_id": "6735",
+}
+
+
+@pytest.mark.parametrize(
+    ("mailgun", "sendgrid"),
+    [
+        (
+            {"event": "delivered", "delivery-status": {"code": 250, "message": "OK", "description": ""}},
+            {"event": "delivered", "response": "250 OK"},
+        ),
+        (
+            {
+                "event": "failed",
+                "severity": "permanent",
+                "reason": "bounce",
+                "delivery-status": {"code": 550, "message": "No such user", "description": "5.1.1 unknown user"},
+            },
+            {"event": "bounce", "reason": "5.1.1 unknown user", "status": "5.0.0", "type": "bounce"},
+        ),
+        (
+            {
+                "event": "failed",
+                "severity": "permanent",
+                "reason": "generic",
+                "delivery-status": {"code": 550, "message": "Mailbox unavailable", "enhanced-code": "5.2.1"},
+            },
+            {"event": "bounce", "reason": "Mailbox unavailable", "status": "5.2.1", "type": "bounce"},
+        ),
+        (
+            {"event": "failed", "severity": "permanent", "reason": "suppress-bounce", "delivery-status": {}},
+            {"event": "dropped", "reason": "Bounced Address"},
+        ),
+        (
+            {
+                "event": "failed",
+                "severity": "temporary",
+                "reason": "generic",
+                "delivery-status": {"code": 451, "message": "Try later", "attempt-no": 3},
+            },
+            {"event": "deferred", "response": "451 Try later", "attempt": "3"},
+        ),
+        (
+            {"event": "opened", "ip": "192.0.2.7", "client-info": {"user-agent": "Mozilla/5.0"}},
+            {"event": "open", "useragent": "Mozilla/5.0", "ip": "192.0.2.7"},
+        ),
+        (
+            {"event": "clicked", "url": URL, "ip": "192.0.2.7", "client-info": {"user-agent": "U"}},
+            {"event": "click", "useragent": "U", "ip": "192.0.2.7", "url": URL},
+        ),
+        ({"event": "unsubscribed"}, {"event": "unsubscribe"}),
+        ({"event": "complained"}, {"event": "spamreport"}),
+    ],
+)
+def test_mailgun_events_become_sendgrid_events(mailgun: dict[str, Any], sendgrid: dict[str, Any]) -> None:
+    translated = _translate(MAILGUN, _mg(**mailgun), MAIL_LEDGER, "sendgrid")
+    assert translated is not None
+    [event] = json.loads(translated.body)
+    assert event == {**BASE_SG, "sg_event_id": translated.event_id, **sendgrid}
+    assert translated.type == sendgrid["event"] and translated.content_type == "application/json"
+
+
+def test_mailgun_translation_ids_args_and_signature() -> None:
+    body = _mg(
+        event="delivered",
+        tags=["receipt", "eu"],
+        **{"user-variables": {"order_id": "6735", "n": 5, "meta": {"a": 1}, "event": "spoof", "email": "x"}},
+    )
+    translated = _translate(MAILGUN, body, MAIL_LEDGER, "sendgrid")
+    assert translated is not None
+    [event] = json.loads(translated.body)
+    assert event["event"] == "delivered" and event["email"] == "ann@example.com"
+    assert event["category"] == ["receipt", "eu"]
+    assert (event["order_id"], event["n"], event["meta"]) == ("6735", "5", '{"a":1}')
+    # sg_event_id: derived from the Mailgun event id, stable, and another for another event.
+    again = _translate(MAILGUN, body, MAIL_LEDGER, "sendgrid")
+    other = _translate(MAILGUN, body.replace(b"MG-EVENT-1", b"MG-EVENT-2"), MAIL_LEDGER, "sendgrid")
+    assert again is not None and other is not None
+    assert event["sg_event_id"] == translated.event_id == again.event_id != other.event_id
+    # The id the app was given comes from the ledger record.
+    fanned = {MID: {"kind": "message", "owner": "mailgun", "x_message_id": "FIRST-OF-TWO"}}
+    moved = _translate(MAILGUN, body, fanned, "sendgrid")
+    assert moved is not None and json.loads(moved.body)[0]["sg_message_id"] == "FIRST-OF-TWO"
+    # Signed with egressd's SendGrid signing key, the app's SDK accepts it.
+    _key, public, pem = _p256()
+    delivery = SENDGRID.signed_delivery(translated.body, WebhookSecrets(signing_key=pem), time.time())
+    assert delivery is not None and delivery.body == translated.body
+    assert EventWebhook(public).verify_signature(
+        delivery.body.decode(),
+        delivery.headers["X-Twilio-Email-Event-Webhook-Signature"],
+        delivery.headers["X-Twilio-Email-Event-Webhook-Timestamp"],
+    )
+
+
+def test_mailgun_events_without_translation() -> None:
+    delivered = _mg(event="delivered")
+    assert _translate(MAILGUN, delivered, {}, "sendgrid") is None  # not sent through a failover
+    assert _translate(MAILGUN, delivered, MAIL_LEDGER, "stripe") is None
+    for extra in ({"event": "accepted"}, {"event": "failed"}, {"event": "failed", "severity": "soft"}):
+        assert _translate(MAILGUN, _mg(**extra), MAIL_LEDGER, "sendgrid") is None, extra
+
+
 # ---- the API itself ----------------------------------------------------------------------------
 
 
