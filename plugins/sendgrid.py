@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from plugins import mail_sendgrid_to_mailgun, webhooks_sendgrid
 from plugins.base import ErrorAnswer, ProviderPlugin, Translator, json_bytes
-from plugins.webhooks import InboundEvent, Verdict, WebhookSecrets
+from plugins.webhooks import InboundEvent, LedgerLookup, TranslatedEvent, Verdict, WebhookSecrets
 
 
 class SendGridPlugin(ProviderPlugin):
@@ -35,3 +35,8 @@ class SendGridPlugin(ProviderPlugin):
         """Signed with egressd's `signing_key` (the app verifies with its public key);
         None without one."""
         return webhooks_sendgrid.sign(body, secrets.signing_key, now)
+
+    def translate_event(self, event: InboundEvent, lookup: LedgerLookup, *, target: str) -> TranslatedEvent | None:
+        if target == "mailgun":
+            return webhooks_sendgrid.to_mailgun(event, lookup)
+        return None

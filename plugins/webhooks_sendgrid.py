@@ -43,6 +43,7 @@ import binascii
 import json
 from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -51,9 +52,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from plugins.webhooks import (
     OK,
     InboundEvent,
+    LedgerLookup,
+    TranslatedEvent,
     Verdict,
     array_spans,
     content_id,
+    derived_id,
+    dumps,
     header,
     within,
 )
@@ -177,3 +182,103 @@ def events(body: bytes) -> list[InboundEvent]:
             )
         )
     return out
+
+
+# ---- translation to Mailgun ------------------------------------------------------------------
+
+SIMPLE = {
+    "delivered": "delivered",
+    "open": "opened",
+    "click": "clicked",
+    "unsubscribe": "unsubscribed",
+    "group_unsubscribe": "unsubscribed",
+    "spamreport": "complained",
+}
+DROPPED = {
+    "Bounced Address": "suppress-bounce",
+    "Unsubscribed Address": "suppress-unsubscribe",
+    "Spam Reporting Address": "suppress-complaint",
+}
+
+
+def _smtp_code(text: str) -> int | None:
+    head = text.strip()[:3]
+    return int(head) if head.isdigit() else None
+
+
+def to_mailgun(event: InboundEvent, lookup: LedgerLookup) -> TranslatedEvent | None:
+    try:
+        item = json.loads(event.body)
+    except ValueError:
+        return None
+    if not isinstance(item, dict):
+        return None
+    kind = str(item.get("event") or "")
+    if kind not in SIMPLE and kind not in ("bounce", "dropped", "deferred"):
+        return None
+    record: Mapping[str, Any] | None = None
+    message_id = ""
+    for ledger_id in event.ledger_ids:
+        record = lookup(ledger_id)
+        if record is not None:
+            message_id = ledger_id
+            break
+    if record is None:
+        return None
+    message_id = str(record.get("message_id") or message_id).strip().strip("<>")
+    email = str(item.get("email") or "")
+    try:
+        timestamp = float(item.get("timestamp") or 0)
+    except (TypeError, ValueError):
+        timestamp = 0.0
+    data: dict[str, Any] = {
+        "id": derived_id("sendgrid-event", event.id),
+        "timestamp": timestamp,
+        "log-level": "info",
+        "event": SIMPLE.get(kind, "failed"),
+        "recipient": email,
+        "recipient-domain": email.rpartition("@")[2],
+        "message": {"headers": {"message-id": message_id}},
+        "tags": [str(c) for c in item.get("category") or []] if isinstance(item.get("category"), list) else [],
+    }
+    response = str(item.get("response") or "")
+    reason = str(item.get("reason") or "")
+    status: dict[str, Any] = {}
+    if kind in ("bounce", "dropped"):
+        data["log-level"] = "error"
+        data["severity"] = "permanent"
+        if kind == "dropped":
+            data["reason"] = DROPPED.get(reason, "generic")
+        else:
+            data["reason"] = "generic" if item.get("type") == "blocked" else "bounce"
+        status = {"code": _smtp_code(reason), "message": reason, "description": reason}
+        if item.get("status"):
+            status["enhanced-code"] = str(item["status"])
+    elif kind == "deferred":
+        data["log-level"] = "warn"
+        data["severity"] = "temporary"
+        data["reason"] = "generic"
+        status = {"code": _smtp_code(response), "message": response, "description": ""}
+        attempt = str(item.get("attempt") or "")
+        if attempt.isdigit():
+            status["attempt-no"] = int(attempt)
+    elif kind == "delivered":
+        status = {"code": _smtp_code(response), "message": response, "description": ""}
+    if status:
+        data["delivery-status"] = status
+    if kind in ("open", "click"):
+        data["ip"] = str(item.get("ip") or "")
+        data["client-info"] = {"user-agent": str(item.get("useragent") or "")}
+    if kind == "click":
+        data["url"] = str(item.get("url") or "")
+    data["user-variables"] = {k: v for k, v in item.items() if k not in SENDGRID_FIELDS}
+    # The signature object is filled at each delivery by the Mailgun plugin (fresh
+    # timestamp, token, HMAC); the placeholder is what it replaces.
+    body = {"signature": {"timestamp": "", "token": "", "signature": ""}, "event-data": data}
+    return TranslatedEvent(
+        event_id=str(data["id"]),
+        type=str(data["event"]),
+        body=dumps(body),
+        headers={"Content-Type": "application/json"},
+        content_type="application/json",
+    )

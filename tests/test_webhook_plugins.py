@@ -902,6 +902,61 @@ def test_mailgun_events_without_translation() -> None:
         assert _translate(MAILGUN, _mg(**extra), MAIL_LEDGER, "sendgrid") is None, extra
 
 
+# ---- translation SendGrid -> Mailgun (reverse, honest: egressd holds Mailgun's key) -----------------
+
+
+def test_sendgrid_bounce_becomes_a_signed_mailgun_failure() -> None:
+    batch = json.dumps(
+        [
+            {
+                "email": "ann@example.com",
+                "timestamp": 1_800_000_000,
+                "event": "bounce",
+                "sg_event_id": "sg-bounce-1",
+                "sg_message_id": "W8ZnYx0vRuqAojlNq2nKsw.filterdrecv-5f8-1-0",
+                "reason": "550 5.1.1 unknown user",
+                "status": "5.1.1",
+                "type": "bounce",
+                "category": ["receipt"],
+                "order_id": "6735",
+            }
+        ]
+    ).encode()
+    xid = "W8ZnYx0vRuqAojlNq2nKsw"
+    ledger = {xid: {"kind": "message", "owner": "sendgrid", "message_id": xid}}
+    translated = _translate(SENDGRID, batch, ledger, "mailgun")
+    assert translated is not None and translated.type == "failed"
+    now = time.time()
+    delivery = MAILGUN.signed_delivery(translated.body, WebhookSecrets(secret=MG_KEY), now)
+    assert delivery is not None
+    payload = json.loads(delivery.body)
+    sig = payload["signature"]
+    assert SecurityGuard.verify_webhook(MG_KEY, sig["token"], sig["timestamp"], sig["signature"])
+    data = payload["event-data"]
+    assert data == {
+        "id": translated.event_id,
+        "timestamp": 1_800_000_000.0,
+        "log-level": "error",
+        "event": "failed",
+        "severity": "permanent",
+        "reason": "bounce",
+        "recipient": "ann@example.com",
+        "recipient-domain": "example.com",
+        "message": {"headers": {"message-id": "W8ZnYx0vRuqAojlNq2nKsw"}},
+        "tags": ["receipt"],
+        "delivery-status": {
+            "code": 550,
+            "message": "550 5.1.1 unknown user",
+            "description": "550 5.1.1 unknown user",
+            "enhanced-code": "5.1.1",
+        },
+        "user-variables": {"order_id": "6735"},
+    }
+    assert _translate(SENDGRID, batch, {}, "mailgun") is None
+    processed = batch.replace(b'"bounce"', b'"processed"', 1)
+    assert _translate(SENDGRID, processed, ledger, "mailgun") is None
+
+
 # ---- the API itself ----------------------------------------------------------------------------
 
 
