@@ -29,6 +29,8 @@ from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from plugins.webhooks import InboundEvent, LedgerLookup, SignedDelivery, TranslatedEvent, Verdict, WebhookSecrets
+
 
 @dataclass(frozen=True, slots=True)
 class ErrorAnswer:
@@ -288,6 +290,38 @@ class ProviderPlugin:
         """`processed` (the answer is authoritative: give it to the app),
         `not_processed` (safe to fail over) or `unknown`."""
         return "unknown"
+
+    # -- inbound webhooks (contract 7.5, 7.8; the steps are in plugins/webhooks.py) -------
+    def verify_webhook(
+        self, body: bytes, headers: Mapping[str, str], secrets: WebhookSecrets, now: float, tolerance: float
+    ) -> Verdict:
+        """Is this POST the provider's own, signed within `tolerance` seconds of `now`?"""
+        return Verdict(False, "no_webhook_support")
+
+    def remote_verdict(self, status: int, body: bytes) -> Verdict:
+        """The verdict from the answer to a `Verdict.remote` check."""
+        return Verdict(False, "no_remote_check")
+
+    def webhook_events(self, body: bytes, headers: Mapping[str, str]) -> list[InboundEvent]:
+        """The events of a verified POST, one per id to deduplicate on; [] if none."""
+        return []
+
+    def sign_webhook(self, body: bytes, secrets: WebhookSecrets, now: float) -> dict[str, str] | None:
+        """Signature headers for delivering `body` to the app now (fresh timestamp), set
+        over the provider's own; None where egressd cannot sign in headers."""
+        return None
+
+    def signed_delivery(self, body: bytes, secrets: WebhookSecrets, now: float) -> SignedDelivery | None:
+        """Body and headers of one delivery attempt: `sign_webhook` with the body as is,
+        unless the scheme signs inside the body (Mailgun). None: send as received."""
+        headers = self.sign_webhook(body, secrets, now)
+        return None if headers is None else SignedDelivery(body, headers)
+
+    def translate_event(self, event: InboundEvent, lookup: LedgerLookup, *, target: str) -> TranslatedEvent | None:
+        """This provider's `event` about an object a failover created here, in the shape of
+        the `target` provider (the primary's plugin name); None when there is no honest
+        translation or the ledger does not know the object."""
+        return None
 
 
 class GenericPlugin(ProviderPlugin):

@@ -4,8 +4,11 @@ fails over to this upstream)."""
 
 from __future__ import annotations
 
-from plugins import mail_mailgun_to_sendgrid, mail_outbox
+from collections.abc import Mapping
+
+from plugins import mail_mailgun_to_sendgrid, mail_outbox, webhooks_mailgun
 from plugins.base import ErrorAnswer, ProviderPlugin, Translator, WireAnswer, WireRequest, json_bytes
+from plugins.webhooks import InboundEvent, LedgerLookup, SignedDelivery, TranslatedEvent, Verdict, WebhookSecrets
 
 
 class MailgunPlugin(ProviderPlugin):
@@ -37,3 +40,24 @@ class MailgunPlugin(ProviderPlugin):
 
     def outbox_probe_verdict(self, answer: WireAnswer) -> tuple[str, str]:
         return mail_outbox.mailgun_probe_verdict(answer)
+
+    # -- inbound webhooks (plugins/webhooks_mailgun.py) ----------------------------------
+    def verify_webhook(
+        self, body: bytes, headers: Mapping[str, str], secrets: WebhookSecrets, now: float, tolerance: float
+    ) -> Verdict:
+        return webhooks_mailgun.verify(body, secrets.secret, now, tolerance)
+
+    def webhook_events(self, body: bytes, headers: Mapping[str, str]) -> list[InboundEvent]:
+        return webhooks_mailgun.events(body)
+
+    # sign_webhook: None, the signature is not a header. signed_delivery rewrites it in the body.
+
+    def signed_delivery(self, body: bytes, secrets: WebhookSecrets, now: float) -> SignedDelivery | None:
+        """The body with only its `signature` object replaced (fresh timestamp, token and
+        HMAC); None without the key or without exactly one `signature` member."""
+        return webhooks_mailgun.resign(body, secrets.secret, now)
+
+    def translate_event(self, event: InboundEvent, lookup: LedgerLookup, *, target: str) -> TranslatedEvent | None:
+        if target == "sendgrid":
+            return webhooks_mailgun.to_sendgrid(event, lookup)
+        return None

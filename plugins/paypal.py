@@ -3,10 +3,12 @@ failover to Stripe (providers.md sections 2 and 6.6-6.7)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
-from plugins import pay_paypal_to_stripe
+from plugins import pay_paypal_to_stripe, webhooks_paypal
 from plugins.base import ErrorAnswer, ProviderPlugin, Translator, WireRequest, json_bytes
+from plugins.webhooks import InboundEvent, LedgerLookup, TranslatedEvent, Verdict, WebhookSecrets
 
 _NAME_BY_STATUS = {
     400: "INVALID_REQUEST",
@@ -48,4 +50,24 @@ class PayPalPlugin(ProviderPlugin):
     def failover_to(self, target: ProviderPlugin) -> Translator | None:
         if target.name == "stripe":
             return pay_paypal_to_stripe.translate
+        return None
+
+    # -- inbound webhooks (plugins/webhooks_paypal.py) -----------------------------------
+    def verify_webhook(
+        self, body: bytes, headers: Mapping[str, str], secrets: WebhookSecrets, now: float, tolerance: float
+    ) -> Verdict:
+        """Local checks, then a `Verdict.remote`: PayPal's verify-webhook-signature call."""
+        return webhooks_paypal.verify(body, headers, secrets.webhook_id, now, tolerance)
+
+    def remote_verdict(self, status: int, body: bytes) -> Verdict:
+        return webhooks_paypal.verification_verdict(status, body)
+
+    def webhook_events(self, body: bytes, headers: Mapping[str, str]) -> list[InboundEvent]:
+        return webhooks_paypal.events(body)
+
+    # sign_webhook: None (PayPal's certificate scheme; the app verifies with PayPal).
+
+    def translate_event(self, event: InboundEvent, lookup: LedgerLookup, *, target: str) -> TranslatedEvent | None:
+        if target == "stripe":
+            return webhooks_paypal.to_stripe(event, lookup)
         return None

@@ -3,8 +3,11 @@ SendGrid has no idempotency key."""
 
 from __future__ import annotations
 
-from plugins import mail_outbox, mail_sendgrid_to_mailgun
+from collections.abc import Mapping
+
+from plugins import mail_outbox, mail_sendgrid_to_mailgun, webhooks_sendgrid
 from plugins.base import ErrorAnswer, ProviderPlugin, Translator, WireAnswer, WireRequest, json_bytes
+from plugins.webhooks import InboundEvent, LedgerLookup, TranslatedEvent, Verdict, WebhookSecrets
 
 
 class SendGridPlugin(ProviderPlugin):
@@ -37,3 +40,22 @@ class SendGridPlugin(ProviderPlugin):
 
     def outbox_probe_verdict(self, answer: WireAnswer) -> tuple[str, str]:
         return mail_outbox.sendgrid_probe_verdict(answer)
+
+    # -- inbound webhooks (plugins/webhooks_sendgrid.py) ---------------------------------
+    def verify_webhook(
+        self, body: bytes, headers: Mapping[str, str], secrets: WebhookSecrets, now: float, tolerance: float
+    ) -> Verdict:
+        return webhooks_sendgrid.verify(body, headers, secrets.public_key, now, tolerance)
+
+    def webhook_events(self, body: bytes, headers: Mapping[str, str]) -> list[InboundEvent]:
+        return webhooks_sendgrid.events(body)
+
+    def sign_webhook(self, body: bytes, secrets: WebhookSecrets, now: float) -> dict[str, str] | None:
+        """Signed with egressd's `signing_key` (the app verifies with its public key);
+        None without one."""
+        return webhooks_sendgrid.sign(body, secrets.signing_key, now)
+
+    def translate_event(self, event: InboundEvent, lookup: LedgerLookup, *, target: str) -> TranslatedEvent | None:
+        if target == "mailgun":
+            return webhooks_sendgrid.to_mailgun(event, lookup)
+        return None

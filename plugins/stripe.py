@@ -7,8 +7,9 @@ import re
 from collections.abc import Mapping
 from typing import ClassVar
 
-from plugins import pay_stripe_to_paypal
+from plugins import pay_stripe_to_paypal, webhooks_stripe
 from plugins.base import ErrorAnswer, ProviderPlugin, Translator, WireAnswer, WireRequest, json_bytes
+from plugins.webhooks import InboundEvent, Verdict, WebhookSecrets
 
 _OWN_ID = re.compile(r"^(pi|ch|re|pm|cus|py)_[A-Za-z0-9]+$")
 
@@ -71,3 +72,17 @@ class StripePlugin(ProviderPlugin):
         if answer.status < 500 and answer.status not in (409, 429):
             return "processed"
         return "unknown"
+
+    # -- inbound webhooks (plugins/webhooks_stripe.py) -----------------------------------
+    def verify_webhook(
+        self, body: bytes, headers: Mapping[str, str], secrets: WebhookSecrets, now: float, tolerance: float
+    ) -> Verdict:
+        return webhooks_stripe.verify(body, headers, secrets.secret, now, tolerance)
+
+    def webhook_events(self, body: bytes, headers: Mapping[str, str]) -> list[InboundEvent]:
+        return webhooks_stripe.events(body)
+
+    def sign_webhook(self, body: bytes, secrets: WebhookSecrets, now: float) -> dict[str, str] | None:
+        return webhooks_stripe.sign(body, secrets, now)
+
+    # translate_event: none (Stripe events are not turned into PayPal's; webhooks_paypal.py says why).
