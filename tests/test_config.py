@@ -370,7 +370,7 @@ def test_version_changes_with_content(tmp_path: Path) -> None:
         ("target: https://a.example\n", "p.yaml:1: upstream: required field missing"),
         (
             MINIMAL + "tls: {verify: false}\n",
-            "p.yaml:3: upstream api: tls.verify: warning: TLS certificate verification is off",
+            "p.yaml:3: warning: upstream api: tls.verify: TLS certificate verification is off",
         ),
         (
             MINIMAL + "x: !!python/object:os.system {}\n",
@@ -442,7 +442,7 @@ def test_problem_str_formats() -> None:
         "a.yaml: upstream stripe: failover[0].to: bad"
     )
     assert str(Problem("a.yaml", 7, None, None, "bad")) == "a.yaml:7: bad"
-    assert str(Problem("a.yaml", 7, None, "x", "bad", "warning")) == "a.yaml:7: x: warning: bad"
+    assert str(Problem("a.yaml", 7, None, "x", "bad", "warning")) == "a.yaml:7: warning: x: bad"
 
 
 # ---- cross-checks -----------------------------------------------------------------------
@@ -590,7 +590,7 @@ def test_unset_env_is_error_strict_warning_lenient(tmp_path: Path) -> None:
     assert not strict.ok and strict.policy_set is None
     lenient = load(tmp_path, secrets="lenient")
     assert lines(lenient) == [
-        f"{f}:4: upstream api: auth.bearer: warning: environment variable API_KEY is not set (an error for egressd run)"
+        f"{f}:4: warning: upstream api: auth.bearer: environment variable API_KEY is not set (an error for egressd run)"
     ]
     assert lenient.ok and lenient.policy_set is not None
 

@@ -48,14 +48,17 @@ class Problem:
     severity: Severity = "error"
 
     def __str__(self) -> str:
+        """`FILE:LINE: upstream NAME: FIELD: message`; a warning has `warning: ` after the
+        place (`FILE:LINE: warning: upstream NAME: ...`, contract 7.7)."""
         where = self.file if self.line is None else f"{self.file}:{self.line}"
         parts = [where]
+        if self.severity == "warning":
+            parts.append("warning")
         if self.upstream:
             parts.append(f"upstream {self.upstream}")
         if self.field:
             parts.append(self.field)
-        message = self.message if self.severity == "error" else f"warning: {self.message}"
-        parts.append(message)
+        parts.append(self.message)
         return ": ".join(parts)
 
 
