@@ -595,6 +595,27 @@ def test_unset_env_is_error_strict_warning_lenient(tmp_path: Path) -> None:
     assert lenient.ok and lenient.policy_set is not None
 
 
+def test_unset_secret_in_a_field_that_must_not_be_empty_is_reported_once(tmp_path: Path) -> None:
+    """An OAuth client_id from an unset variable: one line naming the variable (an error
+    for run, a warning for check), not a second one about the empty value left behind."""
+    f = write(
+        tmp_path,
+        "a.yaml",
+        MINIMAL
+        + "auth:\n  oauth_client_credentials:\n    token_url: https://api.example.com/token\n"
+        + "    client_id: ${env:CID}\n    client_secret: ${env:CSECRET}\n",
+    )
+    strict = load(tmp_path)
+    assert lines(strict) == [
+        f"{f}:6: upstream api: auth.oauth_client_credentials.client_id: environment variable CID is not set",
+        f"{f}:7: upstream api: auth.oauth_client_credentials.client_secret: environment variable CSECRET is not set",
+    ]
+    assert strict.policy_set is None
+    lenient = load(tmp_path, secrets="lenient")
+    assert [p.severity for p in lenient.problems] == ["warning", "warning"]
+    assert lenient.ok and lenient.policy_set is not None
+
+
 def test_unreadable_secret_file_and_bad_references(tmp_path: Path) -> None:
     f = write(
         tmp_path,

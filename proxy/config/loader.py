@@ -33,6 +33,7 @@ Loc = tuple[str | int, ...]
 
 MAX_VALUES_PER_DOCUMENT = 100_000  # after alias expansion: stops "billion laughs" documents
 MAX_FILE_SIZE = 16 * 1024 * 1024
+UNSET_SECRET = "unset"  # what an unset `${env:}` / unreadable `${file:}` secret reads as
 _CONTEXT = {"source": "yaml", "crosswalk_files_loaded": True}
 
 
@@ -516,7 +517,13 @@ def _load_document(node: Node, data: Any, file: str, state: _State) -> None:
         upstream = None
     base_dir = Path(file).parent
 
-    resolved, issues = resolve_tree(data, environ=state.environ, base_dir=base_dir, values=state.secret_values)
+    # An unset secret reads as a stand-in, so that the field is judged by its other rules
+    # and not reported twice (`client_id: should have at least 1 character`). It is never
+    # served: strict loading (`run`, reloads) makes the unset secret an error, and lenient
+    # loading is only `egressd check`'s.
+    resolved, issues = resolve_tree(
+        data, environ=state.environ, base_dir=base_dir, values=state.secret_values, missing=UNSET_SECRET
+    )
     for issue in issues:
         severity: Severity = "error"
         message = issue.message
