@@ -145,10 +145,38 @@ def test_retry_defaults(tmp_path: Path) -> None:
     assert (retry.backoff.initial, retry.backoff.max, retry.backoff.multiplier) == (0.1, 10.0, 2.0)
 
 
+# The shipped failover plans need egressd's own credentials for each fallback.
+SHIPPED_SECRETS = {"PAYPAL_CLIENT_ID": "id", "PAYPAL_CLIENT_SECRET": "secret", "MAILGUN_API_KEY": "key-1"}
+SHIPPED_UNSET = [
+    ("mailgun.yaml", 20, "mailgun", "auth.basic.password", "MAILGUN_API_KEY"),
+    ("paypal.yaml", 25, "paypal", "auth.oauth_client_credentials.client_id", "PAYPAL_CLIENT_ID"),
+    ("paypal.yaml", 26, "paypal", "auth.oauth_client_credentials.client_secret", "PAYPAL_CLIENT_SECRET"),
+]
+
+
+def test_shipped_policies_need_the_fallback_secrets_to_run() -> None:
+    """`run` refuses the examples without the three variables and names exactly them;
+    `check` passes without them, with one warning each."""
+    policies = REPO / "policies"
+    strict = load_policy_dir(policies, secrets="strict", environ={})
+    assert lines(strict) == [
+        f"{policies / name}:{line}: upstream {up}: {where}: environment variable {var} is not set"
+        for name, line, up, where, var in SHIPPED_UNSET
+    ]
+    assert strict.policy_set is None
+    lenient = load_policy_dir(policies, secrets="lenient", environ={})
+    assert lines(lenient) == [
+        f"{policies / name}:{line}: warning: upstream {up}: {where}: environment variable {var} is not set "
+        "(an error for egressd run)"
+        for name, line, up, where, var in SHIPPED_UNSET
+    ]
+    assert lenient.ok and lenient.policy_set is not None
+
+
 def test_shipped_policies_load_clean() -> None:
     modes: tuple[Literal["strict", "lenient"], ...] = ("strict", "lenient")
     for mode in modes:
-        result = load_policy_dir(REPO / "policies", secrets=mode, environ={})
+        result = load_policy_dir(REPO / "policies", secrets=mode, environ=SHIPPED_SECRETS)
         assert result.problems == (), lines(result)
         assert result.policy_set is not None
         names = result.policy_set.by_name()
@@ -156,6 +184,11 @@ def test_shipped_policies_load_clean() -> None:
         assert names["stripe"].failover[0].to == "paypal"
         assert names["sendgrid"].failover[0].to == "mailgun"
         assert names["mailgun"].provider.settings == {"domain": "mg.example.com"}
+        paypal_auth, mailgun_auth = names["paypal"].auth, names["mailgun"].auth
+        assert paypal_auth is not None and paypal_auth.oauth_client_credentials is not None
+        assert paypal_auth.oauth_client_credentials.client_id == "id"
+        assert mailgun_auth is not None and mailgun_auth.basic is not None
+        assert mailgun_auth.basic.password.get_secret_value() == "key-1"
 
 
 def test_multi_document_file_and_empty_documents(tmp_path: Path) -> None:
