@@ -108,6 +108,8 @@ def test_full_policy_parses_every_block(tmp_path: Path) -> None:
         ---
         upstream: other
         target: http://localhost:9000
+        provider: sendgrid
+        auth: {bearer: SG.proxy-key}
         """,
     )
     result = load(tmp_path)
@@ -524,10 +526,17 @@ def test_failover_to_an_invalid_but_present_upstream_is_not_reported_twice(tmp_p
     assert [p.field for p in load(tmp_path).problems] == ["target"]
 
 
+PAYPAL_B = "upstream: b\ntarget: https://b.example\nprovider: paypal\nauth: {bearer: x}\n"
+
+
 def test_crosswalk_file(tmp_path: Path) -> None:
-    write(tmp_path, "b.yaml", "upstream: b\ntarget: https://b.example\n")
+    write(tmp_path, "b.yaml", PAYPAL_B)
     write(tmp_path, "xw.data", "payment_methods:\n  pm_1: VAULT1\ntemplates: {d-1: welcome}\n")
-    write(tmp_path, "a.yaml", MINIMAL + "failover:\n  - to: b\n    on: [exhausted]\n    crosswalk_file: xw.data\n")
+    write(
+        tmp_path,
+        "a.yaml",
+        MINIMAL + "failover:\n  - to: b\n    on: [exhausted]\n    crosswalk_file: xw.data\nprovider: stripe\n",
+    )
     result = load(tmp_path)
     assert result.ok, lines(result)
     assert result.policy_set is not None
@@ -542,7 +551,7 @@ def test_crosswalk_file(tmp_path: Path) -> None:
 
 
 def test_crosswalk_file_problems(tmp_path: Path) -> None:
-    write(tmp_path, "b.yaml", "upstream: b\ntarget: https://b.example\n")
+    write(tmp_path, "b.yaml", PAYPAL_B)
     write(
         tmp_path,
         "a.yaml",
@@ -551,7 +560,8 @@ def test_crosswalk_file_problems(tmp_path: Path) -> None:
         + "  - {to: b, on: [exhausted], crosswalk_file: missing.data}\n"
         + "  - {to: b, on: [exhausted], crosswalk_file: bad.data}\n"
         + "  - {to: b, on: [exhausted], crosswalk_file: bad.data, crosswalk: {}}\n"
-        + "  - {to: b, on: [exhausted], crosswalk_file: list.data}\n",
+        + "  - {to: b, on: [exhausted], crosswalk_file: list.data}\n"
+        + "provider: stripe\n",
     )
     write(tmp_path, "bad.data", "payment_methods: {}\ntemplate: {}\n")
     write(tmp_path, "list.data", "- a\n")
