@@ -3,7 +3,9 @@
 #
 #   docker build -t egressd:0.1.0 .
 #   docker run --rm -p 8080:8080 -p 127.0.0.1:9901:9901 \
+#     -e PAYPAL_CLIENT_ID -e PAYPAL_CLIENT_SECRET -e MAILGUN_API_KEY \
 #     -v "$PWD/policies:/etc/egressd/policies:ro" egressd:0.1.0
+# (the example policies' failover targets read egressd's own PayPal and Mailgun credentials)
 #
 # Listeners (see docs/operations.md, "Probes and signals"):
 #   EGRESSD_LISTEN=0.0.0.0:8080  the proxy. In a pod the sidecar form overrides it to

@@ -205,6 +205,25 @@ def compress_time(doc: dict[str, Any], k: float) -> dict[str, Any]:
     return out
 
 
+def demo_credentials(docs: Mapping[str, dict[str, Any]], fakes: Mapping[str, FakeServer]) -> list[str]:
+    """Give the paypal and mailgun examples the fakes' demo credentials in place of the
+    `${env:...}` ones the examples read (so the demo needs no secrets); returns the changes."""
+    paypal = fakes["paypal"].url
+    docs["paypal"]["auth"] = {
+        "oauth_client_credentials": {
+            "token_url": paypal + "/v1/oauth2/token",
+            "client_id": "demo-client-id",
+            "client_secret": "demo-client-secret",
+        }
+    }
+    docs["mailgun"]["auth"] = {"basic": {"username": "api", "password": MAILGUN_KEY}}
+    return [
+        "paypal: oauth_client_credentials with the fake PayPal's demo client "
+        "(example: ${env:PAYPAL_CLIENT_ID}, ${env:PAYPAL_CLIENT_SECRET})",
+        "mailgun: basic auth with a demo key (example: ${env:MAILGUN_API_KEY})",
+    ]
+
+
 def simulation_policies(
     examples: Mapping[str, dict[str, Any]], fakes: Mapping[str, FakeServer], k: float
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -214,17 +233,7 @@ def simulation_policies(
         doc["target"] = fakes[name].url
         doc.pop("listen", None)
     changes = ["targets point at the local fakes; failover blocks kept as shipped"]
-    paypal = fakes["paypal"].url
-    docs["paypal"]["auth"] = {
-        "oauth_client_credentials": {
-            "token_url": paypal + "/v1/oauth2/token",
-            "client_id": "demo-client-id",
-            "client_secret": "demo-client-secret",
-        }
-    }
-    changes.append("paypal: the commented-out oauth_client_credentials block, with the fake PayPal's demo client")
-    docs["mailgun"]["auth"] = {"basic": {"username": "api", "password": MAILGUN_KEY}}
-    changes.append("mailgun: the commented-out basic auth block, with a demo key")
+    changes += demo_credentials(docs, fakes)
     for name in ("sendgrid", "mailgun"):
         docs[name].setdefault("rate_limit", {})["rate"] = "90/s"
     changes.append(

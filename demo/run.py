@@ -33,6 +33,7 @@ import yaml
 from demo.blackfriday import (
     DEFINITIONS,
     Scenario,
+    demo_credentials,
     print_simulation,
     report_rows,
     result_json,
@@ -81,6 +82,7 @@ def demo_policies(fakes: dict[str, FakeServer]) -> tuple[list[dict[str, Any]], l
         doc.pop("listen", None)
         doc.pop("failover", None)  # failover is part 2's subject
     changes.append("targets point at the local fakes; failover blocks left out (part 2 shows failover)")
+    changes += demo_credentials(docs, fakes)
     stripe = docs["stripe"]
     stripe["retry"]["backoff"] = {"initial": "50ms", "max": "400ms", "multiplier": 2, "jitter": "full"}
     changes.append("stripe: retry backoff 50ms..400ms (example: 250ms..5s)")

@@ -278,6 +278,13 @@ class ProviderPlugin:
         """A translator from this provider's shape to `target`'s, or None (no failover)."""
         return None
 
+    def fallback_problems(self) -> tuple[str, ...]:
+        """What this provider's settings lack to be sent failed-over calls at all, each
+        said as "has no X: why; what to write" (the loader prefixes "fallback upstream
+        'NAME' "). `egressd check`, `run` and every reload refuse a failover rule whose
+        fallback has any, so a plan that could never be used is not served."""
+        return ()
+
     def ambiguity_probe(self, request: WireRequest) -> WireRequest | None:
         """A request to the primary that can tell whether an ambiguous call took effect.
 

@@ -17,6 +17,16 @@ class MailgunPlugin(ProviderPlugin):
     def error_answer(self, code: str, status: int, message: str, *, request_id: str) -> ErrorAnswer:
         return ErrorAnswer(status, json_bytes({"message": f"egressd: {message}", "code": code}))
 
+    def fallback_problems(self) -> tuple[str, ...]:
+        # Failed-over mail goes to /v3/{domain}/messages (mail_sendgrid_to_mailgun); without
+        # a domain every failover would be refused (`fallback_misconfigured`).
+        if self.settings.get("domain"):
+            return ()
+        return (
+            "has no provider.domain: failed-over mail is sent to /v3/DOMAIN/messages, so egressd "
+            "needs Mailgun's sending domain; write provider: {name: mailgun, domain: mg.example.com}",
+        )
+
     def failover_to(self, target: ProviderPlugin) -> Translator | None:
         if target.name == "sendgrid":
             return mail_mailgun_to_sendgrid.translate

@@ -109,7 +109,7 @@ def _check(directory: str) -> int:
 
     result = load_policy_dir(directory, secrets="lenient")
     for problem in result.problems:
-        print(("warning: " if problem.severity == "warning" else "") + str(problem), file=sys.stderr)
+        print(problem, file=sys.stderr)  # a warning says so itself (FILE:LINE: warning: ...)
     if result.ok and result.policy_set is not None:
         names = ", ".join(p.upstream for p in result.policy_set.policies)
         print(f"ok: {len(result.policy_set.policies)} upstream(s): {names}")

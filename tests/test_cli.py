@@ -23,10 +23,37 @@ def egressd(*args: str, timeout: float = 60, **kw: object) -> subprocess.Complet
     )
 
 
+FALLBACK_SECRETS = ("MAILGUN_API_KEY", "PAYPAL_CLIENT_ID", "PAYPAL_CLIENT_SECRET")
+
+
 def test_check_accepts_the_shipped_policies() -> None:
-    result = egressd("check", "policies")
+    """Without the fallbacks' secrets: valid, one warning per unset variable."""
+    env = {k: v for k, v in os.environ.items() if k not in FALLBACK_SECRETS}
+    result = egressd("check", "policies", env=env)
     assert result.returncode == 0, result.stderr
-    assert "stripe" in result.stdout
+    assert result.stdout == "ok: 5 upstream(s): mailgun, paypal, sendgrid, stripe, stripe-files\n"
+    assert result.stderr.splitlines() == [
+        "policies/mailgun.yaml:20: warning: upstream mailgun: auth.basic.password: "
+        "environment variable MAILGUN_API_KEY is not set (an error for egressd run)",
+        "policies/paypal.yaml:25: warning: upstream paypal: auth.oauth_client_credentials.client_id: "
+        "environment variable PAYPAL_CLIENT_ID is not set (an error for egressd run)",
+        "policies/paypal.yaml:26: warning: upstream paypal: auth.oauth_client_credentials.client_secret: "
+        "environment variable PAYPAL_CLIENT_SECRET is not set (an error for egressd run)",
+    ]
+    given = {**env, **dict.fromkeys(FALLBACK_SECRETS, "x-fake")}
+    result = egressd("check", "policies", env=given)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+
+
+def test_run_refuses_the_shipped_policies_without_the_fallback_secrets() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in FALLBACK_SECRETS}
+    result = egressd(
+        "run", "--policies", "policies", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", env=env, timeout=20
+    )
+    assert result.returncode == 1
+    for name in FALLBACK_SECRETS:
+        assert f"environment variable {name} is not set" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_check_reports_one_line_per_problem_without_traceback(tmp_path: Path) -> None:

@@ -108,6 +108,8 @@ def test_full_policy_parses_every_block(tmp_path: Path) -> None:
         ---
         upstream: other
         target: http://localhost:9000
+        provider: sendgrid
+        auth: {bearer: SG.proxy-key}
         """,
     )
     result = load(tmp_path)
@@ -145,10 +147,38 @@ def test_retry_defaults(tmp_path: Path) -> None:
     assert (retry.backoff.initial, retry.backoff.max, retry.backoff.multiplier) == (0.1, 10.0, 2.0)
 
 
+# The shipped failover plans need egressd's own credentials for each fallback.
+SHIPPED_SECRETS = {"PAYPAL_CLIENT_ID": "id", "PAYPAL_CLIENT_SECRET": "secret", "MAILGUN_API_KEY": "key-1"}
+SHIPPED_UNSET = [
+    ("mailgun.yaml", 20, "mailgun", "auth.basic.password", "MAILGUN_API_KEY"),
+    ("paypal.yaml", 25, "paypal", "auth.oauth_client_credentials.client_id", "PAYPAL_CLIENT_ID"),
+    ("paypal.yaml", 26, "paypal", "auth.oauth_client_credentials.client_secret", "PAYPAL_CLIENT_SECRET"),
+]
+
+
+def test_shipped_policies_need_the_fallback_secrets_to_run() -> None:
+    """`run` refuses the examples without the three variables and names exactly them;
+    `check` passes without them, with one warning each."""
+    policies = REPO / "policies"
+    strict = load_policy_dir(policies, secrets="strict", environ={})
+    assert lines(strict) == [
+        f"{policies / name}:{line}: upstream {up}: {where}: environment variable {var} is not set"
+        for name, line, up, where, var in SHIPPED_UNSET
+    ]
+    assert strict.policy_set is None
+    lenient = load_policy_dir(policies, secrets="lenient", environ={})
+    assert lines(lenient) == [
+        f"{policies / name}:{line}: warning: upstream {up}: {where}: environment variable {var} is not set "
+        "(an error for egressd run)"
+        for name, line, up, where, var in SHIPPED_UNSET
+    ]
+    assert lenient.ok and lenient.policy_set is not None
+
+
 def test_shipped_policies_load_clean() -> None:
     modes: tuple[Literal["strict", "lenient"], ...] = ("strict", "lenient")
     for mode in modes:
-        result = load_policy_dir(REPO / "policies", secrets=mode, environ={})
+        result = load_policy_dir(REPO / "policies", secrets=mode, environ=SHIPPED_SECRETS)
         assert result.problems == (), lines(result)
         assert result.policy_set is not None
         names = result.policy_set.by_name()
@@ -156,6 +186,11 @@ def test_shipped_policies_load_clean() -> None:
         assert names["stripe"].failover[0].to == "paypal"
         assert names["sendgrid"].failover[0].to == "mailgun"
         assert names["mailgun"].provider.settings == {"domain": "mg.example.com"}
+        paypal_auth, mailgun_auth = names["paypal"].auth, names["mailgun"].auth
+        assert paypal_auth is not None and paypal_auth.oauth_client_credentials is not None
+        assert paypal_auth.oauth_client_credentials.client_id == "id"
+        assert mailgun_auth is not None and mailgun_auth.basic is not None
+        assert mailgun_auth.basic.password.get_secret_value() == "key-1"
 
 
 def test_multi_document_file_and_empty_documents(tmp_path: Path) -> None:
@@ -370,7 +405,7 @@ def test_version_changes_with_content(tmp_path: Path) -> None:
         ("target: https://a.example\n", "p.yaml:1: upstream: required field missing"),
         (
             MINIMAL + "tls: {verify: false}\n",
-            "p.yaml:3: upstream api: tls.verify: warning: TLS certificate verification is off",
+            "p.yaml:3: warning: upstream api: tls.verify: TLS certificate verification is off",
         ),
         (
             MINIMAL + "x: !!python/object:os.system {}\n",
@@ -442,7 +477,7 @@ def test_problem_str_formats() -> None:
         "a.yaml: upstream stripe: failover[0].to: bad"
     )
     assert str(Problem("a.yaml", 7, None, None, "bad")) == "a.yaml:7: bad"
-    assert str(Problem("a.yaml", 7, None, "x", "bad", "warning")) == "a.yaml:7: x: warning: bad"
+    assert str(Problem("a.yaml", 7, None, "x", "bad", "warning")) == "a.yaml:7: warning: x: bad"
 
 
 # ---- cross-checks -----------------------------------------------------------------------
@@ -491,10 +526,17 @@ def test_failover_to_an_invalid_but_present_upstream_is_not_reported_twice(tmp_p
     assert [p.field for p in load(tmp_path).problems] == ["target"]
 
 
+PAYPAL_B = "upstream: b\ntarget: https://b.example\nprovider: paypal\nauth: {bearer: x}\n"
+
+
 def test_crosswalk_file(tmp_path: Path) -> None:
-    write(tmp_path, "b.yaml", "upstream: b\ntarget: https://b.example\n")
+    write(tmp_path, "b.yaml", PAYPAL_B)
     write(tmp_path, "xw.data", "payment_methods:\n  pm_1: VAULT1\ntemplates: {d-1: welcome}\n")
-    write(tmp_path, "a.yaml", MINIMAL + "failover:\n  - to: b\n    on: [exhausted]\n    crosswalk_file: xw.data\n")
+    write(
+        tmp_path,
+        "a.yaml",
+        MINIMAL + "failover:\n  - to: b\n    on: [exhausted]\n    crosswalk_file: xw.data\nprovider: stripe\n",
+    )
     result = load(tmp_path)
     assert result.ok, lines(result)
     assert result.policy_set is not None
@@ -509,7 +551,7 @@ def test_crosswalk_file(tmp_path: Path) -> None:
 
 
 def test_crosswalk_file_problems(tmp_path: Path) -> None:
-    write(tmp_path, "b.yaml", "upstream: b\ntarget: https://b.example\n")
+    write(tmp_path, "b.yaml", PAYPAL_B)
     write(
         tmp_path,
         "a.yaml",
@@ -518,7 +560,8 @@ def test_crosswalk_file_problems(tmp_path: Path) -> None:
         + "  - {to: b, on: [exhausted], crosswalk_file: missing.data}\n"
         + "  - {to: b, on: [exhausted], crosswalk_file: bad.data}\n"
         + "  - {to: b, on: [exhausted], crosswalk_file: bad.data, crosswalk: {}}\n"
-        + "  - {to: b, on: [exhausted], crosswalk_file: list.data}\n",
+        + "  - {to: b, on: [exhausted], crosswalk_file: list.data}\n"
+        + "provider: stripe\n",
     )
     write(tmp_path, "bad.data", "payment_methods: {}\ntemplate: {}\n")
     write(tmp_path, "list.data", "- a\n")
@@ -590,8 +633,29 @@ def test_unset_env_is_error_strict_warning_lenient(tmp_path: Path) -> None:
     assert not strict.ok and strict.policy_set is None
     lenient = load(tmp_path, secrets="lenient")
     assert lines(lenient) == [
-        f"{f}:4: upstream api: auth.bearer: warning: environment variable API_KEY is not set (an error for egressd run)"
+        f"{f}:4: warning: upstream api: auth.bearer: environment variable API_KEY is not set (an error for egressd run)"
     ]
+    assert lenient.ok and lenient.policy_set is not None
+
+
+def test_unset_secret_in_a_field_that_must_not_be_empty_is_reported_once(tmp_path: Path) -> None:
+    """An OAuth client_id from an unset variable: one line naming the variable (an error
+    for run, a warning for check), not a second one about the empty value left behind."""
+    f = write(
+        tmp_path,
+        "a.yaml",
+        MINIMAL
+        + "auth:\n  oauth_client_credentials:\n    token_url: https://api.example.com/token\n"
+        + "    client_id: ${env:CID}\n    client_secret: ${env:CSECRET}\n",
+    )
+    strict = load(tmp_path)
+    assert lines(strict) == [
+        f"{f}:6: upstream api: auth.oauth_client_credentials.client_id: environment variable CID is not set",
+        f"{f}:7: upstream api: auth.oauth_client_credentials.client_secret: environment variable CSECRET is not set",
+    ]
+    assert strict.policy_set is None
+    lenient = load(tmp_path, secrets="lenient")
+    assert [p.severity for p in lenient.problems] == ["warning", "warning"]
     assert lenient.ok and lenient.policy_set is not None
 
 

@@ -335,6 +335,12 @@ def test_image_build_and_entrypoint_in_a_fresh_venv(tmp_path: Path) -> None:
     data_dir = image / "var" / "lib" / "egressd"
     env = clean_env({**image_env, "EGRESSD_POLICIES": str(policies), "EGRESSD_DATA_DIR": str(data_dir)})
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    # The example failover plans use egressd's own PayPal and Mailgun credentials: `check`
+    # passes without them (a warning each), `run` needs them (an operator gives them as
+    # secrets; fake values here, nothing calls PayPal or Mailgun).
+    fallback_secrets = ("PAYPAL_CLIENT_ID", "PAYPAL_CLIENT_SECRET", "MAILGUN_API_KEY")
+    for name in fallback_secrets:
+        env.pop(name, None)
     (_, _, rt) = dockerfile_stages()
     entrypoint = json.loads(instruction(rt, "ENTRYPOINT")[-1]) + json.loads(instruction(rt, "CMD")[-1])
 
@@ -343,6 +349,10 @@ def test_image_build_and_entrypoint_in_a_fresh_venv(tmp_path: Path) -> None:
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.startswith("ok: ")
+    warned = [line for line in check.stderr.splitlines() if ": warning: " in line]
+    assert sorted(n for line in warned for n in fallback_secrets if f"variable {n} is not set" in line) == sorted(
+        fallback_secrets
+    ), check.stderr
 
     # `egressd demo` in the image: one clear line and exit 2, never a traceback.
     demo = subprocess.run(
@@ -351,7 +361,12 @@ def test_image_build_and_entrypoint_in_a_fresh_venv(tmp_path: Path) -> None:
     assert (demo.returncode, demo.stdout) == (2, ""), demo.stdout + demo.stderr
     assert demo.stderr.splitlines() == [DEMO_MISSING], demo.stderr
 
-    run_env = {**env, "EGRESSD_LISTEN": "127.0.0.1:0", "EGRESSD_ADMIN": "127.0.0.1:0"}
+    run_env = {
+        **env,
+        **{name: f"fake-{name.lower()}" for name in fallback_secrets},
+        "EGRESSD_LISTEN": "127.0.0.1:0",
+        "EGRESSD_ADMIN": "127.0.0.1:0",
+    }
     proc = Process([str(venv / "bin" / entrypoint[0]), *entrypoint[1:]], run_env, tmp_path)
     healthcheck = healthcheck_argv()
     assert healthcheck[0] == "python"

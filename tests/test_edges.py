@@ -198,7 +198,8 @@ async def test_stripe_file_upload_through_the_files_upstream(start_proxy: StartP
     from fakes import FakeServer
     from proxy.config.loader import load_policy_dir
 
-    shipped = load_policy_dir(ROOT_POLICIES)
+    secrets = {"PAYPAL_CLIENT_ID": "id", "PAYPAL_CLIENT_SECRET": "secret", "MAILGUN_API_KEY": "key"}
+    shipped = load_policy_dir(ROOT_POLICIES, environ=secrets)
     assert shipped.ok and shipped.policy_set is not None
     files = next(p for p in shipped.policy_set.policies if p.upstream == "stripe-files")
     assert files.target == "https://files.stripe.com" and files.limits.max_body == 32 * 1024 * 1024
@@ -206,8 +207,9 @@ async def test_stripe_file_upload_through_the_files_upstream(start_proxy: StartP
     async with FakeServer("stripe") as sf:
         text = (ROOT_POLICIES / "stripe.yaml").read_text()
         text = text.replace("https://api.stripe.com", sf.url).replace("https://files.stripe.com", sf.url)
-        # The example's failover names the paypal upstream: give it one (never used here).
-        docs = text + f"\n---\nupstream: paypal\ntarget: {sf.url}\nprovider: paypal\n"
+        # The example's failover names the paypal upstream: give it one (never used here),
+        # with auth of its own, as a failover target needs.
+        docs = text + f"\n---\nupstream: paypal\ntarget: {sf.url}\nprovider: paypal\nauth: {{bearer: unused}}\n"
         server = await start_proxy(docs)
         base = proxy_url(server)
         client = stripe.StripeClient(

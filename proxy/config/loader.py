@@ -3,7 +3,8 @@
 `load_policy_dir` never raises. It returns every problem it found (not just the first),
 each one printable as one line, ``FILE:LINE: upstream NAME: FIELD: what is wrong``, and a
 `PolicySet` only when there is no error. It is pure apart from reading the directory,
-the crosswalk files and `${file:}` secrets: no network, no global state.
+the crosswalk files and `${file:}` secrets, and looking up the installed provider plugins
+(the failover checks ask them what they translate): no network, no global state.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from plugins.base import ProviderPlugin
+from plugins.registry import available, load_plugin
 from proxy.config.schema import UPSTREAM_NAME_RE, Crosswalk, Policy, split_host_port
 from proxy.config.secrets import resolve_tree
 
@@ -33,6 +36,7 @@ Loc = tuple[str | int, ...]
 
 MAX_VALUES_PER_DOCUMENT = 100_000  # after alias expansion: stops "billion laughs" documents
 MAX_FILE_SIZE = 16 * 1024 * 1024
+UNSET_SECRET = "unset"  # what an unset `${env:}` / unreadable `${file:}` secret reads as
 _CONTEXT = {"source": "yaml", "crosswalk_files_loaded": True}
 
 
@@ -48,14 +52,17 @@ class Problem:
     severity: Severity = "error"
 
     def __str__(self) -> str:
+        """`FILE:LINE: upstream NAME: FIELD: message`; a warning has `warning: ` after the
+        place (`FILE:LINE: warning: upstream NAME: ...`, contract 7.7)."""
         where = self.file if self.line is None else f"{self.file}:{self.line}"
         parts = [where]
+        if self.severity == "warning":
+            parts.append("warning")
         if self.upstream:
             parts.append(f"upstream {self.upstream}")
         if self.field:
             parts.append(self.field)
-        message = self.message if self.severity == "error" else f"warning: {self.message}"
-        parts.append(message)
+        parts.append(self.message)
         return ": ".join(parts)
 
 
@@ -513,7 +520,13 @@ def _load_document(node: Node, data: Any, file: str, state: _State) -> None:
         upstream = None
     base_dir = Path(file).parent
 
-    resolved, issues = resolve_tree(data, environ=state.environ, base_dir=base_dir, values=state.secret_values)
+    # An unset secret reads as a stand-in, so that the field is judged by its other rules
+    # and not reported twice (`client_id: should have at least 1 character`). It is never
+    # served: strict loading (`run`, reloads) makes the unset secret an error, and lenient
+    # loading is only `egressd check`'s.
+    resolved, issues = resolve_tree(
+        data, environ=state.environ, base_dir=base_dir, values=state.secret_values, missing=UNSET_SECRET
+    )
     for issue in issues:
         severity: Severity = "error"
         message = issue.message
@@ -632,6 +645,145 @@ def _cross_check(state: _State) -> None:
                 hint = f", did you mean '{close[0]}'?" if close else ""
                 known = ", ".join(names) if len(names) <= 20 else f"{len(names)} upstreams"
                 state.add(doc.file, line, doc.name, where, f"no upstream named '{to}'{hint} (known: {known})")
+
+    _check_failover_plans(state, first_by_name)
+
+
+# ---- failover plans that could never be used (contract 7.4, 7.7) -------------------------
+
+FAILOVER_DOCS = "docs/providers.md"
+_TITLES = {"stripe": "Stripe", "paypal": "PayPal", "sendgrid": "SendGrid", "mailgun": "Mailgun"}
+_APP_CREDENTIALS = {
+    "stripe": "the app's Stripe key",
+    "paypal": "the app's PayPal token",
+    "sendgrid": "the app's SendGrid key",
+    "mailgun": "the app's Mailgun key",
+}
+# What to add, as YAML that can be pasted (a `${` inside a flow mapping must be quoted).
+_AUTH_HINTS = {
+    "stripe": 'auth: {bearer: "${env:STRIPE_SECRET_KEY}"}',
+    "paypal": "auth: {oauth_client_credentials: {token_url: TARGET/v1/oauth2/token, "
+    'client_id: "${env:PAYPAL_CLIENT_ID}", client_secret: "${env:PAYPAL_CLIENT_SECRET}"}}',
+    "sendgrid": 'auth: {bearer: "${env:SENDGRID_API_KEY}"}',
+    "mailgun": 'auth: {basic: {username: api, password: "${env:MAILGUN_API_KEY}"}}',
+}
+
+
+def _plugin_of(policy: Policy) -> ProviderPlugin | None:
+    """The plugin the runtime would build for `policy` (proxy/runtime.py), or None when its
+    provider is not installed (`run` reports that at start-up)."""
+    try:
+        return load_plugin(policy.provider.name, policy.provider.settings)
+    except Exception:  # an unknown name, or a third-party plugin that fails to load
+        return None
+
+
+def _translatable_to(source: ProviderPlugin) -> list[str]:
+    """Providers the installed plugins translate `source`'s calls into."""
+    names = []
+    for name, cls in available().items():
+        try:
+            if source.failover_to(cls({})) is not None:
+                names.append(name)
+        except Exception:
+            continue
+    return names
+
+
+def _dedupes(policy: Policy, plugin: ProviderPlugin) -> bool:
+    """Does the upstream deduplicate unsafe calls on a key egressd sends? The same answer
+    as the runtime's `dedupes_on_key` (proxy/stages/idempotency.py) for a call with a key:
+    `idempotency.upstream_dedupes` when set, else the plugin's word."""
+    idem = policy.idempotency
+    if idem is not None and idem.upstream_dedupes is not None:
+        return idem.upstream_dedupes
+    return plugin.idempotency_header is not None
+
+
+def _check_failover_plans(state: _State, first_by_name: Mapping[str, _Doc]) -> None:
+    """Errors for failover rules the runtime would refuse on every call (the pair has no
+    translator, the fallback has no auth, or lacks a setting its provider needs), found
+    with the same lookups as proxy/stages/failover.py; a warning for a rule listing 5xx
+    statuses on an upstream whose sends a 5xx leaves ambiguous, with no circuit breaker."""
+    for doc in state.docs:
+        policy = doc.policy
+        if policy is None or doc.name is None:
+            continue  # its own errors are reported
+        source = _plugin_of(policy)
+        for index, rule in enumerate(policy.failover):
+            if source is not None:
+                _check_failover_rule(state, doc, policy, source, index, rule.to, first_by_name)
+            statuses = [v for v in rule.on if isinstance(v, int) and 500 <= v <= 599]
+            if source is None or not statuses or policy.circuit_breaker is not None or _dedupes(policy, source):
+                continue
+            name = policy.provider.name
+            idem = policy.idempotency
+            if idem is not None and idem.upstream_dedupes is False:
+                who = f"upstream {doc.name} (idempotency.upstream_dedupes: false)"
+            else:
+                who = _TITLES.get(name) or f"upstream {doc.name} ({name}, without idempotency.upstream_dedupes: true)"
+            shown = ", ".join(str(v) for v in statuses)
+            state.add(
+                doc.file,
+                _locate(doc.node, ("failover", index, "on")),
+                doc.name,
+                f"failover[{index}].on",
+                f"{shown} never fails a send over: {who} does not deduplicate sends on a key, so a send "
+                f"answered {statuses[0]} may have gone out and egressd refuses its failover (reason=ambiguous); "
+                f"add a circuit_breaker block: sends then fail over once it opens (circuit_open) ({FAILOVER_DOCS})",
+                "warning",
+            )
+
+
+def _check_failover_rule(
+    state: _State,
+    doc: _Doc,
+    policy: Policy,
+    source: ProviderPlugin,
+    index: int,
+    to: str,
+    first_by_name: Mapping[str, _Doc],
+) -> None:
+    fallback = first_by_name.get(to)
+    if fallback is None or to == doc.name or fallback.policy is None:
+        return  # reported already: no such upstream, itself, or its own errors
+    target_plugin = _plugin_of(fallback.policy)
+    if target_plugin is None:
+        return
+    line = _locate(doc.node, ("failover", index, "to"))
+    where = f"failover[{index}].to"
+    src, dst = policy.provider.name, fallback.policy.provider.name
+    if source.failover_to(target_plugin) is None:
+        targets = _translatable_to(source)
+        if targets:
+            kinds = " or ".join(targets)
+            advice = f"{src} calls fail over only to a {kinds} upstream: name one in to: or remove this rule"
+        else:
+            advice = f"{src} calls can fail over to no provider: remove this rule"
+        state.add(
+            doc.file,
+            line,
+            doc.name,
+            where,
+            f"fallback upstream '{to}' is a {dst} upstream and no installed plugin translates {src} calls "
+            f"into {dst} calls: every failover to it would be refused (no_translation); {advice} ({FAILOVER_DOCS})",
+        )
+        return
+    defined = f"upstream {to} at {fallback.file}:{_locate(fallback.node, ('upstream',))}"
+    if fallback.policy.auth is None:
+        credentials = _APP_CREDENTIALS.get(src, f"the credentials the app sends to {doc.name}")
+        hint = _AUTH_HINTS.get(dst, "an auth block (bearer, basic, header or oauth_client_credentials)")
+        hint = hint.replace("TARGET", fallback.policy.target)
+        state.add(
+            doc.file,
+            line,
+            doc.name,
+            where,
+            f"fallback upstream '{to}' has no auth block: egressd cannot call it with {credentials}; "
+            f"add {hint} to {defined} ({FAILOVER_DOCS})",
+        )
+    for problem in target_plugin.fallback_problems():
+        state.add(doc.file, line, doc.name, where, f"fallback upstream '{to}' {problem} in {defined} ({FAILOVER_DOCS})")
 
 
 def _scrub(problem: Problem, secrets: set[str]) -> Problem:

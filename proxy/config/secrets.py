@@ -64,8 +64,11 @@ def resolve_string(
     base_dir: Path | None = None,
     path: tuple[PathPart, ...] = (),
     values: set[str] | None = None,
+    missing: str = "",
 ) -> tuple[str, list[SecretIssue]]:
-    """The text with every reference replaced; an unresolved reference becomes ``""``.
+    """The text with every reference replaced; an unresolved reference becomes `missing`
+    (``""`` by default; `egressd check` passes a stand-in so that a field that must not be
+    empty, such as an OAuth `client_id`, is judged by its other rules, not by the hole).
 
     Each secret value substituted is added to `values` (so callers can scrub messages).
     """
@@ -97,6 +100,7 @@ def resolve_string(
             found = env.get(arg)
             if found is None:
                 issues.append(SecretIssue(path, f"environment variable {arg} is not set", "missing"))
+                value = missing
             else:
                 value = found
                 if values is not None and value:
@@ -105,6 +109,7 @@ def resolve_string(
             content, problem = _read_file(arg.strip(), base_dir)
             if problem is not None:
                 issues.append(SecretIssue(path, problem, "missing"))
+                value = missing
             else:
                 value = content or ""
                 if values is not None and value:
@@ -131,13 +136,17 @@ def resolve_tree(
     base_dir: Path | None = None,
     path: tuple[PathPart, ...] = (),
     values: set[str] | None = None,
+    missing: str = "",
 ) -> tuple[Any, list[SecretIssue]]:
-    """A copy of `data` (YAML-shaped: dicts, lists, scalars) with every string resolved."""
+    """A copy of `data` (YAML-shaped: dicts, lists, scalars) with every string resolved
+    (`missing`: what an unresolved reference becomes, see `resolve_string`)."""
     issues: list[SecretIssue] = []
 
     def walk(v: Any, p: tuple[PathPart, ...]) -> Any:
         if isinstance(v, str):
-            value, found = resolve_string(v, environ=environ, base_dir=base_dir, path=p, values=values)
+            value, found = resolve_string(
+                v, environ=environ, base_dir=base_dir, path=p, values=values, missing=missing
+            )
             issues.extend(found)
             return value
         if isinstance(v, dict):
