@@ -113,8 +113,10 @@ async def run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     deadline = args.deadline or args.count / args.rate * 1.5 + 60
 
     work = Path(tempfile.mkdtemp(prefix="egressd-bench-outbox-"))
-    async with FakeServer("sendgrid") as sg:
-        sg.faults.add(kind="rate_limit", path="/v3/mail/send", rate=args.rate, burst=5)
+    # The provider's limit: the fake advertises it per minute (X-RateLimit-*, as SendGrid
+    # does) and enforces it with a token bucket holding 100 ms of calls.
+    async with FakeServer("sendgrid", rate_limit=int(args.rate * 60)) as sg:
+        sg.faults.add(kind="rate_limit", path="/v3/mail/send", rate=args.rate, burst=max(1, int(args.rate / 10)))
         doc = {
             "upstream": "sendgrid",
             "target": sg.url,

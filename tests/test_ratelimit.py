@@ -434,9 +434,10 @@ async def test_a_slot_due_within_float_residue_is_no_wait() -> None:
         {"rate": "10/s", "burst": 1, "queue": {"max_wait": "1s", "max_size": 10}}, clock=clock
     )
     tasks = [asyncio.ensure_future(stage(make_call(clock, rid=str(i)), ok)) for i in range(3)]  # 1 now, 2 queued
-    for _ in range(10):
-        await asyncio.sleep(0)
-    clock.advance(0.3)
+    for _ in range(3):  # the queued two leave at their slots (no stall: see the next test)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        clock.advance(0.1)
     await asyncio.gather(*tasks)
     events.clear()
     before = at_once(stage)
@@ -446,6 +447,32 @@ async def test_a_slot_due_within_float_residue_is_no_wait() -> None:
     clock.advance(1e-6)
     assert (await late).status == 200
     assert [e for e in events if isinstance(e, RateLimitWaited)] == [] and at_once(stage) == before + 1
+
+
+async def test_queued_calls_leave_one_interval_apart_after_a_stall() -> None:
+    """A loop that stalls past several slots must not release those callers together: they
+    leave one interval apart (a provider counting in short windows would answer 429)."""
+    clock = FakeClock(auto=False)
+    stage, _, _ = make_stage({"rate": "10/s", "burst": 1, "queue": {"max_wait": "2s", "max_size": 10}}, clock=clock)
+    sent: list[float] = []
+
+    async def record(call: Call) -> Response:
+        sent.append(clock.now())
+        return await ok(call)
+
+    start = clock.now()
+    tasks = [asyncio.ensure_future(stage(make_call(clock, rid=str(i)), record)) for i in range(4)]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    clock.advance(0.5)  # the stall: every queued slot (0.1, 0.2, 0.3) has passed
+    for _ in range(40):
+        for _ in range(10):
+            await asyncio.sleep(0)
+        clock.advance(0.01)
+    await asyncio.gather(*tasks)
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(sent)]
+    assert sent[0] == start and len(sent) == 4
+    assert gaps[0] >= 0.5 - 1e-6 and all(g >= 0.1 - 1e-6 for g in gaps[1:]), gaps
 
 
 def test_tallies_of_equal_looking_events_of_two_types_are_apart() -> None:

@@ -233,10 +233,11 @@ class SQLiteOutbox:
     async def finish(self, entry: Entry) -> None:
         def finish() -> None:
             owner = self.instance if entry.state in ("claimed", "sending") else ""
-            body = b"" if entry.state == "delivered" else entry.body
+            # The body never changes: it is only dropped once delivered (not written again).
             self._db.execute(
                 "UPDATE outbox SET state = ?, due = ?, expires = ?, updated = ?, attempts = ?, owner = ?,"
-                " body = ?, provider_id = ?, delivered_via = ?, last_error = ?,"
+                " body = CASE WHEN ? = 'delivered' THEN x'' ELSE body END,"
+                " provider_id = ?, delivered_via = ?, last_error = ?,"
                 " sent_to = CASE WHEN ? = '' THEN sent_to ELSE ? END"
                 " WHERE id = ? AND owner = ?",
                 (
@@ -246,7 +247,7 @@ class SQLiteOutbox:
                     self._wall(),
                     entry.attempts,
                     owner,
-                    body,
+                    entry.state,
                     entry.provider_id,
                     entry.delivered_via,
                     entry.last_error[:500],

@@ -94,6 +94,7 @@ class RateLimiter:
         retry = ctx.policy.retry
         self.max_pause = retry.max_retry_after if retry is not None else DEFAULT_MAX_PAUSE
         self.waiting = 0  # callers of this process sleeping in the queue now
+        self._released = -1e18  # clock.now() at which the last queued caller of this process left
         # The process's drain (proxy/runtime.py): a caller still queued when it ends gets
         # 503 `draining` (contract 7.3). None outside a server (tests of the stage alone).
         self.drain: Drain | None = ctx.extras.get("drain")
@@ -137,6 +138,7 @@ class RateLimiter:
         paused: float | None = None
         reserved: float | None = None
         slept = False
+        queued = False  # slept for a reserved slot (not only for a pause)
         while True:
             if reserved is None:
                 if paused is None:
@@ -166,11 +168,20 @@ class RateLimiter:
                     break
                 reserved = decision.wait
             await self._sleep(reserved)
-            slept = True
+            slept = queued = True
             reserved = None
             # A pause that began while this caller waited holds it too (its slot is lost).
             if await self._paused_for() <= 0:
                 break
+        if queued:
+            # Queued callers leave one interval apart even when the loop woke several at
+            # once (a stall made their slots all pass): the upstream never sees the burst
+            # a stall would make of them (a provider counting in short windows answers 429).
+            now = clock.now()
+            leave = max(now, self._released + self.interval)
+            self._released = leave
+            if leave - now > _EPS:
+                await self._sleep(leave - now)
         if slept:
             self.ctx.events.emit(RateLimitWaited(self.upstream, clock.now() - start))
         else:  # admitted without a wait (the time a state backend took is no queue wait)

@@ -149,6 +149,11 @@ _INDEXES = (
     "CREATE INDEX IF NOT EXISTS records_expires ON records (expires)",
     "CREATE INDEX IF NOT EXISTS ledger_expires ON ledger (expires)",
     "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (upstream, state, due)",
+    # The worker's maintenance (every 2 s) must not scan the bodies: counts and the oldest
+    # entry per state, entries past max_age, entries held by a process.
+    "CREATE INDEX IF NOT EXISTS outbox_created ON outbox (upstream, state, created)",
+    "CREATE INDEX IF NOT EXISTS outbox_expires ON outbox (state, expires)",
+    "CREATE INDEX IF NOT EXISTS outbox_owner ON outbox (owner) WHERE owner != ''",
 )
 
 _COLUMNS: dict[str, frozenset[str]] = {
