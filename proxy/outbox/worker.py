@@ -74,6 +74,7 @@ class OutboxWorker:
         *,
         tick: float = 0.5,
         maintenance_every: float = 2.0,
+        coalesce: float = 0.01,
     ) -> None:
         self.runtime = runtime
         self.store = store
@@ -81,6 +82,7 @@ class OutboxWorker:
         self.events = events
         self.tick = tick
         self.maintenance_every = maintenance_every
+        self.coalesce = coalesce
         self.stats: dict[str, UpstreamStats] = {}
         self.counts: dict[tuple[str, str], int] = {}
         self.errors = 0
@@ -130,6 +132,9 @@ class OutboxWorker:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.tick)
+            # Woken by a kept send or a finished delivery: gather the ones that follow
+            # (a burst of accepted sends wakes it thousands of times a second).
+            await asyncio.sleep(self.coalesce)
 
     def _outbox_upstreams(self) -> list[UpstreamRuntime]:
         return [rt for rt in self.runtime.upstreams.values() if rt.policy.outbox is not None]
