@@ -365,3 +365,27 @@ async def test_memory_store_semantics() -> None:
     assert [e.id for e in claimed] == ["eo_1"]
     assert await store.claim("up", 1.0, 10) == []  # held: nobody takes it twice
     assert await store.drop("eo_1") is None  # not while a worker holds it
+
+
+def test_the_shipped_commented_outbox_blocks_load_when_uncommented(tmp_path: Path) -> None:
+    import re
+
+    from proxy.config.loader import load_policy_dir
+
+    examples = Path(__file__).resolve().parent.parent / "policies"
+    uncommented = 0
+    for f in examples.glob("*.yaml"):
+        text, n = re.subn(
+            r"^# outbox:\n((?:#   .*\n)+)",
+            lambda m: "outbox:\n" + re.sub(r"^#", "", m.group(1), flags=re.M),
+            f.read_text(),
+            flags=re.M,
+        )
+        uncommented += n
+        (tmp_path / f.name).write_text(text)
+    assert uncommented == 2  # sendgrid.yaml and mailgun.yaml
+    env = {"PAYPAL_CLIENT_ID": "a", "PAYPAL_CLIENT_SECRET": "b", "MAILGUN_API_KEY": "c"}
+    result = load_policy_dir(tmp_path, environ=env)
+    assert result.policy_set is not None, [str(p) for p in result.problems]
+    kept = {p.upstream: p.outbox for p in result.policy_set.policies if p.outbox is not None}
+    assert set(kept) == {"sendgrid", "mailgun"} and all(o.when == "on_failure" for o in kept.values())
