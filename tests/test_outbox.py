@@ -395,3 +395,48 @@ def test_the_shipped_commented_outbox_blocks_load_when_uncommented(tmp_path: Pat
     assert result.policy_set is not None, [str(p) for p in result.problems]
     kept = {p.upstream: p.outbox for p in result.policy_set.policies if p.outbox is not None}
     assert set(kept) == {"sendgrid", "mailgun"} and all(o.when == "on_failure" for o in kept.values())
+
+
+async def test_a_bug_in_one_delivery_puts_the_send_back_and_the_worker_goes_on(
+    start_proxy: Any, fakes: dict[str, FakeServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from plugins.sendgrid import SendGridPlugin
+
+    sg = fakes["sendgrid"]
+    real = SendGridPlugin.outbox_tag
+    calls = []
+
+    def flaky(self: SendGridPlugin, request: Any, outbox_id: str) -> Any:
+        calls.append(outbox_id)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real(self, request, outbox_id)
+
+    monkeypatch.setattr(SendGridPlugin, "outbox_tag", flaky)
+    server = await data_dir_server(start_proxy, tmp_path, [sendgrid_policy(sg.url, when="always")])
+    outbox_id = (await asyncio.to_thread(sdk_send, server)).headers["X-Message-Id"]
+    await eventually(lambda: _state(server, outbox_id, "delivered"), within=15)
+    assert sg.ledger.count("mail.sent") == 1 and server.outbox.errors == 1
+
+
+async def test_a_failed_over_call_is_not_kept_by_the_fallbacks_outbox(
+    start_proxy: Any, fakes: dict[str, FakeServer], tmp_path: Path
+) -> None:
+    sg, mg = fakes["sendgrid"], fakes["mailgun"]
+    sg_url = sg.url
+    await sg.stop()  # SendGrid refuses connections: the call fails over to Mailgun
+    mg.faults.add(kind="status", status=429, path="/v3/", count=100)  # and Mailgun refuses it, unsent
+    primary = {
+        "upstream": "sendgrid",
+        "target": sg_url,
+        "provider": "sendgrid",
+        "retry": {"attempts": 1},
+        "failover": [{"to": "mailgun", "on": ["connect_error"]}],
+    }
+    fallback = mailgun_policy(mg.url)
+    fallback["auth"] = {"basic": {"username": "api", "password": "key-proxy"}}
+    server = await data_dir_server(start_proxy, tmp_path, [primary, fallback])
+    with pytest.raises(Exception) as caught:
+        await asyncio.to_thread(sdk_send, server)
+    assert getattr(caught.value, "status_code", None) == 429  # Mailgun's answer, translated; not "accepted"
+    assert await server.outbox_store.list() == []

@@ -7,6 +7,8 @@ delivery worker (proxy/outbox/worker.py) calls later with the kept send.
 * `when: always`: every send the plugin calls a send (`outbox_accepts`: SendGrid
   `POST /v3/mail/send`, Mailgun `POST /v3/{domain}/messages`, any unsafe call for a
   generic upstream) is stored, then answered at once.
+* A call another upstream failed over to this one is never kept here: the primary's
+  policy (its own outbox) decides.
 * `when: on_failure`: the send goes out now. It is kept only when it failed without
   reaching the upstream (contract 7.8): every attempt ended in a connect error or a 429
   the plugin documents as "not processed", or none was made (the rate limiter refused
@@ -88,6 +90,10 @@ class OutboxStage:
 
     async def __call__(self, call: Call, nxt: Handler) -> Response:
         if not unsafe_method(call.method) or not self.plugin.outbox_accepts(call.method, call.path):
+            return await nxt(call)
+        if call.story is not None and call.story.failover_from is not None:
+            # A call another upstream failed over here: the primary's policy decides
+            # whether it is kept (its own outbox, if it has one), never this one.
             return await nxt(call)
         body = await call.body.read()  # bounded by limits.max_body: 413 before anything is kept
         if self.always:

@@ -151,12 +151,12 @@ class OutboxWorker:
             if free <= 0:
                 continue
             for entry in await self.store.due_probes(rt.name, now, free):
-                self._spawn(rt.name, self._probe(entry))
+                self._spawn(rt.name, self._guarded(entry, self._probe(entry)))
                 free -= 1
             if free <= 0:
                 continue
             for entry in await self.store.claim(rt.name, now, free):
-                self._spawn(rt.name, self._deliver(entry))
+                self._spawn(rt.name, self._guarded(entry, self._deliver(entry)))
 
     async def maintain(self, now: float) -> None:
         outboxes = {rt.name: rt.policy.outbox for rt in self._outbox_upstreams()}
@@ -208,6 +208,27 @@ class OutboxWorker:
         self.events.emit(OutboxDelivery(upstream, result))
 
     # -- one delivery ------------------------------------------------------------------------
+    async def _guarded(self, entry: Entry, work: Awaitable[None]) -> None:
+        """Run a delivery or a probe; a bug in it (an exception) never leaves the entry held
+        by this live process forever: it goes back to the queue if nothing was written
+        upstream, else in doubt."""
+        try:
+            await work
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            self.errors += 1
+            log.error(
+                "outbox delivery failed inside egressd",
+                extra={"outbox_id": entry.id, "error": f"{type(exc).__name__}: {exc}"},
+            )
+            rt = self.runtime.get(entry.upstream)
+            probe_after = rt.policy.outbox.probe_after if rt is not None and rt.policy.outbox is not None else 60.0
+            entry.state = "doubt" if entry.sent_to else "queued"
+            entry.due = self.clock.wall() + (probe_after if entry.sent_to else backoff(entry.attempts))
+            entry.last_error = f"internal error: {type(exc).__name__}"
+            await self._finish(entry)
+
     def _call(self, rt: UpstreamRuntime, request: WireRequest, request_id: str, story: CallStory) -> Call:
         headers: CIMultiDict[str] = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _DROP)
         now = self.clock.now()
