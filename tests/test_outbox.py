@@ -440,3 +440,29 @@ async def test_a_failed_over_call_is_not_kept_by_the_fallbacks_outbox(
         await asyncio.to_thread(sdk_send, server)
     assert getattr(caught.value, "status_code", None) == 429  # Mailgun's answer, translated; not "accepted"
     assert await server.outbox_store.list() == []
+
+
+async def test_a_kept_send_fails_over_to_mailgun_with_its_tag(
+    start_proxy: Any, fakes: dict[str, FakeServer], tmp_path: Path
+) -> None:
+    sg, mg = fakes["sendgrid"], fakes["mailgun"]
+    sg_url = sg.url
+    await sg.stop()  # SendGrid down: connection refused, provably not sent
+    primary = sendgrid_policy(sg_url, when="always")
+    primary["failover"] = [{"to": "mailgun", "on": ["connect_error", "circuit_open"]}]
+    fallback = {
+        "upstream": "mailgun",
+        "target": mg.url,
+        "provider": {"name": "mailgun", "domain": "mg.example.com"},
+        "auth": {"basic": {"username": "api", "password": "key-proxy"}},
+    }
+    server = await data_dir_server(start_proxy, tmp_path, [primary, fallback])
+    outbox_id = (await asyncio.to_thread(sdk_send, server)).headers["X-Message-Id"]
+    await eventually(lambda: _state(server, outbox_id, "delivered"))
+    assert mg.ledger.count("message.queued") == 1
+    queued = mg.ledger.effects("message.queued")[0]
+    # custom_args become Mailgun user variables: the tag keeps its name after the failover.
+    assert queued.data["fields"]["v:egressd_outbox_id"] == [outbox_id]
+    entry = await server.outbox_store.get(outbox_id)
+    assert entry is not None and (entry.delivered_via, entry.provider_id) == ("mailgun", queued.object_id.strip("<>"))
+    assert server.outbox.counts[("sendgrid", "failed_over")] == 1

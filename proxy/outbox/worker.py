@@ -296,10 +296,11 @@ class OutboxWorker:
             answer = WireAnswer(result.status, {k: v for k, v in result.headers.items()}, data, result.error_code)
         if isinstance(result, Response) and 200 <= result.status < 300 and result.error_code is None:
             via = result.upstream or rt.name
-            via_rt = self.runtime.get(via)
-            plugin = via_rt.plugin if via_rt is not None else rt.plugin
             assert answer is not None
-            entry.state, entry.provider_id, entry.delivered_via = "delivered", plugin.outbox_message_id(answer), via
+            # After a failover the answer is already translated into this upstream's shape
+            # (the fallback's id in it: Mailgun's id as SendGrid's X-Message-Id).
+            provider_id = rt.plugin.outbox_message_id(answer)
+            entry.state, entry.provider_id, entry.delivered_via = "delivered", provider_id, via
             entry.last_error = ""
             await self._finish(entry)
             self._count(rt.name, "failed_over" if (result.failover or "").startswith("used") else "delivered")
