@@ -122,21 +122,32 @@ async def _state(server: EgressServer, outbox_id: str, state: str) -> bool:
 async def test_mailgun_answer_shape_and_user_variable(
     start_proxy: Any, fakes: dict[str, FakeServer], tmp_path: Path
 ) -> None:
+    """With the official Mailgun SDK, a multipart send with an attachment: the SDK reads
+    the kept send's answer as Mailgun's own, and the delivered send carries the tag."""
+    from mailgun.client import Client
+    from mailgun.config import RetryPolicy
+
     mg = fakes["mailgun"]
     server = await data_dir_server(start_proxy, tmp_path, [mailgun_policy(mg.url, when="always")])
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
-            proxy_url(server) + "/mailgun/v3/mg.example.com/messages",
-            data={"from": "shop@example.com", "to": "ann@example.org", "subject": "Hi", "text": "Hello"},
-            headers={"Authorization": aiohttp.encode_basic_auth("api", "key-app")},
-        ) as resp:
-            assert resp.status == 200
-            body = await resp.json()
-            outbox_id = resp.headers["X-Egressd-Outbox"].split("id=")[1]
-    assert body == {"id": f"<{outbox_id}@mg.example.com>", "message": "Queued. Thank you."}
+
+    def send() -> Any:
+        with Client(
+            auth=("api", "key-app"), api_url=proxy_url(server) + "/mailgun", retry_policy=RetryPolicy(max_retries=0)
+        ) as client:
+            return client.messages.create(
+                domain="mg.example.com",
+                data={"from": "shop@mg.example.com", "to": ["ann@example.org"], "subject": "Hi", "text": "Hello"},
+                files=[("attachment", ("receipt.pdf", b"%PDF receipt", "application/pdf"))],
+            )
+
+    resp = await asyncio.to_thread(send)
+    assert resp.status_code == 200
+    outbox_id = resp.headers["X-Egressd-Outbox"].split("id=")[1]
+    assert resp.json() == {"id": f"<{outbox_id}@mg.example.com>", "message": "Queued. Thank you."}
     await eventually(lambda: mg.ledger.count("message.queued") == 1)
     fields = mg.ledger.effects("message.queued")[0].data["fields"]
     assert fields["v:egressd_outbox_id"] == [outbox_id]
+    assert fields["attachment"][0]["filename"] == "receipt.pdf"  # the multipart body intact
 
 
 async def test_on_failure_sends_at_once_when_the_provider_is_up(
