@@ -31,6 +31,7 @@ from proxy.outbox.store import STATES, Entry, OutboxStore, OutboxUnavailable
 from proxy.outbox.worker import OutboxWorker
 from proxy.runtime import Runtime
 from proxy.state.base import StateBackend
+from proxy.webhooks.worker import WebhookWorker
 
 log = logging.getLogger("egressd.admin")
 
@@ -69,6 +70,8 @@ class ServerView(Protocol):
     def outbox(self) -> OutboxWorker: ...
     @property
     def outbox_store(self) -> OutboxStore: ...
+    @property
+    def webhooks(self) -> WebhookWorker: ...
 
 
 class Admin:
@@ -166,6 +169,7 @@ class Admin:
         server = self.server
         board = server.status
         outbox = server.outbox.snapshot()
+        webhooks = server.webhooks.snapshot()
         upstreams: dict[str, Any] = {}
         for name, rt in sorted(server.runtime.upstreams.items()):
             stages: dict[str, dict[str, Any]] = {}
@@ -180,6 +184,9 @@ class Admin:
             snap["stages"] = list(rt.pipeline.stage_names)
             if rt.policy.outbox is not None:
                 snap["outbox"] = outbox["upstreams"].get(name, {})
+            if rt.policy.webhooks is not None:
+                # Received / delivered since this process started; pending / dead from the store.
+                snap["webhooks"] = {**board.webhook_counts(name), **webhooks["upstreams"].get(name, {})}
             upstreams[name] = snap
         state = server.state
         health = getattr(state, "health", None)
@@ -206,6 +213,7 @@ class Admin:
             },
             "upstreams": upstreams,
             "outbox": outbox,
+            "webhooks": webhooks,
         }
 
     def _records_snapshot(self) -> dict[str, Any]:
