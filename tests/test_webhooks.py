@@ -892,3 +892,21 @@ async def test_store_takes_back_what_a_dead_process_held(
     assert await alive.recover(now) == 1
     taken = await alive.claim("stripe", now, 10)
     assert [e.event_ids for e in taken] == [["k1"]]
+
+
+def test_a_version_2_data_dir_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    from proxy.state.sqlite import DB_NAME, SCHEMA_VERSION, open_database
+
+    path = tmp_path / DB_NAME
+    db = open_database(path)
+    db.execute("DROP TABLE webhook_events")
+    db.execute("DROP TABLE webhook_ids")
+    db.execute("UPDATE meta SET value = '2' WHERE name = 'schema_version'")
+    db.close()
+    open_database(path).close()
+    with sqlite3.connect(path) as again:
+        tables = {row[0] for row in again.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        version = again.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0]
+    assert {"webhook_events", "webhook_ids", "outbox"} <= tables and version == str(SCHEMA_VERSION) == "3"
