@@ -85,7 +85,9 @@ async def serve_endpoints(run_app: Any, **endpoints: AppEndpoint) -> str:
 async def start_hooks(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[EgressServer]]]:
     servers: list[EgressServer] = []
 
-    async def start(docs: list[dict[str, Any]], *, data_dir: Path | None = None) -> EgressServer:
+    async def start(
+        docs: list[dict[str, Any]], *, data_dir: Path | None = None, redis_url: str | None = None
+    ) -> EgressServer:
         directory = write_policies(tmp_path / f"policies{len(servers)}", docs)
         settings = Settings(
             policies=directory,
@@ -95,7 +97,11 @@ async def start_hooks(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[E
             drain=1.0,
             watch_interval=0.2,
         )
-        state = open_data_dir(data_dir) if data_dir is not None else None
+        state: Any = open_data_dir(data_dir) if data_dir is not None else None
+        if redis_url is not None:
+            from proxy.state.resilient import open_shared_state
+
+            state = open_shared_state(redis_url, prefix=f"wh-{uuid.uuid4().hex[:8]}:", fallback=state)
         server = EgressServer(settings, **({"state": state} if state is not None else {}))
         await server.start()
         servers.append(server)
@@ -189,6 +195,15 @@ async def test_stripe_event_is_delivered_byte_for_byte_once(start_hooks: Any, ru
     metrics = server.metrics.render().decode()
     assert 'egressd_webhooks_total{result="duplicate",upstream="stripe"} 1.0' in metrics
     assert 'egressd_webhooks_total{result="delivered",upstream="stripe"} 1.0' in metrics
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy_url(server, "admin") + "/webhooks.json") as r:
+            listed = await r.json()
+        async with http.get(proxy_url(server, "admin") + "/status") as r:
+            page = await r.text()
+    (only,) = listed["entries"]
+    assert only["state"] == "delivered" and only["event_ids"] == ["evt_1TestWebhooks"] and "body" not in only
+    assert listed["store"] == "memory" and listed["upstreams"]["stripe"]["pending"] == 0
+    assert "webhooks received / delivered" in page and WHSEC not in page
 
 
 @pytest.mark.parametrize(
@@ -750,6 +765,20 @@ async def test_stored_event_survives_a_restart_with_the_data_dir(
     await until(lambda: len(app.deliveries) == 1, within=15)
     # The ids are in the data dir too: a redelivery after the restart is a duplicate.
     assert await post(hook_url(second, "/stripe"), body, stripe_signed(body)) == (200, "duplicate")
+
+
+async def test_with_redis_every_replica_shares_the_ids_and_the_queue(
+    start_hooks: Any, run_app: Any, redis_server: Any
+) -> None:
+    app = AppEndpoint(stripe_check, statuses=(503,))
+    base = await serve_endpoints(run_app, stripe=app)
+    server = await start_hooks([stripe_doc(base + "/hooks/stripe")], redis_url=redis_server.url)
+    assert server.webhook_store.name == "redis"
+    body = stripe_event("evt_redis_1")
+    assert await post(hook_url(server, "/stripe"), body, stripe_signed(body)) == (200, "ok")
+    assert await post(hook_url(server, "/stripe"), body, stripe_signed(body)) == (200, "duplicate")
+    await until(lambda: len(app.deliveries) == 1, within=10)
+    assert app.deliveries[0][1] == body and app.hits == 2
 
 
 # ---- egressd check --------------------------------------------------------------------------------
