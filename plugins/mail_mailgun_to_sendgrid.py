@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime, getaddresses, parseaddr, parsedate_to_datetime
 from typing import Any
 
+from plugins import mail_outbox
 from plugins.base import FailoverContext, Refused, Translated, TranslatorRun, WireAnswer, WireRequest, json_bytes
 from plugins.forms import FilePart, parse_form
 from plugins.shapes import json_answer, operation, token
@@ -231,8 +232,26 @@ def translate(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
     answer = yield WireRequest("POST", "/v3/mail/send", "", {"Content-Type": "application/json"}, json_bytes(mail))
     if answer.error or answer.status >= 300:
         return Translated(mailgun_error_from_sendgrid(answer, _PATH.match(request.path.rstrip("/"))))
-    message_id = answer.header("X-Message-Id") or ("egressd-" + token(ctx.request_id or ctx.derived_key("m"), 20))
-    return Translated(json_answer(200, {"id": f"<{message_id}>", "message": "Queued. Thank you."}))
+    sent_id = answer.header("X-Message-Id")
+    message_id = sent_id or ("egressd-" + token(ctx.request_id or ctx.derived_key("m"), 20))
+    answer_out = json_answer(200, {"id": f"<{message_id}>", "message": "Queued. Thank you."})
+    if not sent_id:
+        return Translated(answer_out)
+    return Translated(answer_out, ((sent_id, _ledger_record(mail, request, sent_id, ctx)),))
+
+
+def _ledger_record(mail: Mapping[str, Any], request: WireRequest, sent_id: str, ctx: FailoverContext) -> dict[str, Any]:
+    """The routing-ledger record of a message failover sent through SendGrid, under its
+    `X-Message-Id` (SendGrid's events carry it as the start of `sg_message_id`), so that
+    SendGrid's events about it reach the app as Mailgun events (plugins/webhooks_sendgrid.py)
+    with `message_id` = the id the app was given: this answer's `<X-Message-Id>`, or, for
+    a send the outbox kept (tagged `v:egressd_outbox_id`, plugins/mail_outbox.py), the
+    `<outbox id@domain>` the outbox answered with."""
+    args = mail.get("custom_args")
+    outbox_id = args.get(mail_outbox.TAG) if isinstance(args, Mapping) else None
+    match = _PATH.match(request.path.rstrip("/"))
+    app_id = f"{outbox_id}@{match.group(1)}" if outbox_id and match else sent_id
+    return {"kind": "message", "owner": ctx.target, "message_id": app_id, "x_message_id": sent_id}
 
 
 def mailgun_error_from_sendgrid(answer: WireAnswer, path_match: re.Match[str] | None) -> WireAnswer:

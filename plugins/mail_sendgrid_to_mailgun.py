@@ -12,6 +12,7 @@ from email.utils import format_datetime, formataddr, parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from plugins import mail_outbox
 from plugins.base import FailoverContext, Refused, Translated, TranslatorRun, WireAnswer, WireRequest
 from plugins.forms import FilePart, encode_multipart
 from plugins.shapes import json_answer, operation
@@ -313,7 +314,19 @@ def translate(request: WireRequest, ctx: FailoverContext) -> TranslatorRun:
     headers = {"X-Message-Id": ids[0] if ids else ""}
     if len(ids) > 1:
         headers["X-Egressd-Message-Ids"] = ",".join(ids)
-    return Translated(WireAnswer(200 if sandbox else 202, headers, b""))
+    # Routing-ledger records, one per Mailgun message, so that Mailgun's events about them
+    # reach the app as SendGrid events (plugins/webhooks_mailgun.py) with `sg_message_id` =
+    # the id the app was given: the X-Message-Id above, or, for a send the outbox kept
+    # (tagged custom_args.egressd_outbox_id, plugins/mail_outbox.py), the outbox id the
+    # outbox answered with.
+    args = body.get("custom_args")
+    outbox_id = args.get(mail_outbox.TAG) if isinstance(args, Mapping) else None
+    ledger = tuple(
+        (mid, {"kind": "message", "owner": ctx.target, "x_message_id": str(outbox_id or mid), "message_id": mid})
+        for mid in ids
+        if mid
+    )
+    return Translated(WireAnswer(200 if sandbox else 202, headers, b""), ledger)
 
 
 def _message(answer: WireAnswer) -> str:

@@ -59,6 +59,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from plugins.mail_outbox import TAG as OUTBOX_TAG
 from plugins.webhooks import (
     OK,
     InboundEvent,
@@ -210,12 +211,17 @@ def to_sendgrid(event: InboundEvent, lookup: LedgerLookup) -> TranslatedEvent | 
     except (TypeError, ValueError):
         timestamp = 0
     sg_event_id = derived_id("mailgun-event", event.id)
+    variables = data.get("user-variables")
+    # A send the outbox kept was answered with its outbox id as X-Message-Id, and carries
+    # that id to Mailgun as `v:egressd_outbox_id` (plugins/mail_outbox.py): it is the id
+    # the app was given.
+    outbox_id = variables.get(OUTBOX_TAG) if isinstance(variables, Mapping) else None
     out: dict[str, Any] = {
         "email": str(data.get("recipient") or ""),
         "timestamp": timestamp,
         "event": kind,
         "sg_event_id": sg_event_id,
-        "sg_message_id": str(record.get("x_message_id") or mid),
+        "sg_message_id": str(outbox_id or record.get("x_message_id") or mid),
         "smtp-id": f"<{mid}>",
     }
     tags = data.get("tags")
@@ -243,7 +249,6 @@ def to_sendgrid(event: InboundEvent, lookup: LedgerLookup) -> TranslatedEvent | 
         out["ip"] = str(data.get("ip") or "")
     if kind == "click":
         out["url"] = str(data.get("url") or "")
-    variables = data.get("user-variables")
     if isinstance(variables, Mapping):
         for name, value in variables.items():
             if str(name) not in SENDGRID_FIELDS:

@@ -1,4 +1,5 @@
-"""The admin listener: /healthz, /readyz, /metrics, /status, /status.json and the outbox.
+"""The admin listener: /healthz, /readyz, /metrics, /status, /status.json, the outbox and
+the stored webhooks (`/webhooks.json`, read only).
 
 `/outbox.json` lists kept sends (GET; `?state=`, `?upstream=`, `?limit=`, or one entry
 at `/outbox/ID`), `POST /outbox/ID/retry` and `POST /outbox/ID/drop` manage them
@@ -31,6 +32,9 @@ from proxy.outbox.store import STATES, Entry, OutboxStore, OutboxUnavailable
 from proxy.outbox.worker import OutboxWorker
 from proxy.runtime import Runtime
 from proxy.state.base import StateBackend
+from proxy.webhooks.store import STATES as WEBHOOK_STATES
+from proxy.webhooks.store import WebhooksUnavailable
+from proxy.webhooks.worker import WebhookWorker
 
 log = logging.getLogger("egressd.admin")
 
@@ -69,6 +73,8 @@ class ServerView(Protocol):
     def outbox(self) -> OutboxWorker: ...
     @property
     def outbox_store(self) -> OutboxStore: ...
+    @property
+    def webhooks(self) -> WebhookWorker: ...
 
 
 class Admin:
@@ -85,7 +91,32 @@ class Admin:
         app.router.add_get("/outbox.json", self._outbox_list)
         app.router.add_get("/outbox/{id}", self._outbox_get)
         app.router.add_post("/outbox/{id}/{action}", self._outbox_action)
+        app.router.add_get("/webhooks.json", self._webhooks_list)
         return app
+
+    # -- inbound webhooks (contract 7.5) ---------------------------------------------------
+    async def _webhooks_list(self, request: web.Request) -> web.Response:
+        """Stored webhook POSTs (`?state=`, `?upstream=`, `?limit=`): ids, event ids and types,
+        delivery state; never headers or bodies (they carry the providers' signatures)."""
+        state = request.query.get("state") or None
+        if state is not None and state not in WEBHOOK_STATES:
+            return _json({"error": f"unknown state {state!r}; one of {', '.join(WEBHOOK_STATES)}"}, 400)
+        try:
+            limit = min(max(int(request.query.get("limit", "100")), 1), 10_000)
+        except ValueError:
+            return _json({"error": "limit must be a whole number"}, 400)
+        upstream = request.query.get("upstream") or None
+        try:
+            await self.server.webhooks.refresh()
+            entries = await self.server.webhooks.store.list(upstream=upstream, state=state, limit=limit)
+        except WebhooksUnavailable as exc:
+            return _json({"error": f"the webhook store cannot be read: {exc}"}, 503)
+        listed = []
+        for entry in entries:
+            data = entry.summary()
+            data["last_error"] = scrub(str(data["last_error"]))
+            listed.append(data)
+        return _json({**self.server.webhooks.snapshot(), "entries": listed})
 
     # -- the outbox (contract 7.6) -------------------------------------------------------
     def _entry_json(self, entry: Entry) -> dict[str, Any]:
@@ -166,6 +197,7 @@ class Admin:
         server = self.server
         board = server.status
         outbox = server.outbox.snapshot()
+        webhooks = server.webhooks.snapshot()
         upstreams: dict[str, Any] = {}
         for name, rt in sorted(server.runtime.upstreams.items()):
             stages: dict[str, dict[str, Any]] = {}
@@ -180,6 +212,9 @@ class Admin:
             snap["stages"] = list(rt.pipeline.stage_names)
             if rt.policy.outbox is not None:
                 snap["outbox"] = outbox["upstreams"].get(name, {})
+            if rt.policy.webhooks is not None:
+                # Received / delivered since this process started; pending / dead from the store.
+                snap["webhooks"] = {**board.webhook_counts(name), **webhooks["upstreams"].get(name, {})}
             upstreams[name] = snap
         state = server.state
         health = getattr(state, "health", None)
@@ -206,6 +241,7 @@ class Admin:
             },
             "upstreams": upstreams,
             "outbox": outbox,
+            "webhooks": webhooks,
         }
 
     def _records_snapshot(self) -> dict[str, Any]:

@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("EGRESSD_KEEPALIVE_TIMEOUT", "75"),
         help="seconds an app connection may stay idle between requests before egressd closes it",
     )
+    run.add_argument(
+        "--webhook-listen",
+        default=os.environ.get("EGRESSD_WEBHOOK_LISTEN") or None,
+        metavar="HOST:PORT",
+        help="the inbound webhook listener (POST /<upstream> from the providers); off when not given",
+    )
     for flag, env, default, _, text in HEAD_LIMITS:
         run.add_argument(flag, default=_env(env, str(default)), metavar="N", help=f"{text} (default {default})")
 
@@ -155,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
             max_request_headers=limits[1],
             max_response_header_size=limits[2],
             max_response_head_size=limits[3],
+            webhook_listen=parse_hostport(args.webhook_listen) if args.webhook_listen else None,
         )
     except ValueError as exc:
         print(f"egressd: {exc}", file=sys.stderr)

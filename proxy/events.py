@@ -124,6 +124,24 @@ class OutboxDepth(NamedTuple):
     oldest_seconds: float  # age of the oldest pending entry (0 when none)
 
 
+class WebhookResult(NamedTuple):
+    """What happened to inbound webhook events (proxy/webhooks/): `n` events of one
+    upstream (the one they came in on) had this result."""
+
+    upstream: str
+    result: str  # received | duplicate | rejected | delivered | translated | retried | dead | dropped
+    n: int = 1
+
+
+class WebhookDepth(NamedTuple):
+    """One upstream's stored webhook POSTs, as the delivery worker last read them."""
+
+    upstream: str
+    pending: int  # queued or being delivered
+    oldest_seconds: float  # age of the oldest pending one (0 when none)
+    dead: int  # kept after max_age without a 2xx from the app
+
+
 Event = (
     CallFinished
     | AttemptFinished
@@ -140,6 +158,8 @@ Event = (
     | StateBackendError
     | OutboxDelivery
     | OutboxDepth
+    | WebhookResult
+    | WebhookDepth
 )
 
 Subscriber = Callable[[Event], None]

@@ -8,6 +8,8 @@
 - proxy/handler.py: the proxy handler, request -> `Call` -> pipeline -> answer, the
   ownership of unsafe calls, and the `CallFinished` event of each call;
 - proxy/admin.py: /healthz, /readyz, /metrics, /status, /status.json;
+- proxy/webhooks/: the webhook listener ("webhooks", `--webhook-listen`), its store and
+  its delivery worker (contract 7.5);
 - proxy/reload.py: the policy directory watch, SIGHUP, the validation-first swap.
 
 `serve()` is `egressd run`: start, serve until SIGTERM/SIGINT, drain, stop.
@@ -43,6 +45,9 @@ from proxy.runtime import Runtime
 from proxy.state.base import StateBackend
 from proxy.state.memory import MemoryState
 from proxy.transport import AnswerLimits
+from proxy.webhooks.listener import WebhookListener
+from proxy.webhooks.store import WebhookStore, open_webhook_store
+from proxy.webhooks.worker import WebhookWorker
 
 log = logging.getLogger("egressd")
 # After the drain's end: the time the answers of queued calls (503 `draining`), then of
@@ -86,6 +91,8 @@ class Settings:
     # The durable store (`--data-dir`): idempotency and fingerprint records and the routing
     # ledger survive a restart. None keeps them in process memory (`--data-dir none`).
     data_dir: Path | None = None
+    # The inbound webhook listener (`--webhook-listen`, contract 7.5); None: off.
+    webhook_listen: tuple[str, int] | None = None
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -109,6 +116,7 @@ class EgressServer:
         state: StateBackend | None = None,
         events: EventBus | None = None,
         outbox_store: OutboxStore | None = None,
+        webhook_store: WebhookStore | None = None,
     ) -> None:
         self.settings = settings
         self.clock: Clock = clock or RealClock()
@@ -122,6 +130,13 @@ class EgressServer:
         self.outbox = OutboxWorker(self.runtime, self.outbox_store, self.clock, self.events)
         self.runtime.outbox_store = self.outbox_store
         self.runtime.outbox_wake = self.outbox.wake
+        # Inbound webhooks (contract 7.5): the store goes with the state backend too; the
+        # listener stores verified events and wakes the delivery worker.
+        self.webhook_store: WebhookStore = webhook_store or open_webhook_store(self.state)
+        self.webhooks = WebhookWorker(self.runtime, self.webhook_store, self.clock, self.events)
+        self.webhook_listener = WebhookListener(
+            self.runtime, self.webhook_store, self.clock, self.events, wake=self.webhooks.wake
+        )
         self.metrics = Metrics(tallies=self.events.tallies)
         self.status = StatusBoard(tallies=self.events.tallies)
         self.events.subscribe(self.metrics)
@@ -168,11 +183,26 @@ class EgressServer:
             await self.listeners.start("admin", self.settings.admin, self.admin.app())
             await self.listeners.start("main", self.settings.listen, self._proxy_server(None))
             await self._sync_upstream_listeners()
+            if self.settings.webhook_listen is not None:
+                await self.listeners.start("webhooks", self.settings.webhook_listen, self._webhook_server())
         except OSError as exc:
             await self.stop()
             raise StartupError(f"cannot listen: {exc}") from exc
         self.ready = True
         self.outbox.start()
+        self.webhooks.start()
+        hooked = sorted(name for name, rt in built.items() if rt.policy.webhooks is not None)
+        if hooked and self.settings.webhook_listen is None:
+            log.warning(
+                "upstreams have a webhooks block but --webhook-listen is not set: no webhook is received",
+                extra={"upstreams": hooked},
+            )
+        if hooked and self.webhook_store.name == "memory":
+            log.warning(
+                "webhook events are kept in process memory (--data-dir none): events not yet delivered "
+                "to the app are lost on restart",
+                extra={"upstreams": hooked},
+            )
         kept = sorted(name for name, rt in built.items() if rt.policy.outbox is not None)
         if kept and self.outbox_store.name == "memory":
             log.warning(
@@ -200,6 +230,18 @@ class EgressServer:
             max_header_size=self.settings.max_request_header_size,
             max_headers=self.settings.max_request_headers,
             on_malformed=self.handler.malformed,
+        )
+
+    def _webhook_server(self) -> web.Server:
+        """The webhook listener's server: the proxy listeners' head limits, head deadline
+        and keep-alive (contract 7.7), and only `POST /<upstream>` behind them."""
+        return proxy_server(
+            self.webhook_listener.handle,
+            header_timeout=self.settings.header_timeout,
+            keepalive_timeout=self.settings.keepalive_timeout,
+            max_header_size=self.settings.max_request_header_size,
+            max_headers=self.settings.max_request_headers,
+            on_malformed=self.webhook_listener.malformed,
         )
 
     async def _sync_upstream_listeners(self) -> None:
@@ -258,6 +300,7 @@ class EgressServer:
         )
         # The outbox worker takes no new entries; what it is delivering gets the drain.
         outbox_stopped = loop.create_task(self.outbox.stop(wait=max(self.settings.drain - ANSWER_GRACE, 0.0)))
+        webhooks_stopped = loop.create_task(self.webhooks.stop(wait=max(self.settings.drain - ANSWER_GRACE, 0.0)))
         if not await self._settle(deadline - loop.time()):
             self.runtime.drain.end()  # the rate-limit queues answer 503 `draining`
             if not await self._settle(ANSWER_GRACE):
@@ -268,15 +311,18 @@ class EgressServer:
                 )
                 await self._settle(ANSWER_GRACE)
         await outbox_stopped
+        await webhooks_stopped
         await self.stop()
 
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await self.outbox.stop()
+        await self.webhooks.stop()
         await self.listeners.close()
         await self.runtime.close()
         await self.outbox_store.close()
+        await self.webhook_store.close()
         await self.state.close()
         self.access_log.flush()
 

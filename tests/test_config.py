@@ -245,7 +245,7 @@ def test_version_changes_with_content(tmp_path: Path) -> None:
             MINIMAL + "retyr: {}\n",
             "p.yaml:3: upstream api: retyr: unknown field, did you mean 'retry'? (allowed: upstream, target, "
             "provider, listen, auth, headers, tls, timeouts, limits, rate_limit, retry, idempotency, cache, "
-            "circuit_breaker, failover, outbox)",
+            "circuit_breaker, failover, outbox, webhooks)",
         ),
         (
             MINIMAL + "retry:\n  attempts: 3\n  atempts: 4\n",

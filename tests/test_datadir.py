@@ -226,7 +226,7 @@ async def test_two_states_in_one_dir_share_records(tmp_path: Path) -> None:
         await two.close()
     with sqlite3.connect(tmp_path / DB_NAME) as db:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"meta", "records", "ledger", "instances", "outbox"}
+    assert tables == {"meta", "records", "ledger", "instances", "outbox", "webhook_events", "webhook_ids"}
 
 
 async def test_stale_heartbeat_of_a_live_pid_makes_it_dead(tmp_path: Path) -> None:

@@ -71,6 +71,16 @@ LABEL_VALUES = {
         "aborted",
     },
     ("egressd_cache_total", "result"): {"hit", "miss", "stale", "bypass", "store"},
+    ("egressd_webhooks_total", "result"): {
+        "received",
+        "duplicate",
+        "rejected",
+        "delivered",
+        "translated",
+        "retried",
+        "dead",
+        "dropped",
+    },
 }
 # Labels Prometheus adds to every scraped series (target labels), besides egressd's own.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "service", "endpoint"}
@@ -454,6 +464,7 @@ def assert_hardened(container: dict[str, Any], admin_port: str) -> None:
             "prometheusRule": {"enabled": True},
             "grafanaDashboard": {"enabled": True},
             "podMonitor": {"enabled": True},
+            "webhooks": {"enabled": True, "port": 8090},
         },
         {"standalone": {"enabled": False}, "podMonitor": {"enabled": True}, "sidecar": {"native": True}},
     ],
@@ -590,6 +601,36 @@ def test_service_monitor_needs_the_standalone_service(helm: ModuleType) -> None:
         render(helm, CHART, {"standalone": {"enabled": False}, "serviceMonitor": {"enabled": True}})
 
 
+def test_webhook_listener_gets_its_own_service_never_the_proxy_port(helm: ModuleType) -> None:
+    docs = render(helm, CHART)
+    env = env_of(one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    assert "EGRESSD_WEBHOOK_LISTEN" not in env  # off by default
+    assert len([d for d in docs if d["kind"] == "Service"]) == 1
+    values = {"webhooks": {"enabled": True, "port": 8090, "service": {"port": 443, "annotations": {"a": "b"}}}}
+    docs = render(helm, CHART, values)
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(container)["EGRESSD_WEBHOOK_LISTEN"] == "0.0.0.0:8090"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "http": 8080,
+        "admin": 9901,
+        "webhooks": 8090,
+    }
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    hooks = services["shop-egressd-webhooks"]
+    assert hooks["spec"]["ports"] == [{"name": "webhooks", "port": 443, "targetPort": "webhooks", "protocol": "TCP"}]
+    assert hooks["metadata"]["annotations"] == {"a": "b"}
+    assert hooks["spec"]["selector"] == services["shop-egressd"]["spec"]["selector"]
+    # The proxy's Service never carries the webhook port, nor the webhook Service the proxy's.
+    assert "webhooks" not in {p["name"] for p in services["shop-egressd"]["spec"]["ports"]}
+    # The sidecar form: a named container port for the app chart's own Service.
+    sidecar = render(helm, CHART, {"standalone": {"enabled": False}, "webhooks": {"enabled": True}})
+    assert not [d for d in sidecar if d["kind"] == "Service"]
+    with pytest.raises(helm.HelmValuesError):
+        render(helm, CHART, {"webhooks": {"enabled": True, "port": 70000}})
+    with pytest.raises(helm.HelmValuesError):
+        render(helm, CHART, {"webhooks": {"enabled": "yes", "port": 8090}})
+
+
 @pytest.fixture
 def app_chart(tmp_path: Path) -> Path:
     """The documented example app chart, with this chart as its dependency (helm dep update)."""
@@ -623,6 +664,11 @@ def test_sidecar_form_in_an_app_chart(helm: ModuleType, app_chart: Path) -> None
     assert {m["name"] for m in sidecar["volumeMounts"]} <= set(volumes)
     assert "emptyDir" in volumes["egressd-data"], "the data dir survives container restarts in the pod"
     assert env["EGRESSD_DATA_DIR"] == "/var/lib/egressd"
+
+    docs = render(helm, app_chart, {"egressd": {"webhooks": {"enabled": True, "port": 8090}}})
+    sidecar = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][1]
+    assert {p["name"]: p["containerPort"] for p in sidecar["ports"]}["egressd-webhook"] == 8090
+    assert env_of(sidecar)["EGRESSD_WEBHOOK_LISTEN"] == "0.0.0.0:8090"
 
     docs = render(helm, app_chart, {"egressd": {"sidecar": {"native": True}}})
     sidecar = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][1]
@@ -720,6 +766,8 @@ def test_alert_rules_are_complete_and_have_runbooks() -> None:
         'egressd_config_reloads_total{result="failure"}',
         "egressd_state_backend_errors_total",
         "histogram_quantile(0.99",
+        'egressd_webhooks_total{result="dead"}',
+        "egressd_webhook_oldest_seconds",
     ):
         assert needle in used, f"no alert on {needle}"
 

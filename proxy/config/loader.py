@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -647,6 +648,7 @@ def _cross_check(state: _State) -> None:
                 state.add(doc.file, line, doc.name, where, f"no upstream named '{to}'{hint} (known: {known})")
 
     _check_failover_plans(state, first_by_name)
+    _check_webhooks(state)
 
 
 # ---- failover plans that could never be used (contract 7.4, 7.7) -------------------------
@@ -784,6 +786,87 @@ def _check_failover_rule(
         )
     for problem in target_plugin.fallback_problems():
         state.add(doc.file, line, doc.name, where, f"fallback upstream '{to}' {problem} in {defined} ({FAILOVER_DOCS})")
+
+
+# ---- webhooks (contract 7.5, docs/webhooks.md) --------------------------------------------
+
+WEBHOOK_DOCS = "docs/webhooks.md"
+#: What each provider's scheme needs in the webhooks block: (field, why).
+_WEBHOOK_NEEDS = {
+    "stripe": (("secret", "the endpoint's signing secret (whsec_...) from Stripe's dashboard"),),
+    "mailgun": (("secret", "the HTTP webhook signing key from Mailgun's dashboard"),),
+    "sendgrid": (("public_key", "the Signed Event Webhook public key from SendGrid's settings"),),
+    "paypal": (("webhook_id", "the id of the webhook subscription in PayPal's dashboard"),),
+}
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _has_webhooks(plugin: ProviderPlugin) -> bool:
+    return type(plugin).verify_webhook is not ProviderPlugin.verify_webhook
+
+
+def _check_webhooks(state: _State) -> None:
+    """Errors for a webhooks block that could never verify (a provider without webhook
+    support, the secret its scheme needs missing, PayPal without auth for its verify API,
+    bad SendGrid keys, events with nowhere to go); a warning for a deliver_to off loopback."""
+    fallbacks = {rule.to for doc in state.docs if doc.policy is not None for rule in doc.policy.failover}
+    for doc in state.docs:
+        policy = doc.policy
+        hooks = policy.webhooks if policy is not None else None
+        if policy is None or hooks is None or doc.name is None:
+            continue
+        plugin = _plugin_of(policy)
+        if plugin is None:
+            continue
+        name = policy.provider.name
+
+        def add(key: str | None, message: str, severity: Severity = "error", doc: _Doc = doc) -> None:
+            loc: tuple[str, ...] = ("webhooks", key) if key else ("webhooks",)
+            where = "webhooks" + (f".{key}" if key else "")
+            state.add(doc.file, _locate(doc.node, loc), doc.name, where, message, severity)
+
+        if not _has_webhooks(plugin):
+            known = ", ".join(sorted(n for n, cls in available().items() if _has_webhooks(cls({}))))
+            add(None, f"provider {name} has no webhook support (providers with webhooks: {known}) ({WEBHOOK_DOCS})")
+            continue
+        for key, why in _WEBHOOK_NEEDS.get(name, ()):
+            if getattr(hooks, key) is None:
+                add(key, f"required for {_TITLES.get(name, name)} webhooks: {why} ({WEBHOOK_DOCS})")
+        if name == "paypal" and policy.auth is None:
+            add(
+                "webhook_id",
+                "PayPal webhooks are verified with PayPal's verify-webhook-signature API, called through this "
+                f"upstream with its auth: add {_AUTH_HINTS['paypal'].replace('TARGET', policy.target)} "
+                f"({WEBHOOK_DOCS})",
+            )
+        if name == "sendgrid":
+            from plugins.webhooks_sendgrid import key_problem
+
+            signing = hooks.signing_key.get_secret_value() if hooks.signing_key is not None else None
+            if hooks.public_key is not None and hooks.public_key != UNSET_SECRET:
+                problem = key_problem(public_key=hooks.public_key)
+                if problem:
+                    add("public_key", problem)
+            if signing is not None and signing != UNSET_SECRET:
+                problem = key_problem(signing_key=signing)
+                if problem:
+                    add("signing_key", problem)
+        if hooks.deliver_to is None:
+            if doc.name not in fallbacks:
+                add(
+                    "deliver_to",
+                    "required: the app's endpoint for these events (it may be left out only on a failover "
+                    "fallback, whose translated events go to the primary's deliver_to)",
+                )
+        else:
+            host = (urlsplit(hooks.deliver_to).hostname or "").lower()
+            if host not in _LOOPBACK_HOSTS and not host.startswith("127."):
+                add(
+                    "deliver_to",
+                    f"delivers to {host}, off this host: verified events leave egressd over the network "
+                    "(fine for an app behind a Service; check that the URL is the app's own endpoint)",
+                    "warning",
+                )
 
 
 def _scrub(problem: Problem, secrets: set[str]) -> Problem:

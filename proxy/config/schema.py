@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from plugins.webhooks import WebhookSecrets
 from proxy.config.units import (
     DURATION_PATTERN,
     RATE_PATTERN,
@@ -68,6 +69,7 @@ __all__ = [
     "RetryBudget",
     "Timeouts",
     "Tls",
+    "Webhooks",
 ]
 
 UPSTREAM_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}", re.ASCII)
@@ -575,6 +577,42 @@ class Outbox(_Model):
     probe_after: PositiveDuration = Field(default="60s", validate_default=True)
 
 
+class Webhooks(_Model):
+    """Inbound webhooks (contract 7.5, docs/webhooks.md): the provider posts to egressd's
+    webhook listener at `/<upstream>`; egressd verifies, stores and delivers to `deliver_to`."""
+
+    # The app's endpoint. Optional on an upstream that is only a failover fallback: its
+    # translated events go to the primary's deliver_to (contract 7.8).
+    deliver_to: HttpUrl | None = None
+    # stripe: the endpoint's signing secret (whsec_...); mailgun: the HTTP webhook signing key.
+    secret: SecretStr | None = None
+    # sendgrid: the Signed Event Webhook public key (base64 DER, or PEM).
+    public_key: str | None = None
+    # sendgrid: a PEM ECDSA P-256 private key egressd signs deliveries to the app with.
+    signing_key: SecretStr | None = None
+    # paypal: the webhook subscription id (checked with PayPal's verify API).
+    webhook_id: str | None = None
+    tolerance: PositiveDuration = Field(default="5m", validate_default=True)
+    dedupe_for: PositiveDuration = Field(default="7d", validate_default=True)
+    max_age: PositiveDuration = Field(default="3d", validate_default=True)
+
+    @field_validator("public_key", "webhook_id")
+    @classmethod
+    def _not_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    def webhook_secrets(self) -> WebhookSecrets:
+        """The secrets as the plugins take them."""
+        return WebhookSecrets(
+            secret=self.secret.get_secret_value() if self.secret is not None else None,
+            public_key=self.public_key,
+            signing_key=self.signing_key.get_secret_value() if self.signing_key is not None else None,
+            webhook_id=self.webhook_id,
+        )
+
+
 class Crosswalk(_Model):
     """Ids that exist on both providers and cannot be computed (primary id -> fallback id)."""
 
@@ -628,6 +666,7 @@ class Policy(_Model):
     circuit_breaker: CircuitBreaker | None = None
     failover: list[Failover] = Field(default_factory=list)
     outbox: Outbox | None = None
+    webhooks: Webhooks | None = None
 
     _fingerprints: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
 

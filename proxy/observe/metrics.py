@@ -24,6 +24,8 @@ from proxy.events import (
     RetrySkipped,
     StateBackendError,
     Tally,
+    WebhookDepth,
+    WebhookResult,
     tally_gains,
 )
 from proxy.fds import fd_limit, open_fds
@@ -49,6 +51,8 @@ class Metrics:
         StateBackendError,
         OutboxDelivery,
         OutboxDepth,
+        WebhookResult,
+        WebhookDepth,
     )
 
     def __init__(
@@ -119,6 +123,23 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        # Inbound webhooks (contract 7.5): events by result, and each upstream's stored POSTs
+        # waiting for the app (and the oldest's age) and dead ones, as the worker last read them.
+        self.webhooks = Counter(
+            "egressd_webhooks", "Inbound webhook events by result.", ["upstream", "result"], registry=r
+        )
+        self.webhook_pending = Gauge(
+            "egressd_webhook_pending", "Webhook deliveries waiting for the app.", ["upstream"], registry=r
+        )
+        self.webhook_oldest = Gauge(
+            "egressd_webhook_oldest_seconds",
+            "Age of the oldest webhook delivery waiting for the app.",
+            ["upstream"],
+            registry=r,
+        )
+        self.webhook_dead = Gauge(
+            "egressd_webhook_dead", "Webhook deliveries kept after max_age without a 2xx.", ["upstream"], registry=r
+        )
         # The process's file descriptors against its file limit (proxy/fds.py), read at
         # each scrape; proxy/server.py also warns in the log from 80 %.
         self.open_fds = Gauge("egressd_open_fds", "File descriptors open in this process.", registry=r)
@@ -148,6 +169,8 @@ class Metrics:
             StateBackendError: lambda e: self.backend_errors.labels(e.backend).inc(),
             OutboxDelivery: lambda e: self.outbox_deliveries.labels(e.upstream, e.result).inc(),
             OutboxDepth: self._outbox_depth,
+            WebhookResult: lambda e: self.webhooks.labels(e.upstream, e.result).inc(e.n),
+            WebhookDepth: self._webhook_depth,
         }
 
     def __call__(self, event: Event) -> None:
@@ -222,6 +245,11 @@ class Metrics:
     def _outbox_depth(self, event: OutboxDepth) -> None:
         self.outbox_entries.labels(event.upstream).set(event.entries)
         self.outbox_oldest.labels(event.upstream).set(event.oldest_seconds)
+
+    def _webhook_depth(self, event: WebhookDepth) -> None:
+        self.webhook_pending.labels(event.upstream).set(event.pending)
+        self.webhook_oldest.labels(event.upstream).set(event.oldest_seconds)
+        self.webhook_dead.labels(event.upstream).set(event.dead)
 
     def declare_upstream(self, name: str) -> None:
         """Make an upstream's series visible at 0 before its first call."""

@@ -29,11 +29,13 @@ from proxy.events import (
     RetryScheduled,
     StateBackendError,
     Tally,
+    WebhookResult,
     tally_gains,
 )
 from proxy.observe.logs import redact_text
 
 WINDOW = 300.0
+WEBHOOK_RESULTS = ("received", "delivered", "translated", "duplicate", "rejected", "retried", "dead", "dropped")
 USE_WINDOW = 60.0
 MAX_SAMPLES = 20_000
 MAX_ERRORS = 10
@@ -122,6 +124,7 @@ class UpstreamStatus:
     cache: Counter[str] = field(default_factory=Counter)
     failovers: dict[str, FailoverTally] = field(default_factory=dict)  # by target upstream
     last_errors: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_ERRORS))
+    webhooks: Counter[str] = field(default_factory=Counter)  # inbound events by result, since start
 
 
 class StatusBoard:
@@ -148,6 +151,7 @@ class StatusBoard:
         FailoverResult,
         ConfigReloaded,
         StateBackendError,
+        WebhookResult,
     )
 
     def _get(self, name: str) -> UpstreamStatus:
@@ -228,6 +232,8 @@ class StatusBoard:
                     "problems": [scrub(p) for p in event.problems[:20]],
                 }
             )
+        elif isinstance(event, WebhookResult):
+            self._get(event.upstream).webhooks[event.result] += event.n
         elif isinstance(event, StateBackendError):
             # The error text is left out: a driver message may quote a URL or a value.
             self.backend_error_count += 1
@@ -300,6 +306,11 @@ class StatusBoard:
             },
             "last_errors": list(reversed(st.last_errors)),
         }
+
+    def webhook_counts(self, name: str) -> dict[str, int]:
+        """Inbound webhook events of one upstream by result, since this process started."""
+        st = self._get(name)
+        return {r: int(st.webhooks.get(r, 0)) for r in WEBHOOK_RESULTS}
 
     def clock_snapshot(self) -> dict[str, float]:
         return {"generated_at": round(time.time(), 3), "started_at": round(self.started, 3)}
@@ -454,6 +465,22 @@ def _upstream_card(name: str, up: dict[str, Any], now: float) -> str:
             _item(
                 "outbox delivered / failed over",
                 f"{_fmt(done.get('delivered', 0))} / {_fmt(done.get('failed_over', 0))}",
+            )
+        )
+    hooks = up.get("webhooks")
+    if isinstance(hooks, dict):
+        items.append(
+            _item(
+                "webhooks received / delivered",
+                f"{_fmt(hooks.get('received', 0))} / "
+                f"{_fmt(int(hooks.get('delivered', 0)) + int(hooks.get('translated', 0)))}",
+            )
+        )
+        items.append(
+            _item(
+                "webhooks pending / dead",
+                f"{_fmt(hooks.get('pending', 0))} (oldest {_fmt(hooks.get('oldest_seconds'), ' s')})"
+                f" / {_fmt(hooks.get('dead', 0))}",
             )
         )
 

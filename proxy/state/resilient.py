@@ -830,6 +830,16 @@ class ResilientState:
             await self.primary.close()
         await self.fallback.close()
 
+    # -- webhook events (contract 7.5): kept here at the end of the class --------------------
+    def webhook_store(self) -> Any:
+        """The webhook store every replica shares (proxy/webhooks/redis_store.py): on the
+        Redis client, with this replica's id as the owner of what it claims. It is not
+        wrapped by the time budget: a webhook that cannot be stored is answered 503, and
+        the provider sends it again."""
+        from proxy.webhooks.redis_store import RedisWebhookStore
+
+        return RedisWebhookStore(self.primary.client, prefix=self.primary.prefix, instance=self.primary.replica_id)
+
 
 async def _none() -> None:
     return None

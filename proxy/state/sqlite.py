@@ -57,7 +57,9 @@ records alive: roughly the answers kept for their `replay_ttl` / `fingerprint_wi
 
 Queues. The outbox (contract 7.6) keeps its entries in the `outbox` table of this same
 database (schema version 2; proxy/outbox/sqlite_store.py reads and writes it through this
-store's connection). Webhook deliveries (7.5) will add `webhook_events` the same way.
+store's connection). Webhook deliveries (7.5) keep theirs in `webhook_events`, and the
+provider event ids seen within `dedupe_for` in `webhook_ids` (schema version 3;
+proxy/webhooks/sqlite_store.py).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ from proxy.state.redis import decode_response, encode_response
 log = logging.getLogger("egressd.state")
 
 DB_NAME = "egressd.db"
-SCHEMA_VERSION = 2  # 2: the outbox table
+SCHEMA_VERSION = 3  # 2: the outbox table; 3: webhook_events and webhook_ids
 ROW_SHAPE = 1  # the `shape` of the rows this version writes (and the only one it reads)
 LOCK_TIMEOUT = 5.0  # start-up: how long to wait for another process's lock; writes: how long to retry
 # At run time a statement waits at most this long for another process's lock, blocking
@@ -143,6 +145,29 @@ _SCHEMA = (
     " delivered_via TEXT NOT NULL DEFAULT '',"
     " last_error TEXT NOT NULL DEFAULT '',"
     " shape INTEGER NOT NULL DEFAULT 1)",
+    # Verified webhook POSTs waiting for (or done with) delivery to the app
+    # (proxy/webhooks/store.py has the states).
+    "CREATE TABLE IF NOT EXISTS webhook_events ("
+    " id TEXT PRIMARY KEY,"
+    " upstream TEXT NOT NULL,"
+    " state TEXT NOT NULL,"
+    " due REAL NOT NULL,"
+    " received REAL NOT NULL,"
+    " expires REAL NOT NULL,"
+    " updated REAL NOT NULL,"
+    " attempts INTEGER NOT NULL DEFAULT 0,"
+    " owner TEXT NOT NULL DEFAULT '',"
+    " event_ids TEXT NOT NULL,"  # JSON ["id", ...]
+    " types TEXT NOT NULL DEFAULT '[]',"  # JSON ["type", ...]
+    " headers TEXT NOT NULL,"  # JSON [[name, value], ...]
+    " body BLOB,"
+    " done TEXT NOT NULL DEFAULT '[]',"  # JSON: delivery parts answered 2xx
+    " last_error TEXT NOT NULL DEFAULT '',"
+    " shape INTEGER NOT NULL DEFAULT 1)",
+    # Provider event ids seen, per upstream, until the end of their `dedupe_for`.
+    "CREATE TABLE IF NOT EXISTS webhook_ids ("
+    " upstream TEXT NOT NULL, event_id TEXT NOT NULL, entry TEXT NOT NULL, until REAL NOT NULL,"
+    " PRIMARY KEY (upstream, event_id))",
 )
 # Created once the tables are known to have the columns they index.
 _INDEXES = (
@@ -154,6 +179,8 @@ _INDEXES = (
     "CREATE INDEX IF NOT EXISTS outbox_created ON outbox (upstream, state, created)",
     "CREATE INDEX IF NOT EXISTS outbox_expires ON outbox (state, expires)",
     "CREATE INDEX IF NOT EXISTS outbox_owner ON outbox (owner) WHERE owner != ''",
+    "CREATE INDEX IF NOT EXISTS webhook_events_due ON webhook_events (upstream, state, due)",
+    "CREATE INDEX IF NOT EXISTS webhook_ids_until ON webhook_ids (until)",
 )
 
 _COLUMNS: dict[str, frozenset[str]] = {
@@ -186,6 +213,27 @@ _COLUMNS: dict[str, frozenset[str]] = {
             "shape",
         }
     ),
+    "webhook_events": frozenset(
+        {
+            "id",
+            "upstream",
+            "state",
+            "due",
+            "received",
+            "expires",
+            "updated",
+            "attempts",
+            "owner",
+            "event_ids",
+            "types",
+            "headers",
+            "body",
+            "done",
+            "last_error",
+            "shape",
+        }
+    ),
+    "webhook_ids": frozenset({"upstream", "event_id", "entry", "until"}),
 }
 
 
@@ -249,9 +297,10 @@ def _setup(path: Path, lock_timeout: float) -> sqlite3.Connection:
             for statement in _SCHEMA:
                 db.execute(statement)
             db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            # Version 1 -> 2 only added a table (created above): the database is version 2 now.
+            # Versions 1 -> 2 -> 3 only added tables (created above): the database is version 3 now.
             db.execute(
-                "UPDATE meta SET value = ? WHERE name = 'schema_version' AND value = '1'", (str(SCHEMA_VERSION),)
+                "UPDATE meta SET value = ? WHERE name = 'schema_version' AND value IN ('1', '2')",
+                (str(SCHEMA_VERSION),),
             )
             row = db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
             for table, needed in _COLUMNS.items():

@@ -95,6 +95,11 @@ ports:
   - name: {{ ternary "egressd-admin" "admin" $sidecar }}
     containerPort: {{ $v.ports.admin }}
     protocol: TCP
+  {{- if $v.webhooks.enabled }}
+  - name: {{ ternary "egressd-webhook" "webhooks" $sidecar }}
+    containerPort: {{ $v.webhooks.port }}
+    protocol: TCP
+  {{- end }}
 env:
   - name: EGRESSD_POLICIES
     value: {{ $v.policies.mountPath | quote }}
@@ -112,6 +117,10 @@ env:
     value: {{ $v.keepaliveTimeoutSeconds | quote }}
   - name: EGRESSD_DATA_DIR
     value: {{ $v.dataDir.mountPath | quote }}
+  {{- if $v.webhooks.enabled }}
+  - name: EGRESSD_WEBHOOK_LISTEN
+    value: {{ printf "%s:%v" $v.webhooks.bindAddress $v.webhooks.port | quote }}
+  {{- end }}
   {{- if or $v.redis.url $v.redis.existingSecret }}
   - name: EGRESSD_REDIS_URL
     valueFrom:
