@@ -896,6 +896,7 @@ class RedisOutbox:
             # one that does not ("" snapshot) takes back only its own orphans.
             seen: list[str] = []
             snap = ""
+            await self._announce()
             if self.state._beating is True:
                 reply = await self._scripts["replicas"](keys=[f"{self.prefix}replicas"], args=[self.state._now_arg()])
                 snap = _text(reply[0])
