@@ -64,7 +64,7 @@ async def replica(
         state = open_shared_state(redis_server.url, prefix=prefix)
         assert await state.connect()
         server = await start_proxy(docs, state=state)
-        assert isinstance(server.outbox_store, RedisOutbox)
+        assert isinstance(server.outbox_store, RedisOutbox) and server.outbox_store.name == "redis"
         assert server.outbox_store.instance == state.primary.replica_id
         return server
 

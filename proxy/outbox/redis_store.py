@@ -70,6 +70,10 @@ entry loses its body and gets a TTL of `KEEP_DELIVERED` plus a day, only the bou
 frees memory if no replica runs `expire`; `expire` forgets it after `KEEP_DELIVERED` by
 the wall clock.
 
+Durability is Redis's own: an add is acknowledged once the script ran on the master, so
+what survives a Redis restart or a failover is what its persistence (`appendonly`) and
+replication kept (docs/scaling.md).
+
 Failures: any Redis error or timeout (`timeout` seconds per operation) raises
 `OutboxUnavailable`. An `add` whose answer did not come may still have run (or run
 later: a frozen Redis executes what it had read when it thaws), so it is settled at
