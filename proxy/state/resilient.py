@@ -73,7 +73,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.exceptions
@@ -91,6 +91,9 @@ from proxy.state.base import (
 )
 from proxy.state.memory import MemoryState
 from proxy.state.redis import RedisState
+
+if TYPE_CHECKING:
+    from proxy.outbox.store import OutboxStore
 
 log = logging.getLogger("egressd.state")
 
@@ -228,6 +231,7 @@ class ResilientState:
         self._probe: asyncio.Task[None] | None = None
         self._closed = False
         self._warm = False
+        self._outbox: OutboxStore | None = None
 
     # -- the guard -------------------------------------------------------------------------
     async def connect(self) -> bool:
@@ -818,6 +822,18 @@ class ResilientState:
     def limit_scope(self, scope: str, max_entries: int) -> None:
         """Per-scope caps apply to the local fallback (Redis is bounded by TTLs and maxmemory)."""
         self.fallback.limit_scope(scope, max_entries)
+
+    # -- the outbox ------------------------------------------------------------------------------
+    def outbox_store(self) -> OutboxStore:
+        """The outbox of `--redis` (`proxy.outbox.store.open_outbox` asks for it): kept sends
+        in Redis, shared by every replica, on the primary's client, prefix and replica id
+        (its liveness is this state's heartbeat). No local fallback: a send Redis cannot
+        take is refused (503), never kept where another replica could not deliver it."""
+        if self._outbox is None:
+            from proxy.outbox.redis_store import RedisOutbox
+
+            self._outbox = RedisOutbox(self.primary, wall=self.clock.wall)
+        return self._outbox
 
     async def close(self) -> None:
         self._closed = True
