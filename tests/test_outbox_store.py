@@ -12,7 +12,6 @@ stores stamp `updated` with their own wall clock).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,12 +22,13 @@ from typing import Any
 import pytest
 
 from proxy.clock import FakeClock
-from proxy.outbox.redis_store import EntryNotHeld, RedisOutbox
+from proxy.outbox.redis_store import RedisOutbox
 from proxy.outbox.store import (
     KEEP_DELIVERED,
     PENDING,
     STATES,
     Entry,
+    EntryNotHeld,
     MemoryOutbox,
     OutboxFull,
     OutboxStore,
@@ -278,7 +278,7 @@ async def test_mark_sending_and_finish_only_by_the_owner(backend: Backend) -> No
     [held] = await owner.claim("mail", T0 + 10, 1)
     if backend.cross:
         other = await backend.make()
-        with contextlib.suppress(OutboxUnavailable):  # (Redis refuses it: EntryNotHeld)
+        with pytest.raises(EntryNotHeld):  # every store refuses it: the caller must not send
             await other.mark_sending(e.id, "mail")
         stolen = await owner.get(e.id)
         assert stolen is not None and stolen.state == "claimed" and stolen.sent_to == []
@@ -287,7 +287,7 @@ async def test_mark_sending_and_finish_only_by_the_owner(backend: Backend) -> No
         rogue.state = "delivered"
         await other.finish(rogue)
         assert await state_of(owner, e.id) == "claimed"
-        with contextlib.suppress(OutboxUnavailable):
+        with pytest.raises(EntryNotHeld):
             await other.mark_sending(e.id, "mail")
         assert await state_of(owner, e.id) == "claimed"
     await owner.mark_sending(e.id, "mail")
@@ -388,8 +388,6 @@ async def test_expire_ends_queued_and_doubt_entries_past_max_age(backend: Backen
 
 
 async def test_expire_leaves_a_doubt_entry_held_for_probing(backend: Backend) -> None:
-    if backend.kind == "memory":
-        pytest.xfail("MemoryOutbox.expire ends an entry held for probing (no owner check): reported")
     store = await backend.make()
     e = make_entry(1, max_age=100)
     await store.add(e, max_entries=10)

@@ -112,6 +112,7 @@ from proxy.outbox.store import (
     PENDING,
     STATES,
     Entry,
+    EntryNotHeld,
     OutboxFull,
     OutboxUnavailable,
     UpstreamStats,
@@ -133,10 +134,6 @@ BATCH = 1000  # entries per script run in expire
 REGISTER_EVERY = 10.0
 _LOG_EVERY = 10.0
 _HELD = ("claimed", "sending")
-
-
-class EntryNotHeld(OutboxUnavailable):
-    """`mark_sending` on an entry this replica does not hold (any more): do not send it."""
 
 
 class CorruptEntry(Exception):

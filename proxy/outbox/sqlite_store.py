@@ -27,6 +27,7 @@ from proxy.outbox.store import (
     KEEP_DELIVERED,
     PENDING,
     Entry,
+    EntryNotHeld,
     OutboxFull,
     OutboxUnavailable,
     UpstreamStats,
@@ -219,14 +220,18 @@ class SQLiteOutbox:
 
     async def mark_sending(self, entry_id: str, upstream: str) -> None:
         def mark() -> None:
-            # One statement: adds `upstream` to sent_to unless it is there already.
-            self._db.execute(
+            # One statement: adds `upstream` to sent_to unless it is there already; only
+            # while this instance holds the entry (a stalled process judged dead must not
+            # send what another one took back).
+            marked = self._db.execute(
                 "UPDATE outbox SET state = 'sending', updated = ?,"
                 " sent_to = CASE WHEN (',' || sent_to || ',') LIKE ('%,' || ? || ',%') THEN sent_to"
                 " WHEN sent_to = '' THEN ? ELSE sent_to || ',' || ? END"
                 " WHERE id = ? AND owner = ?",
                 (self._wall(), upstream, upstream, upstream, entry_id, self.instance),
-            )
+            ).rowcount
+            if marked != 1:
+                raise EntryNotHeld(entry_id)
 
         await self._run("mark_sending", mark)
 

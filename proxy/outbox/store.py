@@ -112,6 +112,11 @@ class OutboxUnavailable(Exception):
     """The store cannot take the send now (Redis away, the database locked too long)."""
 
 
+class EntryNotHeld(OutboxUnavailable):
+    """`mark_sending` on an entry this process does not hold (any more: another process
+    took it back, judging this one dead): it must not be sent."""
+
+
 class OutboxStore(Protocol):
     name: str
     instance: str  # this process's owner token
@@ -123,7 +128,8 @@ class OutboxStore(Protocol):
         """Up to `limit` queued entries of `upstream` due by `now`, now `claimed` by this instance."""
 
     async def mark_sending(self, entry_id: str, upstream: str) -> None:
-        """The entry's next byte goes to `upstream`: `sending`, `upstream` added to `sent_to`."""
+        """The entry's next byte goes to `upstream`: `sending`, `upstream` added to `sent_to`.
+        Raises `EntryNotHeld` when this instance does not hold the entry: then it is not sent."""
 
     async def finish(self, entry: Entry) -> None:
         """Write the entry's new state and fields (only while this instance holds it)."""
@@ -203,7 +209,7 @@ class MemoryOutbox:
     async def mark_sending(self, entry_id: str, upstream: str) -> None:
         e = self._entries.get(entry_id)
         if e is None or e.owner != self.instance:
-            return
+            raise EntryNotHeld(entry_id)
         e.state = "sending"
         if upstream not in e.sent_to:
             e.sent_to.append(upstream)
@@ -225,10 +231,12 @@ class MemoryOutbox:
             (e for e in self._entries.values() if e.upstream == upstream and e.state == "doubt" and e.due <= now),
             key=lambda e: e.due,
         )[:limit]
+        taken: list[Entry] = []
         for e in due:
             e.owner, e.updated = self.instance, now
+            taken.append(self._copy(e))  # as SQLite: with the due time from before the hold
             e.due = now + 3600.0  # held for probing; the worker writes the outcome
-        return [self._copy(e) for e in due]
+        return taken
 
     async def recover(self, now: float, probe_after: Callable[[str], float]) -> tuple[int, int]:
         return 0, 0  # one process: no other instance can have died holding an entry
@@ -236,7 +244,7 @@ class MemoryOutbox:
     async def expire(self, now: float) -> list[Entry]:
         died: list[Entry] = []
         for e in list(self._entries.values()):
-            if e.state in ("queued", "doubt") and e.expires <= now:
+            if e.state in ("queued", "doubt") and not e.owner and e.expires <= now:
                 e.state, e.owner, e.updated = ("dead" if e.state == "queued" else "ambiguous"), "", now
                 e.last_error = e.last_error or "max_age passed"
                 died.append(self._copy(e))

@@ -45,7 +45,7 @@ from proxy.errors import ProxyError
 from proxy.events import EventBus, OutboxDelivery, OutboxDepth
 from proxy.model import AMBIGUOUS_KINDS, Call, CallStory, RequestBody, Response
 from proxy.outbox.stage import not_sent
-from proxy.outbox.store import Entry, OutboxStore, OutboxUnavailable, UpstreamStats
+from proxy.outbox.store import Entry, EntryNotHeld, OutboxStore, OutboxUnavailable, UpstreamStats
 
 if TYPE_CHECKING:
     from proxy.clock import Clock
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("egressd.outbox")
 
 MAX_BACKOFF = 60.0
+LOG_EVERY = 10.0
 ANSWER_LIMIT = 64 * 1024  # bytes of a delivery's answer read (for the provider's id)
 _DROP = frozenset({"content-length", "transfer-encoding", "host"})
 
@@ -93,6 +94,8 @@ class OutboxWorker:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_maintenance = -1e18
+        self._last_log = -1e18
+        self._unfinished: dict[str, Entry] = {}  # finishes the store did not take yet
 
     # -- lifecycle ---------------------------------------------------------------------------
     def wake(self) -> None:
@@ -105,8 +108,8 @@ class OutboxWorker:
 
     async def stop(self, wait: float = 0.0) -> None:
         """Stop taking entries; give deliveries in flight up to `wait` seconds, then cancel
-        them (an entry cut while sending is in doubt; one cut before is queued again by
-        the next process's recovery, or by this one's `release`)."""
+        them (their entries stay held by this process: the next process's recovery puts
+        one cut before sending back in the queue, and one cut while sending in doubt)."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
@@ -128,7 +131,7 @@ class OutboxWorker:
                 raise
             except Exception as exc:  # the worker never dies of one bad turn
                 self.errors += 1
-                log.error("outbox worker turn failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+                self._log_error("outbox worker turn failed", error=f"{type(exc).__name__}: {exc}")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.tick)
@@ -159,6 +162,8 @@ class OutboxWorker:
                 self._spawn(rt.name, self._guarded(entry, self._deliver(entry)))
 
     async def maintain(self, now: float) -> None:
+        for entry in list(self._unfinished.values()):
+            await self._finish(entry)
         outboxes = {rt.name: rt.policy.outbox for rt in self._outbox_upstreams()}
 
         def probe_after(upstream: str) -> float:
@@ -271,6 +276,11 @@ class OutboxWorker:
             result = await rt.pipeline.below("outbox")(call)
         except ProxyError as exc:
             result = exc
+        except EntryNotHeld:
+            # Another process took it back (it judged this one dead: a stalled loop): it is
+            # theirs now; this attempt wrote nothing, and this process leaves it alone.
+            log.warning("outbox entry taken back by another process: not sent here", extra={"outbox_id": entry.id})
+            return
         except OutboxUnavailable as exc:  # marking it "sending" failed: nothing was sent
             result = ProxyError("state_unavailable", str(exc))
         await self._settle(entry, rt, result, story, original)
@@ -365,11 +375,21 @@ class OutboxWorker:
     async def _finish(self, entry: Entry) -> None:
         try:
             await self.store.finish(entry)
+            self._unfinished.pop(entry.id, None)
         except OutboxUnavailable as exc:
-            # The row stays held by this instance; recovery (after this process) or the
-            # next turn's maintenance settles it. Never a crash of the worker.
+            # The row stays held by this instance: the maintenance turn writes it again
+            # (`_unfinished`) until the store takes it; a process that exits first leaves it
+            # to the next one's recovery. Never a crash of the worker.
             self.errors += 1
-            log.error("outbox entry could not be written", extra={"outbox_id": entry.id, "error": str(exc)})
+            self._unfinished[entry.id] = entry
+            self._log_error("outbox entry could not be written", outbox_id=entry.id, error=str(exc))
+
+    def _log_error(self, message: str, **extra: Any) -> None:
+        """At most one line per `LOG_EVERY` seconds (a store away fails every turn)."""
+        now = self.clock.now()
+        if now - self._last_log >= LOG_EVERY:
+            self._last_log = now
+            log.error(message, extra={**extra, "errors": self.errors})
 
     # -- asking the provider -----------------------------------------------------------------
     async def _probe(self, entry: Entry) -> None:
