@@ -360,8 +360,15 @@ async def test_a_corrupt_entry_is_moved_aside_and_the_others_go_out(
     await sg.stop()
     state = open_data_dir(tmp_path / "data")
     server = await start_proxy([sendgrid_policy(url, when="always")], state=state)
-    ids = [(await asyncio.to_thread(sdk_send, server)).headers["X-Message-Id"] for _ in range(3)]
-    state._db.execute("UPDATE outbox SET headers = 'not json' WHERE id = ?", (ids[1],))
+    ids = [(await asyncio.to_thread(sdk_send, server)).headers["X-Message-Id"] for _ in range(2)]
+    # A third row that cannot be read (written as another version or a broken disk might),
+    # copied from a real one: never decoded, so no delivery in flight can race with it.
+    ids.insert(1, "eo_corrupt")
+    state._db.execute(
+        "INSERT INTO outbox SELECT 'eo_corrupt', upstream, 'queued', due, created, expires, updated, 0, '',"
+        " method, path, query, 'not json', body, '', '', '', '', shape FROM outbox WHERE id = ?",
+        (ids[0],),
+    )
     restarted = FakeServer("sendgrid", port=int(url.rsplit(":", 1)[1]))
     await restarted.start()
     try:
@@ -477,3 +484,39 @@ async def test_a_kept_send_fails_over_to_mailgun_with_its_tag(
     entry = await server.outbox_store.get(outbox_id)
     assert entry is not None and (entry.delivered_via, entry.provider_id) == ("mailgun", queued.object_id.strip("<>"))
     assert server.outbox.counts[("sendgrid", "failed_over")] == 1
+
+
+@pytest.mark.parametrize("processed", [True, False])
+async def test_keep_in_doubt_answers_accepted_and_asks_before_a_resend(
+    start_proxy: Any, fakes: dict[str, FakeServer], tmp_path: Path, processed: bool
+) -> None:
+    """`on_failure` with `keep_in_doubt`: SendGrid answers the app's own call 503 (having
+    taken the send, or not); the app gets 202, and the send is delivered exactly once:
+    found by the probe, or resent after the probe found nothing."""
+    sg = fakes["sendgrid"]
+    sg.faults.add(kind="status", status=503, path="/v3/mail/send", processed=processed, count=1)
+    server = await data_dir_server(start_proxy, tmp_path, [sendgrid_policy(sg.url, keep_in_doubt=True)])
+    resp = await asyncio.to_thread(sdk_send, server)
+    assert resp.status_code == 202
+    outbox_id = resp.headers["X-Message-Id"]
+    entry = await server.outbox_store.get(outbox_id)
+    assert entry is not None and entry.state == "doubt" and entry.last_error == "HTTP 503 on the app's own call"
+    await eventually(lambda: _state(server, outbox_id, "delivered"))
+    # Tagged from the first send on (the fake reads the body only of sends it processes).
+    read = [r for r in sg.ledger.requests_to("/v3/mail/send", "POST") if r.body]
+    assert [json.loads(r.body or b"")["custom_args"]["egressd_outbox_id"] for r in read] == [outbox_id]
+    await asyncio.sleep(0.3)
+    assert sg.ledger.count("mail.sent") == 1
+    assert len(sg.ledger.requests_to("/v3/mail/send", "POST")) == (1 if processed else 2)
+
+
+async def test_keep_in_doubt_leaves_a_4xx_to_the_app(
+    start_proxy: Any, fakes: dict[str, FakeServer], tmp_path: Path
+) -> None:
+    sg = fakes["sendgrid"]
+    server = await data_dir_server(start_proxy, tmp_path, [sendgrid_policy(sg.url, keep_in_doubt=True)])
+    bad = {**MAIL, "personalizations": [{"to": [{"email": "not-an-address"}]}]}
+    with pytest.raises(Exception) as caught:
+        await asyncio.to_thread(sdk_send, server, bad)
+    assert getattr(caught.value, "status_code", None) == 400
+    assert await server.outbox_store.list() == []

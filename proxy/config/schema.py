@@ -575,6 +575,10 @@ class Outbox(_Model):
     # After an ambiguous delivery (or a process killed while sending), how long to wait
     # before asking the provider whether it took the send (its event index lags).
     probe_after: PositiveDuration = Field(default="60s", validate_default=True)
+    # on_failure only: also keep a send whose outcome is ambiguous (a 5xx, a timeout after
+    # it was written), where the provider can be asked whether it has it; every send then
+    # carries egressd's id, and the worker asks after probe_after (docs/outbox.md).
+    keep_in_doubt: bool = False
 
 
 class Webhooks(_Model):

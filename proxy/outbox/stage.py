@@ -31,7 +31,7 @@ from multidict import CIMultiDict
 
 from plugins.base import WireRequest
 from proxy.errors import ProxyError
-from proxy.model import Call, CallStory, Response, unsafe_method
+from proxy.model import AMBIGUOUS_KINDS, Call, CallStory, RequestBody, Response, unsafe_method
 from proxy.outbox.store import Entry, OutboxFull, OutboxStore, OutboxUnavailable, new_id
 from proxy.pipeline import Handler, StageContext
 
@@ -88,6 +88,22 @@ class OutboxStage:
         self.wake = wake
         self.always = policy.outbox.when == "always"
 
+    def _in_doubt(self, result: Response | ProxyError, story: CallStory) -> str | None:
+        """For `keep_in_doubt`: why the call may have reached this upstream (and only this
+        one: a fallback's attempt cannot be asked in this upstream's shape), or None."""
+        if isinstance(result, Response) and result.error_code is None and result.status < 500:
+            return None  # the provider decided (a 4xx): the app gets its answer
+        ambiguous = [
+            a
+            for a in story.attempts
+            if a.kind in AMBIGUOUS_KINDS
+            or (a.kind == "answered" and a.status >= 500 and not self.plugin.not_processed(a.status, a.headers or {}))
+        ]
+        if not ambiguous or any(a.upstream != self.upstream for a in story.attempts):
+            return None
+        last = ambiguous[-1]
+        return f"HTTP {last.status}" if last.kind == "answered" else last.kind
+
     async def __call__(self, call: Call, nxt: Handler) -> Response:
         if not unsafe_method(call.method) or not self.plugin.outbox_accepts(call.method, call.path):
             return await nxt(call)
@@ -102,6 +118,20 @@ class OutboxStage:
         if story is None:
             story = CallStory()
             call = call.replace(story=story)
+        outbox_id: str | None = None
+        if self.settings.keep_in_doubt:
+            request = WireRequest(call.method, call.path, call.query, {k: v for k, v in call.headers.items()}, body)
+            candidate = new_id()
+            if self.plugin.outbox_probe(request, candidate) is not None:
+                # Tagged now, so that the provider can be asked about this very send later.
+                outbox_id = candidate
+                tagged = self.plugin.outbox_tag(request, outbox_id)
+                headers: CIMultiDict[str] = CIMultiDict(
+                    (k, v) for k, v in tagged.headers.items() if k.lower() != "content-length"
+                )
+                call = call.replace(body=RequestBody(data=tagged.body, max_body=call.body.max_body)).with_headers(
+                    headers
+                )
         result: Response | ProxyError
         try:
             result = await nxt(call)
@@ -109,6 +139,12 @@ class OutboxStage:
             result = exc
         if isinstance(result, Response) and result.status < 400:
             return result
+        if outbox_id is not None:
+            why = self._in_doubt(result, story)
+            if why is not None:
+                if isinstance(result, Response):
+                    await result.close()
+                return await self._keep(call, body, outbox_id=outbox_id, doubt=why, sent=story.sending)
         if not not_sent(result, story, self.plugin):
             if isinstance(result, ProxyError):
                 raise result
@@ -117,10 +153,14 @@ class OutboxStage:
             await result.close()
         return await self._keep(call, body)
 
-    async def _keep(self, call: Call, body: bytes) -> Response:
+    async def _keep(
+        self, call: Call, body: bytes, *, outbox_id: str | None = None, doubt: str | None = None, sent: int = 0
+    ) -> Response:
+        """Store the send, then answer for the provider. `doubt`: it may have reached the
+        upstream (keep_in_doubt): stored in doubt, to be asked about after `probe_after`."""
         now = self.clock.wall()
         entry = Entry(
-            id=new_id(),
+            id=outbox_id or new_id(),
             upstream=self.upstream,
             method=call.method,
             path=call.path,
@@ -131,6 +171,9 @@ class OutboxStage:
             expires=now + self.settings.max_age,
             due=now,
         )
+        if doubt is not None:
+            entry.state, entry.due, entry.sent_to = "doubt", now + self.settings.probe_after, [self.upstream]
+            entry.attempts, entry.last_error = sent, f"{doubt} on the app's own call"
         try:
             await self.store.add(entry, max_entries=self.settings.max_entries)
         except OutboxFull:
