@@ -31,7 +31,7 @@ transactions, Redis scripts): two workers never hold the same entry.
 
 from __future__ import annotations
 
-import asyncio
+import heapq
 import json
 import secrets
 import time
@@ -186,22 +186,39 @@ class MemoryOutbox:
         self.instance = secrets.token_hex(8)
         self._wall = wall
         self._entries: dict[str, Entry] = {}
-        self._lock = asyncio.Lock()
+        # Kept beside the entries so that an add and a claim cost O(log n), not a scan:
+        # pending entries per upstream, and a heap of (due, created, id) of queued ones
+        # (stale items, whose entry moved on, are skipped when they come up).
+        self._pending: dict[str, int] = {}
+        self._queue: dict[str, list[tuple[float, float, str]]] = {}
 
     def _copy(self, entry: Entry) -> Entry:
         return replace(entry, headers=list(entry.headers), sent_to=list(entry.sent_to))
 
+    def _put(self, entry: Entry, old_state: str | None) -> None:
+        """Account for `entry` (stored now) having moved from `old_state` (None: new)."""
+        if (old_state in PENDING) != (entry.state in PENDING):
+            step = 1 if entry.state in PENDING else -1
+            self._pending[entry.upstream] = self._pending.get(entry.upstream, 0) + step
+        if entry.state == "queued":
+            heapq.heappush(self._queue.setdefault(entry.upstream, []), (entry.due, entry.created, entry.id))
+
     async def add(self, entry: Entry, *, max_entries: int) -> None:
-        pending = sum(1 for e in self._entries.values() if e.upstream == entry.upstream and e.state in PENDING)
-        if pending >= max_entries:
+        if self._pending.get(entry.upstream, 0) >= max_entries:
             raise OutboxFull(entry.upstream)
-        self._entries[entry.id] = self._copy(entry)
+        kept = self._copy(entry)
+        self._entries[entry.id] = kept
+        self._put(kept, None)
 
     async def claim(self, upstream: str, now: float, limit: int) -> list[Entry]:
-        due = sorted(
-            (e for e in self._entries.values() if e.upstream == upstream and e.state == "queued" and e.due <= now),
-            key=lambda e: (e.due, e.created),
-        )[:limit]
+        heap = self._queue.get(upstream, [])
+        due: list[Entry] = []
+        while heap and len(due) < limit and heap[0][0] <= now:
+            at, _, entry_id = heapq.heappop(heap)
+            e = self._entries.get(entry_id)
+            if e is None or e.state != "queued" or e.due != at:
+                continue  # stale: the entry moved on (its current due time has its own item)
+            due.append(e)
         for e in due:
             e.state, e.owner, e.updated = "claimed", self.instance, now
         return [self._copy(e) for e in due]
@@ -225,6 +242,7 @@ class MemoryOutbox:
         if kept.state == "delivered":
             kept.body = b""
         self._entries[entry.id] = kept
+        self._put(kept, e.state)
 
     async def due_probes(self, upstream: str, now: float, limit: int) -> list[Entry]:
         due = sorted(
@@ -245,8 +263,10 @@ class MemoryOutbox:
         died: list[Entry] = []
         for e in list(self._entries.values()):
             if e.state in ("queued", "doubt") and not e.owner and e.expires <= now:
+                old = e.state
                 e.state, e.owner, e.updated = ("dead" if e.state == "queued" else "ambiguous"), "", now
                 e.last_error = e.last_error or "max_age passed"
+                self._put(e, old)
                 died.append(self._copy(e))
             elif e.state == "delivered" and e.updated + KEEP_DELIVERED <= now:
                 del self._entries[e.id]
@@ -269,8 +289,10 @@ class MemoryOutbox:
         e = self._entries.get(entry_id)
         if e is None or e.state not in ("ambiguous", "dead"):
             return None
+        old = e.state
         e.state, e.due, e.expires, e.owner, e.updated = "queued", now, now + max_age, "", now
         e.sent_to = []
+        self._put(e, old)
         return self._copy(e)
 
     async def drop(self, entry_id: str) -> Entry | None:
@@ -278,6 +300,8 @@ class MemoryOutbox:
         if e is None or e.state in ("claimed", "sending"):
             return None
         del self._entries[entry_id]
+        if e.state in PENDING:
+            self._pending[e.upstream] -= 1
         return e
 
     async def stats(self, now: float) -> dict[str, UpstreamStats]:
