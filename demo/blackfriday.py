@@ -56,6 +56,7 @@ STRIPE_KEY = "sk_test_blackfriday_not_a_secret"
 SENDGRID_KEY = "SG.blackfriday-not-a-secret"
 MAILGUN_KEY = "key-demo-not-a-secret"
 MAIL_DOMAIN = "mg.example.com"
+OUTBOX_PROBE_AFTER = "10s"  # simulated: how long the outbox waits before asking the provider after a doubt
 REFUSED_PAYMENT_METHOD = "pm_card_mastercard"  # not in the shipped crosswalk: failover must refuse
 
 PROVIDER_PATHS = {"stripe": "/v1/", "paypal": "/v2/", "sendgrid": "/v3/", "mailgun": "/v3/"}
@@ -174,6 +175,8 @@ DURATION_PATHS = (
     ("circuit_breaker", "window"),
     ("circuit_breaker", "open_for"),
     ("rate_limit", "queue", "max_wait"),
+    ("outbox", "max_age"),
+    ("outbox", "probe_after"),
 )
 
 
@@ -193,7 +196,8 @@ def compress_time(doc: dict[str, Any], k: float) -> dict[str, Any]:
         found = _get_path(out, path)
         if found is not None:
             node, key = found
-            node[key] = f"{parse_duration(node[key]) * 1000 / k:.6g}ms"
+            # Fixed-point: "%g" would write 24h / 8 as "1.08e+07ms", which is no duration.
+            node[key] = f"{parse_duration(node[key]) * 1000 / k:.3f}".rstrip("0").rstrip(".") + "ms"
     found = _get_path(out, ("rate_limit", "rate"))
     if found is not None:
         node, key = found
@@ -238,6 +242,15 @@ def simulation_policies(
         docs[name].setdefault("rate_limit", {})["rate"] = "90/s"
     changes.append(
         f"sendgrid, mailgun: rate_limit 90/s (examples: 600/m, 300/m) because the fakes allow {PROVIDER_LIMIT:g}/s"
+    )
+    for name in ("sendgrid", "mailgun"):
+        outbox = dict(docs[name].get("outbox") or {})  # the examples ship it commented out
+        outbox.update(when="on_failure", probe_after=OUTBOX_PROBE_AFTER)
+        docs[name]["outbox"] = outbox
+    changes.append(
+        f"sendgrid, mailgun: outbox {{when: on_failure, probe_after: {OUTBOX_PROBE_AFTER}}}: a send that failed "
+        "without reaching the provider is kept, answered 202 and delivered later (probe_after: the default 60s "
+        "would outlast the simulation)"
     )
     changes.append(f"every duration / {k:g} and every rate x {k:g} (simulated time runs {k:g}x faster)")
     return [compress_time(doc, k) for doc in docs.values()], changes

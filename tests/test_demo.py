@@ -133,6 +133,7 @@ def test_compress_time_divides_durations_and_multiplies_rates() -> None:
         "retry": {"backoff": {"initial": "250ms", "max": "5s"}, "budget": {"ratio": 0.2, "min_per_second": 5}},
         "rate_limit": {"rate": "600/m", "queue": {"max_wait": "2s"}},
         "circuit_breaker": {"window": "30s", "open_for": "30s"},
+        "outbox": {"when": "on_failure", "max_age": "24h", "probe_after": "10s", "concurrency": 16},
     }
     out = compress_time(doc, 8)
     assert out["timeouts"] == {"attempt": "2500ms", "total": "5625ms"}
@@ -140,6 +141,7 @@ def test_compress_time_divides_durations_and_multiplies_rates() -> None:
     assert out["retry"]["budget"]["min_per_second"] == 40
     assert out["rate_limit"]["rate"] == "80/s" and out["rate_limit"]["queue"]["max_wait"] == "250ms"
     assert out["circuit_breaker"] == {"window": "3750ms", "open_for": "3750ms"}
+    assert out["outbox"] == {"when": "on_failure", "max_age": "10800000ms", "probe_after": "1250ms", "concurrency": 16}
     assert doc["timeouts"]["attempt"] == "20s"  # the input is left alone
 
 
@@ -153,5 +155,14 @@ def test_simulation_policies_are_valid_and_keep_failover(tmp_path: Path) -> None
     assert by_name["stripe"]["failover"][0]["to"] == "paypal"
     assert by_name["sendgrid"]["failover"][0]["to"] == "mailgun"
     assert "oauth_client_credentials" in by_name["paypal"]["auth"]
+    # The e-mail upstreams keep what fails before reaching the provider (issue 14); payments cannot.
+    for name in ("sendgrid", "mailgun"):
+        assert by_name[name]["outbox"] == {"when": "on_failure", "probe_after": "1250ms"}
+    assert "outbox" not in by_name["stripe"] and "outbox" not in by_name["paypal"]
+    assert any(c.startswith("sendgrid, mailgun: outbox {when: on_failure") for c in changes)
+    assert result.policy_set is not None
+    loaded = result.policy_set.by_name()
+    assert {n for n, p in loaded.items() if p.outbox is not None} == {"sendgrid", "mailgun"}
+    assert loaded["sendgrid"].outbox is not None and loaded["sendgrid"].outbox.probe_after == 1.25
     assert all(d["target"].startswith("http://127.0.0.1:") for d in docs)
     assert any("x 8" in c for c in changes)
