@@ -5,13 +5,28 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from demo.blackfriday import TIME_FACTOR, Scenario, compress_time, simulation_policies
+from demo.blackfriday import (
+    TIME_FACTOR,
+    KeptSend,
+    Outcome,
+    RunResult,
+    Scenario,
+    Tally,
+    _tally,
+    compress_time,
+    outbox_tally,
+    run_once,
+    simulation_policies,
+    undelivered_lines,
+    verdict,
+)
 from demo.run import example_policies
 from fakes.server import FakeServer
 from proxy.cli import DEMO_MISSING
@@ -82,6 +97,22 @@ def test_small_simulation_passes_and_shows_the_difference(
     assert [lead(t) for _, t in dupes] == [0, 0]
     assert [lead(t) for _, t in rows(out, "- lost that egressd could have saved")] == [0, 0]
     assert lead(row(out, "provider 429s")[1]) <= lead(row(out, "provider 429s")[0])
+    assert lead(row(out, "- of which SendGrid, Mailgun")[1]) == 0  # part of the exit status
+    assert "0 provider 429s on the e-mail upstreams" in out
+    # The e-mail outbox (issue 14): every kept send is delivered later, failed over later,
+    # ambiguous, dead or still pending, and the lost e-mails are all accounted for.
+    accepted = row(out, "accepted by the outbox")
+    assert accepted[0] == "-"
+    parts = ["- delivered later", "- failed over later", "- ambiguous", "- dead", "- still pending"]
+    assert lead(accepted[1]) == sum(lead(row(out, label)[1]) for label in parts)
+    lost = [lead(t) for _, t in rows(out, "lost (never happened)")][1]
+    mail_lost_parts = [
+        rows(out, label)[1][1]
+        for label in ("- refused failover", "- accepted by the outbox, then", "- lost that egressd could have saved")
+    ]
+    assert lost == sum(lead(cell) for cell in mail_lost_parts)
+    assert rows(out, "- accepted by the outbox, then")[0] == ("-", "-")  # payments: no outbox
+    assert "outbox empty after the traffic in" in out and "not within" not in out
     # The naive direct run duplicates or loses.
     direct_bad = sum(lead(d) for d, _ in dupes) + sum(lead(d) for d, _ in rows(out, "lost (never happened)"))
     assert direct_bad > 0
@@ -166,3 +197,73 @@ def test_simulation_policies_are_valid_and_keep_failover(tmp_path: Path) -> None
     assert loaded["sendgrid"].outbox is not None and loaded["sendgrid"].outbox.probe_after == 1.25
     assert all(d["target"].startswith("http://127.0.0.1:") for d in docs)
     assert any("x 8" in c for c in changes)
+
+
+async def test_sends_the_outbox_kept_count_once_the_fakes_have_them() -> None:
+    """With `when: always` every e-mail is kept and answered 202 at once: the run waits for
+    the outbox to deliver them, and counts them from the fakes' ledgers, once each."""
+    sc = Scenario.build(0.01)
+    through, changes = await run_once("egressd", sc, example_policies(), outbox_when="always")
+    assert any(c.startswith("sendgrid, mailgun: outbox {when: always") for c in changes)
+    o = through.outbox
+    assert o is not None and o.consistent and o.drained
+    assert o.accepted == sc.emails
+    assert (o.ambiguous, o.dead, o.pending, o.undelivered) == (0, 0, 0, [])
+    assert o.delivered_later + o.failed_over_later == sc.emails
+    mail = through.mail
+    assert (mail.delivered, mail.duplicated, mail.app_errors, mail.savable) == (sc.emails, 0, 0, 0)
+    assert through.mail_429 == 0
+
+
+def _kept(index: int, state: str, effects: int, *, via: str = "", upstream: str = "sendgrid") -> KeptSend:
+    return KeptSend(
+        index=index,
+        id=f"eo_{index}",
+        state=state,
+        upstream=upstream,
+        via=via,
+        attempts=1,
+        sent_to=(upstream,),
+        last_error="HTTP 503" if state != "delivered" else "",
+        effects=effects,
+        answered=upstream == "sendgrid",
+    )
+
+
+def test_outbox_accounting_lists_every_kept_send_no_provider_has() -> None:
+    kept = {
+        0: _kept(0, "delivered", 1, via="sendgrid"),
+        1: _kept(1, "delivered", 1, via="mailgun"),
+        2: _kept(2, "ambiguous", 0),
+        3: _kept(3, "dead", 0),
+        4: _kept(4, "queued", 0),
+        5: _kept(5, "ambiguous", 1),  # it was there after all: delivered, not listed
+    }
+    # Kept by Mailgun's own outbox inside a failover (the app saw the failover's answer).
+    others = [_kept(6, "dead", 0, upstream="mailgun"), _kept(-1, "delivered", 0, upstream="mailgun")]
+    t = outbox_tally(kept, others, {("sendgrid", "retried"): 3, ("stripe", "other"): 1}, ("sendgrid", "mailgun"))
+    assert (t.accepted, t.delivered_later, t.failed_over_later, t.ambiguous, t.dead, t.pending) == (6, 1, 1, 2, 1, 1)
+    assert t.consistent
+    assert [u.index for u in t.undelivered] == [2, 3, 4, 6]
+    assert t.in_failover == {"dead": 1, "delivered": 1} and t.results == {"retried": 3}
+
+    # The app's view: 202 for every kept send. Lost = never at a provider; a kept send
+    # the outbox ended ambiguous or dead is accounted for; one still pending is not.
+    outcomes = [Outcome("mail", i, status=202, outbox_id=f"eo_{i}") for i in range(6)]
+    outcomes += [Outcome("mail", 6, status=202), Outcome("mail", 7, status=503, failover="refused; reason=ambiguous")]
+    tally = _tally(outcomes, Counter({0: 1, 1: 1, 5: 1}), "sendgrid", "mailgun", {6: others[0], **kept})
+    assert (tally.delivered, tally.lost, tally.refused, tally.kept_lost, tally.savable) == (3, 5, 1, 3, 1)
+
+    lines = undelivered_lines(t, limit=3)
+    assert len(lines) == 4 and lines[-1] == "... and 1 more (egressd outbox list)"
+    assert lines[0] == "e-mail #2: eo_2 ambiguous after 1 attempt(s), written to sendgrid; last: HTTP 503"
+    assert "kept by mailgun's outbox in a failover" in undelivered_lines(t)[3]
+
+
+def test_verdict_fails_on_a_provider_429_at_an_email_upstream() -> None:
+    clean = Tally(100, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, 2.0)
+    result = RunResult("egressd", clean, clean, 0, 0, {}, {}, [], 1.0, 8.0, False)
+    assert verdict(result)[0]
+    result.provider_429 = result.mail_429 = 1
+    ok, why = verdict(result)
+    assert not ok and "1 provider 429s on the e-mail upstreams" in why
