@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -127,6 +128,13 @@ def test_html_report_is_self_contained(small_run: tuple[subprocess.CompletedProc
     assert not re.search(r"""(?:src|href|action)\s*=\s*["']?\s*(?:https?:)?//""", text, re.IGNORECASE)
     assert not re.search(r"<link\b|<img\b|<iframe\b|@import|url\(", text, re.IGNORECASE)
     assert "http://" not in text and "https://" not in text
+    assert "The e-mail outbox" in text and "accepted by the outbox" in text
+    data = json.loads(text.split('<script type="application/json" id="data">', 1)[1].split("</script>", 1)[0])
+    outbox = data["egressd"]["outbox"]
+    assert data["direct"]["outbox"] is None and data["egressd"]["provider_429_email"] == 0
+    kept = ("delivered_later", "failed_over_later", "ambiguous", "dead", "pending")
+    assert outbox["accepted"] == sum(outbox[k] for k in kept)
+    assert outbox["undelivered_count"] >= len(outbox["undelivered"])
 
 
 def test_scale_bounds() -> None:
