@@ -65,6 +65,7 @@ REFUSED_PAYMENT_METHOD = "pm_card_mastercard"  # not in the shipped crosswalk: f
 PROVIDER_PATHS = {"stripe": "/v1/", "paypal": "/v2/", "sendgrid": "/v3/", "mailgun": "/v3/"}
 PROVIDERS = ("stripe", "paypal", "sendgrid", "mailgun")
 MAIL_UPSTREAMS = ("sendgrid", "mailgun")  # the upstreams with an outbox in the egressd run
+APP_MAIL_UPSTREAM = "sendgrid"  # the one the shop sends its e-mail to
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,8 +324,8 @@ class KeptSend:
     sent_to: tuple[str, ...]
     last_error: str
     effects: int  # times the fakes' ledgers show the e-mail
-    answered: bool = True  # the app got this id (X-Egressd-Outbox); False: kept by the
-    #                        fallback's own outbox inside a failover, the app saw the failover's answer
+    answered: bool = True  # the app got this id (X-Egressd-Outbox); False: the app never saw it
+    #                        (it gave up before the 202, or the fallback's outbox kept it in a failover)
 
 
 #: Outbox states that leave a send undelivered yet accounted for: the operator has it.
@@ -341,7 +342,10 @@ class OutboxTally:
     ambiguous: int = 0  # may have reached the provider; not resent, left for the operator
     dead: int = 0  # refused by the provider, or past max_age
     pending: int = 0  # still waiting at the end of the run (or missing from the store)
-    in_failover: dict[str, int] = field(default_factory=dict)  # kept by the fallback's outbox, by state
+    # Kept sends whose id the app never got, by state: sends to the app's upstream it gave up
+    # on before the 202 (a timeout), and sends the fallback's own outbox kept in a failover.
+    unanswered: dict[str, int] = field(default_factory=dict)
+    in_failover: dict[str, int] = field(default_factory=dict)
     results: dict[str, int] = field(default_factory=dict)  # the worker's counts, e-mail upstreams summed
     drain_wall: float = 0.0  # wall-clock seconds waited for the outbox after the app traffic ended
     drain_bound: float = 0.0  # the most the run waits for it (wall clock)
@@ -627,7 +631,8 @@ def outbox_tally(
         if k.effects == 0:  # the fakes do not have it, whatever the store says: listed
             t.undelivered.append(k)
     for k in others:
-        t.in_failover[k.state] = t.in_failover.get(k.state, 0) + 1
+        unseen = t.unanswered if k.upstream == APP_MAIL_UPSTREAM else t.in_failover
+        unseen[k.state] = unseen.get(k.state, 0) + 1
         if k.state != "delivered" and (k.index < 0 or k.effects == 0):
             t.undelivered.append(k)
     for (upstream, result), n in counts.items():
@@ -857,7 +862,13 @@ def undelivered_lines(outbox: OutboxTally, limit: int = UNDELIVERED_SHOWN) -> li
     for k in sorted(outbox.undelivered, key=lambda k: (k.index, k.id))[:limit]:
         who = f"e-mail #{k.index}" if k.index >= 0 else "an e-mail"
         where = ", ".join(k.sent_to) or "nowhere"
-        kept_by = "" if k.answered else f" (kept by {k.upstream}'s outbox in a failover)"
+        kept_by = (
+            ""
+            if k.answered
+            else " (the app gave up before the answer)"
+            if k.upstream == APP_MAIL_UPSTREAM
+            else f" (kept by {k.upstream}'s outbox in a failover)"
+        )
         lines.append(
             f"{who}: {k.id} {k.state}{kept_by} after {k.attempts} attempt(s), written to {where}"
             + (f"; last: {k.last_error}" if k.last_error else "")
@@ -883,9 +894,12 @@ def outbox_rows(sc: Scenario, o: OutboxTally | None) -> list[tuple[str, str, str
         ("  - dead", "-", str(o.dead)),
         ("  - still pending at the end", "-", str(o.pending)),
     ]
-    if o.in_failover:
-        states = ", ".join(f"{n} {state}" for state, n in sorted(o.in_failover.items()))
-        rows.append(("  kept by the fallback's outbox in a failover", "-", states))
+    for label, unseen in (
+        ("  kept, but the app gave up before the 202", o.unanswered),
+        ("  kept by Mailgun's outbox in a failover", o.in_failover),
+    ):
+        if unseen:  # neither happens in a healthy run: shown only when it does
+            rows.append((label, "-", ", ".join(f"{n} {state}" for state, n in sorted(unseen.items()))))
     rows.append(
         (
             "  outbox empty after the traffic in",
@@ -970,7 +984,7 @@ def print_simulation(sc: Scenario, direct: RunResult, through: RunResult, change
         else:
             print(
                 "\nevery e-mail the outbox kept was delivered"
-                if through.outbox.accepted or through.outbox.in_failover
+                if through.outbox.accepted or through.outbox.unanswered or through.outbox.in_failover
                 else "\nthe outbox kept no e-mail (no send failed before reaching SendGrid or Mailgun)",
                 file=out,
             )

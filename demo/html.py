@@ -127,12 +127,15 @@ def _outbox_section(sc: Scenario, through: RunResult) -> list[str]:
         f"(<code>X-Egressd-Outbox: queued</code>): {o.delivered_later} delivered later, "
         f"{o.failed_over_later} failed over later to Mailgun, {o.ambiguous} ambiguous, {o.dead} dead, "
         f"{o.pending} still pending"
-        + (
-            f"; Mailgun's own outbox kept {sum(o.in_failover.values())} failed-over sends "
-            f"({', '.join(f'{n} {state}' for state, n in sorted(o.in_failover.items()))}). "
-            if o.in_failover
-            else ". "
+        + "".join(
+            f"; {what} {sum(unseen.values())} ({', '.join(f'{n} {state}' for state, n in sorted(unseen.items()))})"
+            for what, unseen in (
+                ("kept while the app gave up before the 202:", o.unanswered),
+                ("kept by Mailgun's own outbox in a failover:", o.in_failover),
+            )
+            if unseen
         )
+        + ". "
         + (
             f"The run waited {o.drain_wall * sc.k:.0f} simulated seconds after the traffic for it to empty."
             if o.drained
@@ -145,7 +148,7 @@ def _outbox_section(sc: Scenario, through: RunResult) -> list[str]:
         parts.append(f"<p>Kept and not at any provider ({len(o.undelivered)}):</p><ul>")
         parts += [f"<li>{escape(line)}</li>" for line in lines]
         parts.append("</ul>")
-    elif o.accepted or o.in_failover:
+    elif o.accepted or o.unanswered or o.in_failover:
         parts.append("<p>Every e-mail the outbox kept was delivered.</p>")
     else:
         parts.append("<p>No send failed before reaching SendGrid or Mailgun, so the outbox kept none.</p>")

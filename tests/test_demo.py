@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -247,13 +248,19 @@ def test_outbox_accounting_lists_every_kept_send_no_provider_has() -> None:
         4: _kept(4, "queued", 0),
         5: _kept(5, "ambiguous", 1),  # it was there after all: delivered, not listed
     }
-    # Kept by Mailgun's own outbox inside a failover (the app saw the failover's answer).
-    others = [_kept(6, "dead", 0, upstream="mailgun"), _kept(-1, "delivered", 0, upstream="mailgun")]
+    # Kept by Mailgun's own outbox inside a failover (the app saw the failover's answer), and
+    # kept for SendGrid while the app had given up waiting (it never got the id).
+    others = [
+        _kept(6, "dead", 0, upstream="mailgun"),
+        _kept(-1, "delivered", 0, upstream="mailgun"),
+        replace(_kept(8, "queued", 0), answered=False),
+    ]
     t = outbox_tally(kept, others, {("sendgrid", "retried"): 3, ("stripe", "other"): 1}, ("sendgrid", "mailgun"))
     assert (t.accepted, t.delivered_later, t.failed_over_later, t.ambiguous, t.dead, t.pending) == (6, 1, 1, 2, 1, 1)
     assert t.consistent
-    assert [u.index for u in t.undelivered] == [2, 3, 4, 6]
-    assert t.in_failover == {"dead": 1, "delivered": 1} and t.results == {"retried": 3}
+    assert [u.index for u in t.undelivered] == [2, 3, 4, 6, 8]
+    assert t.in_failover == {"dead": 1, "delivered": 1} and t.unanswered == {"queued": 1}
+    assert t.results == {"retried": 3}
 
     # The app's view: 202 for every kept send. Lost = never at a provider; a kept send
     # the outbox ended ambiguous or dead is accounted for; one still pending is not.
@@ -263,9 +270,10 @@ def test_outbox_accounting_lists_every_kept_send_no_provider_has() -> None:
     assert (tally.delivered, tally.lost, tally.refused, tally.kept_lost, tally.savable) == (3, 5, 1, 3, 1)
 
     lines = undelivered_lines(t, limit=3)
-    assert len(lines) == 4 and lines[-1] == "... and 1 more (egressd outbox list)"
+    assert len(lines) == 4 and lines[-1] == "... and 2 more (egressd outbox list)"
     assert lines[0] == "e-mail #2: eo_2 ambiguous after 1 attempt(s), written to sendgrid; last: HTTP 503"
-    assert "kept by mailgun's outbox in a failover" in undelivered_lines(t)[3]
+    every = undelivered_lines(t)
+    assert "kept by mailgun's outbox in a failover" in every[3] and "the app gave up before the answer" in every[4]
 
 
 def test_verdict_fails_on_a_provider_429_at_an_email_upstream() -> None:
