@@ -25,6 +25,7 @@ import json
 import math
 import tempfile
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,9 +37,11 @@ import yaml
 
 from fakes.server import FakeServer, start_fakes, stop_fakes
 from proxy.config.units import parse_duration, parse_rate
+from proxy.outbox.store import Entry
 from proxy.server import EgressServer, Settings
 
 Mode = Literal["direct", "egressd"]
+OutboxWhen = Literal["on_failure", "always"]
 
 TIME_FACTOR = 8.0  # simulated seconds per wall-clock second
 PROVIDER_LIMIT = 100.0  # requests per simulated second, at every fake provider
@@ -56,10 +59,13 @@ STRIPE_KEY = "sk_test_blackfriday_not_a_secret"
 SENDGRID_KEY = "SG.blackfriday-not-a-secret"
 MAILGUN_KEY = "key-demo-not-a-secret"
 MAIL_DOMAIN = "mg.example.com"
+OUTBOX_PROBE_AFTER = "10s"  # simulated: how long the outbox waits before asking the provider after a doubt
 REFUSED_PAYMENT_METHOD = "pm_card_mastercard"  # not in the shipped crosswalk: failover must refuse
 
 PROVIDER_PATHS = {"stripe": "/v1/", "paypal": "/v2/", "sendgrid": "/v3/", "mailgun": "/v3/"}
 PROVIDERS = ("stripe", "paypal", "sendgrid", "mailgun")
+MAIL_UPSTREAMS = ("sendgrid", "mailgun")  # the upstreams with an outbox in the egressd run
+APP_MAIL_UPSTREAM = "sendgrid"  # the one the shop sends its e-mail to
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +180,8 @@ DURATION_PATHS = (
     ("circuit_breaker", "window"),
     ("circuit_breaker", "open_for"),
     ("rate_limit", "queue", "max_wait"),
+    ("outbox", "max_age"),
+    ("outbox", "probe_after"),
 )
 
 
@@ -193,7 +201,8 @@ def compress_time(doc: dict[str, Any], k: float) -> dict[str, Any]:
         found = _get_path(out, path)
         if found is not None:
             node, key = found
-            node[key] = f"{parse_duration(node[key]) * 1000 / k:.6g}ms"
+            # Fixed-point: "%g" would write 24h / 8 as "1.08e+07ms", which is no duration.
+            node[key] = f"{parse_duration(node[key]) * 1000 / k:.3f}".rstrip("0").rstrip(".") + "ms"
     found = _get_path(out, ("rate_limit", "rate"))
     if found is not None:
         node, key = found
@@ -225,9 +234,15 @@ def demo_credentials(docs: Mapping[str, dict[str, Any]], fakes: Mapping[str, Fak
 
 
 def simulation_policies(
-    examples: Mapping[str, dict[str, Any]], fakes: Mapping[str, FakeServer], k: float
+    examples: Mapping[str, dict[str, Any]],
+    fakes: Mapping[str, FakeServer],
+    k: float,
+    *,
+    outbox_when: OutboxWhen = "on_failure",
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """The shipped example policies re-pointed at the fakes; returns the changes made, too."""
+    """The shipped example policies re-pointed at the fakes; returns the changes made, too.
+    `outbox_when` is the e-mail outbox's `when` (the demo runs `on_failure`; the tests
+    also run `always`, which keeps every send)."""
     docs = {name: copy.deepcopy(examples[name]) for name in PROVIDERS}
     for name, doc in docs.items():
         doc["target"] = fakes[name].url
@@ -238,6 +253,19 @@ def simulation_policies(
         docs[name].setdefault("rate_limit", {})["rate"] = "90/s"
     changes.append(
         f"sendgrid, mailgun: rate_limit 90/s (examples: 600/m, 300/m) because the fakes allow {PROVIDER_LIMIT:g}/s"
+    )
+    for name in ("sendgrid", "mailgun"):
+        outbox = dict(docs[name].get("outbox") or {})  # the examples ship it commented out
+        outbox.update(when=outbox_when, probe_after=OUTBOX_PROBE_AFTER)
+        docs[name]["outbox"] = outbox
+    kept = (
+        "a send that failed without reaching the provider is kept"
+        if outbox_when == "on_failure"
+        else "every send is kept"
+    )
+    changes.append(
+        f"sendgrid, mailgun: outbox {{when: {outbox_when}, probe_after: {OUTBOX_PROBE_AFTER}}}: {kept}, answered "
+        "202 and delivered later (probe_after: the default 60s would outlast the simulation)"
     )
     changes.append(f"every duration / {k:g} and every rate x {k:g} (simulated time runs {k:g}x faster)")
     return [compress_time(doc, k) for doc in docs.values()], changes
@@ -259,6 +287,7 @@ class Outcome:
     latency: float = 0.0  # simulated seconds, first try to final answer
     upstream: str | None = None  # X-Egressd-Upstream
     failover: str | None = None  # X-Egressd-Failover
+    outbox_id: str | None = None  # X-Egressd-Outbox: queued; id=ID (the outbox kept the send)
 
     @property
     def ok(self) -> bool:
@@ -273,12 +302,60 @@ class Tally:
     extra: int  # side effects beyond the first
     lost: int  # never happened
     refused: int  # lost, and egressd refused the failover (a documented honesty rule)
-    savable: int  # lost, and not refused
+    kept_lost: int  # lost, though the outbox accepted it: it ended ambiguous or dead (listed)
+    savable: int  # lost, neither refused nor accounted for by the outbox
     failovers: int
     app_errors: int  # the app was told it failed (it may still have happened)
     app_errors_but_done: int
     p50: float
     p99: float
+
+
+@dataclass(frozen=True)
+class KeptSend:
+    """A send the outbox kept, as the outbox store and the fakes saw it at the end of the run."""
+
+    index: int  # the e-mail's number (its email_id); -1 when its body no longer tells
+    id: str  # the outbox id
+    state: str  # the store's state at the end; "missing" when the store no longer had it
+    upstream: str
+    via: str  # delivered: the upstream that took it
+    attempts: int
+    sent_to: tuple[str, ...]
+    last_error: str
+    effects: int  # times the fakes' ledgers show the e-mail
+    answered: bool = True  # the app got this id (X-Egressd-Outbox); False: the app never saw it
+    #                        (it gave up before the 202, or the fallback's outbox kept it in a failover)
+
+
+#: Outbox states that leave a send undelivered yet accounted for: the operator has it.
+ACCOUNTED = ("ambiguous", "dead")
+
+
+@dataclass
+class OutboxTally:
+    """The e-mails the outbox kept, by what became of them (contract 7.6)."""
+
+    accepted: int = 0  # kept and answered 202 (the app got X-Egressd-Outbox)
+    delivered_later: int = 0  # delivered by the outbox to the upstream the app called
+    failed_over_later: int = 0  # delivered by the outbox through the failover
+    ambiguous: int = 0  # may have reached the provider; not resent, left for the operator
+    dead: int = 0  # refused by the provider, or past max_age
+    pending: int = 0  # still waiting at the end of the run (or missing from the store)
+    # Kept sends whose id the app never got, by state: sends to the app's upstream it gave up
+    # on before the 202 (a timeout), and sends the fallback's own outbox kept in a failover.
+    unanswered: dict[str, int] = field(default_factory=dict)
+    in_failover: dict[str, int] = field(default_factory=dict)
+    results: dict[str, int] = field(default_factory=dict)  # the worker's counts, e-mail upstreams summed
+    drain_wall: float = 0.0  # wall-clock seconds waited for the outbox after the app traffic ended
+    drain_bound: float = 0.0  # the most the run waits for it (wall clock)
+    drained: bool = True  # nothing pending when the wait ended
+    undelivered: list[KeptSend] = field(default_factory=list)  # every kept send the fakes do not show
+
+    @property
+    def consistent(self) -> bool:
+        parts = self.delivered_later + self.failed_over_later + self.ambiguous + self.dead + self.pending
+        return self.accepted == parts
 
 
 @dataclass
@@ -287,6 +364,7 @@ class RunResult:
     pay: Tally
     mail: Tally
     provider_429: int
+    mail_429: int  # of which on the e-mail upstreams (SendGrid, Mailgun)
     provider_requests: dict[str, int]
     effects: dict[str, int]
     refusals: list[str]
@@ -294,6 +372,7 @@ class RunResult:
     sim_length: float
     timed_out: bool
     timeline: dict[str, list[int]] = field(default_factory=dict)  # per simulated second
+    outbox: OutboxTally | None = None  # through egressd only
 
     @property
     def duplicates(self) -> int:
@@ -335,6 +414,15 @@ def mail_body(i: int) -> dict[str, Any]:
     }
 
 
+def outbox_id(header: str | None) -> str | None:
+    """The id in `X-Egressd-Outbox: queued; id=ID`, or None."""
+    for part in (header or "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == "id" and value:
+            return value
+    return None
+
+
 async def send(
     session: aiohttp.ClientSession,
     out: Outcome,
@@ -359,6 +447,7 @@ async def send(
                 out.status, out.error = resp.status, None
                 out.upstream = resp.headers.get("X-Egressd-Upstream")
                 out.failover = resp.headers.get("X-Egressd-Failover")
+                out.outbox_id = outbox_id(resp.headers.get("X-Egressd-Outbox"))
         except (TimeoutError, aiohttp.ClientError) as exc:
             out.status, out.error = None, type(exc).__name__
         if out.status is not None and out.status not in RETRY_STATUSES:
@@ -414,9 +503,20 @@ def _base_faults(sc: Scenario, fakes: Mapping[str, FakeServer]) -> None:
         fakes[name].faults.delay(sc.real(FALLBACK_SLOWNESS), phase="before", path=PROVIDER_PATHS[name])
 
 
-def _tally(outcomes: list[Outcome], effects: Counter[int], failover_from: str, fallback: str) -> Tally:
+def _tally(
+    outcomes: list[Outcome],
+    effects: Counter[int],
+    failover_from: str,
+    fallback: str,
+    kept: Mapping[int, KeptSend] | None = None,
+) -> Tally:
+    kept = kept or {}
     lost = [o for o in outcomes if effects[o.index] == 0]
     refused = [o for o in lost if (o.failover or "").startswith("refused")]
+    # The app was told "accepted" (202): a kept send that never happened is lost. The
+    # outbox accounts for it only when it says so (ambiguous, dead); one still pending, or
+    # that the store calls delivered while no provider has it, is lost unaccounted.
+    kept_lost = [o for o in lost if o.index in kept and kept[o.index].state in ACCOUNTED]
     errors = [o for o in outcomes if not o.ok]
     return Tally(
         total=len(outcomes),
@@ -425,7 +525,8 @@ def _tally(outcomes: list[Outcome], effects: Counter[int], failover_from: str, f
         extra=sum(max(0, effects[o.index] - 1) for o in outcomes),
         lost=len(lost),
         refused=len(refused),
-        savable=len(lost) - len(refused),
+        kept_lost=len(kept_lost),
+        savable=len(lost) - len(refused) - len(kept_lost),
         failovers=sum(
             1
             for o in outcomes
@@ -436,6 +537,108 @@ def _tally(outcomes: list[Outcome], effects: Counter[int], failover_from: str, f
         p50=percentile([o.latency for o in outcomes], 0.50),
         p99=percentile([o.latency for o in outcomes], 0.99),
     )
+
+
+def outbox_drain_bound(sc: Scenario) -> float:
+    """How long (simulated seconds) the run waits for the outbox after the app traffic ends:
+    every e-mail once more at the provider limit, a few probes, and a minute of slack."""
+    return sc.emails / PROVIDER_LIMIT + 6 * parse_duration(OUTBOX_PROBE_AFTER) + 60.0
+
+
+async def drain_outbox(server: EgressServer, sc: Scenario) -> tuple[float, bool]:
+    """Wait until the outbox holds nothing pending, or the bound; (seconds waited, drained).
+    Polled every 0.1 s: the store's stats read every entry, and the worker shares the loop."""
+    began = time.monotonic()
+    deadline = began + sc.real(outbox_drain_bound(sc))
+    while True:
+        stats = await server.outbox_store.stats(time.time())
+        if sum(st.pending for st in stats.values()) == 0:
+            return time.monotonic() - began, True
+        if time.monotonic() >= deadline:
+            return time.monotonic() - began, False
+        await asyncio.sleep(0.1)
+
+
+def entry_email_index(body: bytes) -> int:
+    """The e-mail's number in a kept send: SendGrid `custom_args.email_id`, Mailgun
+    `v:email_id` (a failed-over send); -1 when the body does not tell (a delivered
+    entry keeps no body)."""
+    try:
+        data = json.loads(body)
+        if isinstance(data, dict):
+            return int((data.get("custom_args") or {}).get("email_id", -1))
+    except ValueError:
+        pass
+    try:
+        values = urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("v:email_id") or ["-1"]
+        return int(values[0])
+    except ValueError:
+        return -1
+
+
+async def kept_sends(
+    server: EgressServer, outcomes: list[Outcome], effects: Counter[int]
+) -> tuple[dict[int, KeptSend], list[KeptSend]]:
+    """What the outbox store says of every send it kept: those whose id the app got (by
+    e-mail number), and those the app never saw an id for (kept by the fallback's own
+    outbox inside a failover)."""
+    entries: dict[str, Entry] = {}
+    for name in MAIL_UPSTREAMS:
+        for e in await server.outbox_store.list(upstream=name, limit=10 * len(outcomes) + 100):
+            entries[e.id] = e
+
+    def kept(index: int, entry_id: str, e: Entry | None, answered: bool) -> KeptSend:
+        return KeptSend(
+            index=index,
+            id=entry_id,
+            state=e.state if e is not None else "missing",
+            upstream=e.upstream if e is not None else "",
+            via=e.delivered_via if e is not None else "",
+            attempts=e.attempts if e is not None else 0,
+            sent_to=tuple(e.sent_to) if e is not None else (),
+            last_error=e.last_error if e is not None else "",
+            effects=effects[index] if index >= 0 else 0,
+            answered=answered,
+        )
+
+    seen: dict[int, KeptSend] = {}
+    for o in outcomes:
+        if o.outbox_id is not None:
+            seen[o.index] = kept(o.index, o.outbox_id, entries.pop(o.outbox_id, None), True)
+    others = [kept(entry_email_index(e.body), e.id, e, False) for e in entries.values()]
+    return seen, others
+
+
+def outbox_tally(
+    kept: Mapping[int, KeptSend],
+    others: list[KeptSend],
+    counts: Mapping[tuple[str, str], int],
+    upstreams: tuple[str, ...],
+) -> OutboxTally:
+    t = OutboxTally(accepted=len(kept))
+    for k in kept.values():
+        if k.state == "delivered":
+            if k.via and k.via != k.upstream:
+                t.failed_over_later += 1
+            else:
+                t.delivered_later += 1
+        elif k.state == "ambiguous":
+            t.ambiguous += 1
+        elif k.state == "dead":
+            t.dead += 1
+        else:
+            t.pending += 1
+        if k.effects == 0:  # the fakes do not have it, whatever the store says: listed
+            t.undelivered.append(k)
+    for k in others:
+        unseen = t.unanswered if k.upstream == APP_MAIL_UPSTREAM else t.in_failover
+        unseen[k.state] = unseen.get(k.state, 0) + 1
+        if k.state != "delivered" and (k.index < 0 or k.effects == 0):
+            t.undelivered.append(k)
+    for (upstream, result), n in counts.items():
+        if upstream in upstreams:
+            t.results[result] = t.results.get(result, 0) + n
+    return t
 
 
 def _ledger_facts(
@@ -478,7 +681,9 @@ def _ledger_facts(
     return pay, mail, per_provider, series
 
 
-async def run_once(mode: Mode, sc: Scenario, examples: Mapping[str, dict[str, Any]]) -> tuple[RunResult, list[str]]:
+async def run_once(
+    mode: Mode, sc: Scenario, examples: Mapping[str, dict[str, Any]], *, outbox_when: OutboxWhen = "on_failure"
+) -> tuple[RunResult, list[str]]:
     """One run of the whole shop traffic, straight to the fakes or through egressd."""
     fakes = await start_fakes(PROVIDERS, options={"sendgrid": {"rate_limit": int(PROVIDER_LIMIT * sc.k * 60)}})
     server: EgressServer | None = None
@@ -486,7 +691,7 @@ async def run_once(mode: Mode, sc: Scenario, examples: Mapping[str, dict[str, An
     tmp = tempfile.TemporaryDirectory(prefix="egressd-blackfriday-")
     try:
         if mode == "egressd":
-            policies, changes = simulation_policies(examples, fakes, sc.k)
+            policies, changes = simulation_policies(examples, fakes, sc.k, outbox_when=outbox_when)
             (Path(tmp.name) / "shop.yaml").write_text(yaml.safe_dump_all(policies, sort_keys=False))
             server = EgressServer(
                 Settings(policies=Path(tmp.name), listen=("127.0.0.1", 0), admin=("127.0.0.1", 0), drain=0.0)
@@ -564,12 +769,25 @@ async def run_once(mode: Mode, sc: Scenario, examples: Mapping[str, dict[str, An
                     raise failure
             wall = time.monotonic() - t0
             gc.enable()
+        drain: tuple[float, bool] = (0.0, True)
+        if server is not None:
+            # Sends the outbox kept were answered 202; they count once the fakes have them.
+            drain = await drain_outbox(server, sc)
         pay_fx, mail_fx, per_provider, timeline = _ledger_facts(fakes, t0_wall, sc.k)
+        kept: dict[int, KeptSend] = {}
+        others: list[KeptSend] = []
+        outbox: OutboxTally | None = None
+        if server is not None:
+            kept, others = await kept_sends(server, mails, mail_fx)
+            outbox = outbox_tally(kept, others, server.outbox.counts, MAIL_UPSTREAMS)
+            outbox.drain_wall, outbox.drained = drain
+            outbox.drain_bound = sc.real(outbox_drain_bound(sc))
         result = RunResult(
             mode=mode,
             pay=_tally(pays, pay_fx, "stripe", "paypal"),
-            mail=_tally(mails, mail_fx, "sendgrid", "mailgun"),
+            mail=_tally(mails, mail_fx, "sendgrid", "mailgun", {**{k.index: k for k in others}, **kept}),
             provider_429=sum(1 for f in fakes.values() for r in f.ledger.requests if r.status == 429),
+            mail_429=sum(1 for name in MAIL_UPSTREAMS for r in fakes[name].ledger.requests if r.status == 429),
             provider_requests={name: len(f.ledger.requests) for name, f in fakes.items()},
             effects=per_provider,
             refusals=sorted(
@@ -584,6 +802,7 @@ async def run_once(mode: Mode, sc: Scenario, examples: Mapping[str, dict[str, An
             sim_length=wall * sc.k,
             timed_out=timed_out,
             timeline=timeline,
+            outbox=outbox,
         )
         return result, changes
     finally:
@@ -600,30 +819,97 @@ async def run_once(mode: Mode, sc: Scenario, examples: Mapping[str, dict[str, An
 
 
 def verdict(through: RunResult) -> tuple[bool, str]:
-    """Exit-status rule: egressd's run has no duplicates and no savable losses."""
-    ok = through.duplicates == 0 and through.pay.savable + through.mail.savable == 0 and not through.timed_out
+    """Exit-status rule: egressd's run has no duplicates, no savable losses and no provider
+    429 on the e-mail upstreams (their outbox and rate limits keep under the limit)."""
+    savable = through.pay.savable + through.mail.savable
+    ok = through.duplicates == 0 and savable == 0 and through.mail_429 == 0 and not through.timed_out
     why = (
-        f"egressd's run: {through.duplicates} duplicates, "
-        f"{through.pay.savable + through.mail.savable} lost calls egressd could have saved"
+        f"egressd's run: {through.duplicates} duplicates, {savable} lost calls egressd could have saved, "
+        f"{through.mail_429} provider 429s on the e-mail upstreams"
         + (" (the run hit its time bound)" if through.timed_out else "")
     )
+    if through.outbox is not None and not through.outbox.drained:
+        why += f" (the outbox still held sends after {through.outbox.drain_wall:.1f} s of waiting)"
     return ok, why
 
 
 DEFINITIONS = [
     "delivered: the fakes' ledgers show the charge (Stripe charge / PayPal capture) or the e-mail "
-    "(SendGrid sent / Mailgun queued) at least once, matched by payment amount and e-mail id",
+    "(SendGrid sent / Mailgun queued) at least once, matched by payment amount and e-mail id; an e-mail "
+    "the outbox delivered after the app traffic ended counts too (the run waits for the outbox to "
+    "empty, within a bound)",
     "duplicated: it happened more than once; lost: it never happened",
-    "lost that egressd could have saved: lost, unless egressd refused the failover with "
-    "X-Egressd-Failover: refused; reason=... (docs/providers.md: the call cannot be expressed "
-    "faithfully on the fallback, or the primary may already have done it)",
-    "exit status 0 when egressd's run has 0 duplicated and 0 lost-that-egressd-could-have-saved "
-    "(and every part-1 mechanism behaved), 1 otherwise",
+    "accepted by the outbox: egressd kept the send (SendGrid and Mailgun run with outbox: {when: "
+    "on_failure}: a send that failed without reaching the provider) and answered the app 202 with "
+    "X-Egressd-Outbox: queued; id=...; it is delivered later (to SendGrid, or failed over to Mailgun), "
+    "or ends ambiguous (it may have reached the provider: not resent, left for the operator) or dead; "
+    "accepted = delivered later + failed over later + ambiguous + dead + still pending",
+    "lost that egressd could have saved: lost, and neither refused (egressd refused the failover with "
+    "X-Egressd-Failover: refused; reason=...: docs/providers.md, the call cannot be expressed "
+    "faithfully on the fallback, or the primary may already have done it) nor accounted for by the "
+    "outbox (accepted, then ambiguous or dead: listed with its id, left for the operator); a kept send "
+    "still pending when the wait ends counts here",
+    "exit status 0 when egressd's run has 0 duplicated, 0 lost-that-egressd-could-have-saved and 0 "
+    "provider 429s on the e-mail upstreams (and every part-1 mechanism behaved), 1 otherwise",
 ]
+
+UNDELIVERED_SHOWN = 20  # kept sends listed one per line; the rest are counted
+
+
+def undelivered_lines(outbox: OutboxTally, limit: int = UNDELIVERED_SHOWN) -> list[str]:
+    """One line per kept send that no provider has (bounded), for the operator."""
+    lines = []
+    for k in sorted(outbox.undelivered, key=lambda k: (k.index, k.id))[:limit]:
+        who = f"e-mail #{k.index}" if k.index >= 0 else "an e-mail"
+        where = ", ".join(k.sent_to) or "nowhere"
+        kept_by = (
+            ""
+            if k.answered
+            else " (the app gave up before the answer)"
+            if k.upstream == APP_MAIL_UPSTREAM
+            else f" (kept by {k.upstream}'s outbox in a failover)"
+        )
+        lines.append(
+            f"{who}: {k.id} {k.state}{kept_by} after {k.attempts} attempt(s), written to {where}"
+            + (f"; last: {k.last_error}" if k.last_error else "")
+        )
+    if len(outbox.undelivered) > limit:
+        lines.append(f"... and {len(outbox.undelivered) - limit} more (egressd outbox list)")
+    return lines
 
 
 def _fmt_latency(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def outbox_rows(sc: Scenario, o: OutboxTally | None) -> list[tuple[str, str, str]]:
+    """The e-mail outbox's rows (through egressd only): accepted = delivered later + failed
+    over later + ambiguous + dead + still pending."""
+    o = o or OutboxTally()
+    rows = [
+        ("  accepted by the outbox (202, sent later)", "-", str(o.accepted)),
+        ("  - delivered later", "-", str(o.delivered_later)),
+        ("  - failed over later (Mailgun)", "-", str(o.failed_over_later)),
+        ("  - ambiguous (not resent, for the operator)", "-", str(o.ambiguous)),
+        ("  - dead", "-", str(o.dead)),
+        ("  - still pending at the end", "-", str(o.pending)),
+    ]
+    for label, unseen in (
+        ("  kept, but the app gave up before the 202", o.unanswered),
+        ("  kept by Mailgun's outbox in a failover", o.in_failover),
+    ):
+        if unseen:  # neither happens in a healthy run: shown only when it does
+            rows.append((label, "-", ", ".join(f"{n} {state}" for state, n in sorted(unseen.items()))))
+    rows.append(
+        (
+            "  outbox empty after the traffic in",
+            "-",
+            f"{o.drain_wall * sc.k:.0f} s ({o.drain_wall:.1f} s)"
+            if o.drained
+            else f"not within {o.drain_bound * sc.k:.0f} s ({o.drain_bound:.1f} s)",
+        )
+    )
+    return rows
 
 
 def report_rows(sc: Scenario, direct: RunResult, through: RunResult) -> list[tuple[str, str, str]]:
@@ -640,6 +926,11 @@ def report_rows(sc: Scenario, direct: RunResult, through: RunResult) -> list[tup
             ("  duplicated (happened 2+ times)", str(d.duplicated), str(t.duplicated)),
             ("  lost (never happened)", str(d.lost), str(t.lost)),
             ("  - refused failover (honest)", "-", str(t.refused)),
+            (
+                "  - accepted by the outbox, then ambiguous or dead",
+                "-",
+                str(t.kept_lost) if label == "e-mails" else "-",
+            ),
             ("  - lost that egressd could have saved", "-", str(t.savable)),
             (f"  failed over {fallback}", "-", str(t.failovers)),
             ("  app was told it failed", str(d.app_errors), str(t.app_errors)),
@@ -650,8 +941,10 @@ def report_rows(sc: Scenario, direct: RunResult, through: RunResult) -> list[tup
                 f"{_fmt_latency(t.p50)} / {_fmt_latency(t.p99)}",
             ),
         ]
+    rows += outbox_rows(sc, through.outbox)
     rows += [
         ("provider 429s (answered by the fakes)", str(direct.provider_429), str(through.provider_429)),
+        ("  - of which SendGrid, Mailgun", str(direct.mail_429), str(through.mail_429)),
         (
             "requests the providers received",
             str(sum(direct.provider_requests.values())),
@@ -682,6 +975,19 @@ def print_simulation(sc: Scenario, direct: RunResult, through: RunResult, change
         print(f"{name.ljust(w0)}  {d.rjust(w1)}  {t.rjust(w2)}", file=out)
     if through.refusals:
         print(f"\nrefused failovers through egressd: {', '.join(through.refusals)}", file=out)
+    if through.outbox is not None:
+        lines = undelivered_lines(through.outbox)
+        if lines:
+            print(f"\ne-mails the outbox kept and no provider has ({len(through.outbox.undelivered)}):", file=out)
+            for line in lines:
+                print("  " + line, file=out)
+        else:
+            print(
+                "\nevery e-mail the outbox kept was delivered"
+                if through.outbox.accepted or through.outbox.unanswered or through.outbox.in_failover
+                else "\nthe outbox kept no e-mail (no send failed before reaching SendGrid or Mailgun)",
+                file=out,
+            )
     print("\nDefinitions:", file=out)
     for line in DEFINITIONS:
         print("  - " + line, file=out)
@@ -696,8 +1002,16 @@ def result_json(sc: Scenario, direct: RunResult, through: RunResult) -> str:
             "emails": vars(r.mail),
             "provider_429": r.provider_429,
             "provider_requests": r.provider_requests,
+            "provider_429_email": r.mail_429,
             "refusals": r.refusals,
             "wall_seconds": round(r.wall, 2),
+            "outbox": None
+            if r.outbox is None
+            else {
+                **{k: v for k, v in vars(r.outbox).items() if k != "undelivered"},
+                "undelivered": [vars(k) for k in r.outbox.undelivered[:UNDELIVERED_SHOWN]],
+                "undelivered_count": len(r.outbox.undelivered),
+            },
         }
 
     return json.dumps({"scale": sc.scale, "time_factor": sc.k, "direct": run(direct), "egressd": run(through)})
@@ -712,5 +1026,6 @@ __all__ = [
     "result_json",
     "run_once",
     "simulation_policies",
+    "undelivered_lines",
     "verdict",
 ]

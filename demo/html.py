@@ -5,6 +5,8 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING
 
+from demo.blackfriday import undelivered_lines
+
 if TYPE_CHECKING:
     from demo.blackfriday import RunResult, Scenario
 
@@ -114,6 +116,45 @@ def _timeline(title: str, run: RunResult, sc: Scenario, length: int) -> str:
     return "".join(parts) + f'<div class="legend">{legend} (per simulated second)</div>'
 
 
+def _outbox_section(sc: Scenario, through: RunResult) -> list[str]:
+    """What the e-mail outbox kept and what became of it, with every undelivered send (bounded)."""
+    o = through.outbox
+    if o is None:
+        return []
+    parts = [
+        "<h2>The e-mail outbox</h2>",
+        f"<p>Through egressd, {o.accepted} e-mails were kept by the outbox and answered 202 "
+        f"(<code>X-Egressd-Outbox: queued</code>): {o.delivered_later} delivered later, "
+        f"{o.failed_over_later} failed over later to Mailgun, {o.ambiguous} ambiguous, {o.dead} dead, "
+        f"{o.pending} still pending"
+        + "".join(
+            f"; {what} {sum(unseen.values())} ({', '.join(f'{n} {state}' for state, n in sorted(unseen.items()))})"
+            for what, unseen in (
+                ("kept while the app gave up before the 202:", o.unanswered),
+                ("kept by Mailgun's own outbox in a failover:", o.in_failover),
+            )
+            if unseen
+        )
+        + ". "
+        + (
+            f"The run waited {o.drain_wall * sc.k:.0f} simulated seconds after the traffic for it to empty."
+            if o.drained
+            else f"It was not empty after {o.drain_bound * sc.k:.0f} simulated seconds of waiting."
+        )
+        + "</p>",
+    ]
+    lines = undelivered_lines(o)
+    if lines:
+        parts.append(f"<p>Kept and not at any provider ({len(o.undelivered)}):</p><ul>")
+        parts += [f"<li>{escape(line)}</li>" for line in lines]
+        parts.append("</ul>")
+    elif o.accepted or o.unanswered or o.in_failover:
+        parts.append("<p>Every e-mail the outbox kept was delivered.</p>")
+    else:
+        parts.append("<p>No send failed before reaching SendGrid or Mailgun, so the outbox kept none.</p>")
+    return parts
+
+
 def render_html(
     sc: Scenario,
     direct: RunResult,
@@ -154,6 +195,7 @@ def render_html(
             ("e-mails delivered", direct.mail.delivered, through.mail.delivered),
             ("e-mails duplicated", direct.mail.duplicated, through.mail.duplicated),
             ("e-mails lost", direct.mail.lost, through.mail.lost),
+            ("e-mails kept by the outbox", 0, through.outbox.accepted if through.outbox else 0),
             ("provider 429s", direct.provider_429, through.provider_429),
         ],
     )
@@ -165,6 +207,7 @@ def render_html(
         ],
         " s",
     )
+    outbox = _outbox_section(sc, through)
     legend = (
         '<div class="legend"><span><i style="background:#9ca3af"></i>direct, naive client</span>'
         '<span><i style="background:#059669"></i>through egressd</span></div>'
@@ -185,6 +228,7 @@ def render_html(
             legend,
             outcome_chart,
             latency_chart,
+            *outbox,
             "<h2>Over time</h2>",
             _timeline("Direct, naive client", direct, sc, length),
             _timeline("Through egressd", through, sc, length),

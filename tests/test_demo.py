@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from demo.blackfriday import TIME_FACTOR, Scenario, compress_time, simulation_policies
+from demo.blackfriday import (
+    TIME_FACTOR,
+    KeptSend,
+    Outcome,
+    RunResult,
+    Scenario,
+    Tally,
+    _tally,
+    compress_time,
+    outbox_tally,
+    run_once,
+    simulation_policies,
+    undelivered_lines,
+    verdict,
+)
 from demo.run import example_policies
 from fakes.server import FakeServer
 from proxy.cli import DEMO_MISSING
@@ -82,6 +99,22 @@ def test_small_simulation_passes_and_shows_the_difference(
     assert [lead(t) for _, t in dupes] == [0, 0]
     assert [lead(t) for _, t in rows(out, "- lost that egressd could have saved")] == [0, 0]
     assert lead(row(out, "provider 429s")[1]) <= lead(row(out, "provider 429s")[0])
+    assert lead(row(out, "- of which SendGrid, Mailgun")[1]) == 0  # part of the exit status
+    assert "0 provider 429s on the e-mail upstreams" in out
+    # The e-mail outbox (issue 14): every kept send is delivered later, failed over later,
+    # ambiguous, dead or still pending, and the lost e-mails are all accounted for.
+    accepted = row(out, "accepted by the outbox")
+    assert accepted[0] == "-"
+    parts = ["- delivered later", "- failed over later", "- ambiguous", "- dead", "- still pending"]
+    assert lead(accepted[1]) == sum(lead(row(out, label)[1]) for label in parts)
+    lost = [lead(t) for _, t in rows(out, "lost (never happened)")][1]
+    mail_lost_parts = [
+        rows(out, label)[1][1]
+        for label in ("- refused failover", "- accepted by the outbox, then", "- lost that egressd could have saved")
+    ]
+    assert lost == sum(lead(cell) for cell in mail_lost_parts)
+    assert rows(out, "- accepted by the outbox, then")[0] == ("-", "-")  # payments: no outbox
+    assert "outbox empty after the traffic in" in out and "not within" not in out
     # The naive direct run duplicates or loses.
     direct_bad = sum(lead(d) for d, _ in dupes) + sum(lead(d) for d, _ in rows(out, "lost (never happened)"))
     assert direct_bad > 0
@@ -96,6 +129,13 @@ def test_html_report_is_self_contained(small_run: tuple[subprocess.CompletedProc
     assert not re.search(r"""(?:src|href|action)\s*=\s*["']?\s*(?:https?:)?//""", text, re.IGNORECASE)
     assert not re.search(r"<link\b|<img\b|<iframe\b|@import|url\(", text, re.IGNORECASE)
     assert "http://" not in text and "https://" not in text
+    assert "The e-mail outbox" in text and "accepted by the outbox" in text
+    data = json.loads(text.split('<script type="application/json" id="data">', 1)[1].split("</script>", 1)[0])
+    outbox = data["egressd"]["outbox"]
+    assert data["direct"]["outbox"] is None and data["egressd"]["provider_429_email"] == 0
+    kept = ("delivered_later", "failed_over_later", "ambiguous", "dead", "pending")
+    assert outbox["accepted"] == sum(outbox[k] for k in kept)
+    assert outbox["undelivered_count"] >= len(outbox["undelivered"])
 
 
 def test_scale_bounds() -> None:
@@ -133,6 +173,7 @@ def test_compress_time_divides_durations_and_multiplies_rates() -> None:
         "retry": {"backoff": {"initial": "250ms", "max": "5s"}, "budget": {"ratio": 0.2, "min_per_second": 5}},
         "rate_limit": {"rate": "600/m", "queue": {"max_wait": "2s"}},
         "circuit_breaker": {"window": "30s", "open_for": "30s"},
+        "outbox": {"when": "on_failure", "max_age": "24h", "probe_after": "10s", "concurrency": 16},
     }
     out = compress_time(doc, 8)
     assert out["timeouts"] == {"attempt": "2500ms", "total": "5625ms"}
@@ -140,6 +181,7 @@ def test_compress_time_divides_durations_and_multiplies_rates() -> None:
     assert out["retry"]["budget"]["min_per_second"] == 40
     assert out["rate_limit"]["rate"] == "80/s" and out["rate_limit"]["queue"]["max_wait"] == "250ms"
     assert out["circuit_breaker"] == {"window": "3750ms", "open_for": "3750ms"}
+    assert out["outbox"] == {"when": "on_failure", "max_age": "10800000ms", "probe_after": "1250ms", "concurrency": 16}
     assert doc["timeouts"]["attempt"] == "20s"  # the input is left alone
 
 
@@ -153,5 +195,91 @@ def test_simulation_policies_are_valid_and_keep_failover(tmp_path: Path) -> None
     assert by_name["stripe"]["failover"][0]["to"] == "paypal"
     assert by_name["sendgrid"]["failover"][0]["to"] == "mailgun"
     assert "oauth_client_credentials" in by_name["paypal"]["auth"]
+    # The e-mail upstreams keep what fails before reaching the provider (issue 14); payments cannot.
+    for name in ("sendgrid", "mailgun"):
+        assert by_name[name]["outbox"] == {"when": "on_failure", "probe_after": "1250ms"}
+    assert "outbox" not in by_name["stripe"] and "outbox" not in by_name["paypal"]
+    assert any(c.startswith("sendgrid, mailgun: outbox {when: on_failure") for c in changes)
+    assert result.policy_set is not None
+    loaded = result.policy_set.by_name()
+    assert {n for n, p in loaded.items() if p.outbox is not None} == {"sendgrid", "mailgun"}
+    assert loaded["sendgrid"].outbox is not None and loaded["sendgrid"].outbox.probe_after == 1.25
     assert all(d["target"].startswith("http://127.0.0.1:") for d in docs)
     assert any("x 8" in c for c in changes)
+
+
+async def test_sends_the_outbox_kept_count_once_the_fakes_have_them() -> None:
+    """With `when: always` every e-mail is kept and answered 202 at once: the run waits for
+    the outbox to deliver them, and counts them from the fakes' ledgers, once each."""
+    sc = Scenario.build(0.01)
+    through, changes = await run_once("egressd", sc, example_policies(), outbox_when="always")
+    assert any(c.startswith("sendgrid, mailgun: outbox {when: always") for c in changes)
+    o = through.outbox
+    assert o is not None and o.consistent and o.drained
+    assert o.accepted == sc.emails
+    assert (o.ambiguous, o.dead, o.pending, o.undelivered) == (0, 0, 0, [])
+    assert o.delivered_later + o.failed_over_later == sc.emails
+    mail = through.mail
+    assert (mail.delivered, mail.duplicated, mail.app_errors, mail.savable) == (sc.emails, 0, 0, 0)
+    assert through.mail_429 == 0
+
+
+def _kept(index: int, state: str, effects: int, *, via: str = "", upstream: str = "sendgrid") -> KeptSend:
+    return KeptSend(
+        index=index,
+        id=f"eo_{index}",
+        state=state,
+        upstream=upstream,
+        via=via,
+        attempts=1,
+        sent_to=(upstream,),
+        last_error="HTTP 503" if state != "delivered" else "",
+        effects=effects,
+        answered=upstream == "sendgrid",
+    )
+
+
+def test_outbox_accounting_lists_every_kept_send_no_provider_has() -> None:
+    kept = {
+        0: _kept(0, "delivered", 1, via="sendgrid"),
+        1: _kept(1, "delivered", 1, via="mailgun"),
+        2: _kept(2, "ambiguous", 0),
+        3: _kept(3, "dead", 0),
+        4: _kept(4, "queued", 0),
+        5: _kept(5, "ambiguous", 1),  # it was there after all: delivered, not listed
+    }
+    # Kept by Mailgun's own outbox inside a failover (the app saw the failover's answer), and
+    # kept for SendGrid while the app had given up waiting (it never got the id).
+    others = [
+        _kept(6, "dead", 0, upstream="mailgun"),
+        _kept(-1, "delivered", 0, upstream="mailgun"),
+        replace(_kept(8, "queued", 0), answered=False),
+    ]
+    t = outbox_tally(kept, others, {("sendgrid", "retried"): 3, ("stripe", "other"): 1}, ("sendgrid", "mailgun"))
+    assert (t.accepted, t.delivered_later, t.failed_over_later, t.ambiguous, t.dead, t.pending) == (6, 1, 1, 2, 1, 1)
+    assert t.consistent
+    assert [u.index for u in t.undelivered] == [2, 3, 4, 6, 8]
+    assert t.in_failover == {"dead": 1, "delivered": 1} and t.unanswered == {"queued": 1}
+    assert t.results == {"retried": 3}
+
+    # The app's view: 202 for every kept send. Lost = never at a provider; a kept send
+    # the outbox ended ambiguous or dead is accounted for; one still pending is not.
+    outcomes = [Outcome("mail", i, status=202, outbox_id=f"eo_{i}") for i in range(6)]
+    outcomes += [Outcome("mail", 6, status=202), Outcome("mail", 7, status=503, failover="refused; reason=ambiguous")]
+    tally = _tally(outcomes, Counter({0: 1, 1: 1, 5: 1}), "sendgrid", "mailgun", {6: others[0], **kept})
+    assert (tally.delivered, tally.lost, tally.refused, tally.kept_lost, tally.savable) == (3, 5, 1, 3, 1)
+
+    lines = undelivered_lines(t, limit=3)
+    assert len(lines) == 4 and lines[-1] == "... and 2 more (egressd outbox list)"
+    assert lines[0] == "e-mail #2: eo_2 ambiguous after 1 attempt(s), written to sendgrid; last: HTTP 503"
+    every = undelivered_lines(t)
+    assert "kept by mailgun's outbox in a failover" in every[3] and "the app gave up before the answer" in every[4]
+
+
+def test_verdict_fails_on_a_provider_429_at_an_email_upstream() -> None:
+    clean = Tally(100, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, 2.0)
+    result = RunResult("egressd", clean, clean, 0, 0, {}, {}, [], 1.0, 8.0, False)
+    assert verdict(result)[0]
+    result.provider_429 = result.mail_429 = 1
+    ok, why = verdict(result)
+    assert not ok and "1 provider 429s on the e-mail upstreams" in why
