@@ -257,15 +257,19 @@ def simulation_policies(
     for name in ("sendgrid", "mailgun"):
         outbox = dict(docs[name].get("outbox") or {})  # the examples ship it commented out
         outbox.update(when=outbox_when, probe_after=OUTBOX_PROBE_AFTER)
+        if outbox_when == "on_failure":
+            outbox["keep_in_doubt"] = True
         docs[name]["outbox"] = outbox
     kept = (
-        "a send that failed without reaching the provider is kept"
+        "a send that failed without reaching the provider, or whose outcome is ambiguous (a 503: kept in "
+        "doubt, and the provider is asked before any resend), is kept"
         if outbox_when == "on_failure"
         else "every send is kept"
     )
+    doubt = ", keep_in_doubt: true" if outbox_when == "on_failure" else ""
     changes.append(
-        f"sendgrid, mailgun: outbox {{when: {outbox_when}, probe_after: {OUTBOX_PROBE_AFTER}}}: {kept}, answered "
-        "202 and delivered later (probe_after: the default 60s would outlast the simulation)"
+        f"sendgrid, mailgun: outbox {{when: {outbox_when}{doubt}, probe_after: {OUTBOX_PROBE_AFTER}}}: {kept}, "
+        "answered 202 and delivered later (probe_after: the default 60s would outlast the simulation)"
     )
     changes.append(f"every duration / {k:g} and every rate x {k:g} (simulated time runs {k:g}x faster)")
     return [compress_time(doc, k) for doc in docs.values()], changes

@@ -197,7 +197,7 @@ def test_simulation_policies_are_valid_and_keep_failover(tmp_path: Path) -> None
     assert "oauth_client_credentials" in by_name["paypal"]["auth"]
     # The e-mail upstreams keep what fails before reaching the provider (issue 14); payments cannot.
     for name in ("sendgrid", "mailgun"):
-        assert by_name[name]["outbox"] == {"when": "on_failure", "probe_after": "1250ms"}
+        assert by_name[name]["outbox"] == {"when": "on_failure", "keep_in_doubt": True, "probe_after": "1250ms"}
     assert "outbox" not in by_name["stripe"] and "outbox" not in by_name["paypal"]
     assert any(c.startswith("sendgrid, mailgun: outbox {when: on_failure") for c in changes)
     assert result.policy_set is not None
