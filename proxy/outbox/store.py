@@ -241,6 +241,7 @@ class MemoryOutbox:
             kept.owner = ""
         if kept.state == "delivered":
             kept.body = b""
+        kept.updated = self._wall()  # as the durable stores: when the store took the change
         self._entries[entry.id] = kept
         self._put(kept, e.state)
 
