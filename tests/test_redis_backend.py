@@ -233,7 +233,9 @@ async def test_killed_redis_falls_back_and_sharing_resumes(
     assert a.health().startswith("degraded:")
     assert any(isinstance(e, StateBackendError) and e.backend == "redis" for e in events)
     warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
-    assert len(warnings) == 1  # rate-limited logging
+    # Rate-limited logging: one line per state, not one per failed operation (`b`, idle
+    # here, logs its own line when its heartbeat meets the dead Redis, if it comes in time).
+    assert 1 <= len(warnings) <= 2
 
     own_redis.start()  # same port, empty
     await _wait_for(lambda: a.up and b.up)
