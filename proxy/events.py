@@ -43,9 +43,21 @@ class AttemptFinished(NamedTuple):
     """One try to an upstream ended; result is a status class or an error kind."""
 
     upstream: str
-    result: str  # 2xx | 3xx | 4xx | 429 | 5xx | connect_error | timeout | reset | protocol_error
+    # 2xx | 3xx | 4xx | 429 | 5xx | connect_error | timeout | reset | protocol_error, or
+    # stale_connection: a reused connection the upstream had closed (a safe call then went
+    # out again on a new connection within the same attempt: proxy/_http1.py)
+    result: str
     status: int | None
     duration: float
+
+
+class PoolConnected(NamedTuple):
+    """A new upstream connection is up (TCP and TLS): for a call, or warm in the background."""
+
+    upstream: str
+    seconds: float  # from the start of the connect (DNS included) to the end of the handshake
+    resumed: bool  # the TLS handshake resumed an earlier session
+    warm: bool  # opened by the warm pool, not on a call's path
 
 
 class RetryScheduled(NamedTuple):
@@ -127,6 +139,7 @@ class OutboxDepth(NamedTuple):
 Event = (
     CallFinished
     | AttemptFinished
+    | PoolConnected
     | RetryScheduled
     | RetrySkipped
     | CircuitChanged
