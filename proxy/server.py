@@ -86,6 +86,12 @@ class Settings:
     # The durable store (`--data-dir`): idempotency and fingerprint records and the routing
     # ledger survive a restart. None keeps them in process memory (`--data-dir none`).
     data_dir: Path | None = None
+    # `--ready-when-warm`: /readyz stays 503 at start-up until every upstream's pool has its
+    # `pool.min_warm` connections up, or `warm_wait` seconds passed (then it turns ready
+    # anyway, with a warning naming the upstreams still cold: a provider that is down must
+    # not keep the pod out of service forever; its calls then connect as they come).
+    ready_when_warm: bool = False
+    warm_wait: float = 10.0
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -171,7 +177,10 @@ class EgressServer:
         except OSError as exc:
             await self.stop()
             raise StartupError(f"cannot listen: {exc}") from exc
-        self.ready = True
+        if self.settings.ready_when_warm and any(rt.policy.pool.min_warm for rt in built.values()):
+            self.spawn(self._ready_when_warm())
+        else:
+            self.ready = True
         self.outbox.start()
         kept = sorted(name for name, rt in built.items() if rt.policy.outbox is not None)
         if kept and self.outbox_store.name == "memory":
@@ -185,6 +194,24 @@ class EgressServer:
             "policies loaded",
             extra={"version": self.runtime.version, "upstreams": sorted(built), "state_backend": self.state.name},
         )
+
+    async def _ready_when_warm(self) -> None:
+        """`--ready-when-warm`: ready once the warm connections are up, or after `warm_wait`."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        wait = self.settings.warm_wait
+        try:
+            await asyncio.wait_for(self.runtime.wait_warm(), timeout=wait)
+        except TimeoutError:
+            log.warning(
+                f"ready without every warm connection: upstreams still connecting after {wait:g} s "
+                "(--warm-wait); their first calls connect as they come",
+                extra={"upstreams": self.runtime.not_warm(), "warm_wait": wait},
+            )
+        else:
+            log.info("warm connections are up", extra={"seconds": round(loop.time() - began, 3)})
+        if not self.draining:
+            self.ready = True
 
     def _proxy_server(self, fixed_upstream: str | None) -> web.Server:
         """The server of the main listener (None) or of one upstream's own `listen` port."""
