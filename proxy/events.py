@@ -37,6 +37,11 @@ class CallFinished(NamedTuple):
     # The app closed its connection before the answer: the call either ended there
     # (outcome app_gone, status 499) or was owned by egressd to its outcome (contract 7.2).
     app_gone: bool = False
+    # Seconds of `duration` spent inside egressd itself: the duration minus the time its
+    # attempts waited on the upstream and the waits a policy asked for (rate-limit queue,
+    # retry back-off, joining an identical call in flight); None when not known (a call
+    # whose app left, or a request refused before it became a call).
+    overhead: float | None = None
 
 
 class AttemptFinished(NamedTuple):

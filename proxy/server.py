@@ -128,7 +128,7 @@ class EgressServer:
         self.outbox = OutboxWorker(self.runtime, self.outbox_store, self.clock, self.events)
         self.runtime.outbox_store = self.outbox_store
         self.runtime.outbox_wake = self.outbox.wake
-        self.metrics = Metrics(tallies=self.events.tallies)
+        self.metrics = Metrics(tallies=self.events.tallies, pools=self.pool_stats)
         self.status = StatusBoard(tallies=self.events.tallies)
         self.events.subscribe(self.metrics)
         self.events.subscribe(self.status)
@@ -148,6 +148,10 @@ class EgressServer:
             applied=self._applied,
             spawn=self.spawn,
         )
+
+    def pool_stats(self) -> dict[str, dict[str, Any] | None]:
+        """Each upstream pool's connections and counters now (None: not used yet)."""
+        return {name: rt.transport.pool_stats() for name, rt in self.runtime.upstreams.items()}
 
     @property
     def draining(self) -> bool:

@@ -386,7 +386,10 @@ class Transport:
         return err
 
     def _attempt_event(self, result: str, status: int | None, started: float, story: CallStory | None) -> None:
-        self.events.emit(AttemptFinished(self.name, result, status, self.clock.now() - started))
+        took = self.clock.now() - started
+        if story is not None:
+            story.upstream_seconds += took
+        self.events.emit(AttemptFinished(self.name, result, status, took))
 
 
 class _PoolEvents:
