@@ -838,6 +838,7 @@ class HTTP1Pool:
         self._warm_wake: asyncio.Event | None = None
         self._warm_reached: asyncio.Event | None = None
         self._warming = 0
+        self._warm_next = 0.0  # when the warmer looks again (loop time)
         self._warm_tasks: set[asyncio.Task[None]] = set()
         self._failures = 0
         self._backoff_until = 0.0
@@ -984,8 +985,8 @@ class HTTP1Pool:
                     break
                 conn.close()
                 self._total -= 1
-            if self._warm_wake is not None:
-                self._warm_wake.set()  # one fewer idle: the warmer may top up
+            if self._warm_wake is not None and len(idle) + self._warming < self.min_warm:
+                self._warm_wake.set()  # below min_warm idle: the warmer tops up
             if taken:
                 return conn
         if self._total < self.max_connections:
@@ -1123,8 +1124,8 @@ class HTTP1Pool:
                 self._total += 1
                 waiter.set_result(None)
                 return
-        if self._warm_wake is not None:
-            self._warm_wake.set()
+        if self._warm_wake is not None and len(self._idle) + self._warming < self.min_warm:
+            self._warm_wake.set()  # a connection went: the warmer may top up
 
     def _life(self, conn: _Connection) -> float:
         """How long `conn` may stay idle: the pool's idle timeout, or less when the upstream
@@ -1166,6 +1167,8 @@ class HTTP1Pool:
                 reached = self._warm_reached
                 if reached is not None and not reached.is_set() and len(idle) >= self.min_warm:
                     reached.set()
+                if self._warm_wake is not None and conn.expires_at < self._warm_next:
+                    self._warm_wake.set()  # it expires before the warmer's next look: plan its replacement
                 return
         conn.close()
         self._total -= 1
@@ -1281,6 +1284,7 @@ class HTTP1Pool:
                         task = loop.create_task(self._warm_one(loop))
                         self._warm_tasks.add(task)
                         task.add_done_callback(self._warm_tasks.discard)
+            self._warm_next = next_check
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(next_check - loop.time(), 0.001)):
                     await wake.wait()
