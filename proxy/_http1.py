@@ -11,10 +11,12 @@ bytes, reading from the socket pauses (`asyncio.Transport.pause_reading`) until 
 consumer takes them, so a 100 MB answer passes in constant memory.
 
 The pool can keep connections warm (`min_warm`, `start_warming()`): a background task keeps
-that many idle connections open, TCP- and TLS-handshaken, and opens their replacements
-before they expire (`idle_timeout`, or sooner when the upstream's `Keep-Alive: timeout=N`
-says so), never on a call's path; it backs off (exponential, capped) when the upstream
-refuses or drops its connections. New connections resume the origin's last TLS session
+at least that many connections open (idle or carrying a call), TCP- and TLS-handshaken,
+and opens their replacements before they expire (`idle_timeout`, or sooner when the
+upstream's `Keep-Alive: timeout=N` says so) or as soon as the upstream closes one, never on
+a call's path; a call taking a warm connection does not make it connect (its handshake
+would compete with the call for the loop); it backs off (exponential, capped) when the
+upstream refuses or drops its connections. New connections resume the origin's last TLS session
 when the server gave a ticket (`client_context()`), and host names are resolved through a
 small cache (`DNSCache`, 30 s: Python's resolver gives no TTL).
 
@@ -781,7 +783,7 @@ class HTTP1Pool:
     `keepalive` is the idle timeout: an idle connection is closed after it (sooner when the
     upstream's `Keep-Alive: timeout=N` asks for less, with a margin). At most `max_idle`
     connections are kept idle (None: up to `max_connections`). With `min_warm` and
-    `start_warming()`, that many idle connections are kept ready in the background.
+    `start_warming()`, at least that many connections are kept open in the background.
     """
 
     def __init__(
@@ -985,8 +987,6 @@ class HTTP1Pool:
                     break
                 conn.close()
                 self._total -= 1
-            if self._warm_wake is not None and len(idle) + self._warming < self.min_warm:
-                self._warm_wake.set()  # below min_warm idle: the warmer tops up
             if taken:
                 return conn
         if self._total < self.max_connections:
@@ -1124,8 +1124,8 @@ class HTTP1Pool:
                 self._total += 1
                 waiter.set_result(None)
                 return
-        if self._warm_wake is not None and len(self._idle) + self._warming < self.min_warm:
-            self._warm_wake.set()  # a connection went: the warmer may top up
+        if self._warm_wake is not None and self._total < self.min_warm:
+            self._warm_wake.set()  # a connection went: the warmer replaces it
 
     def _life(self, conn: _Connection) -> float:
         """How long `conn` may stay idle: the pool's idle timeout, or less when the upstream
@@ -1214,7 +1214,7 @@ class HTTP1Pool:
 
     # -- warm connections -----------------------------------------------------------------
     def start_warming(self) -> None:
-        """Keep `min_warm` idle connections ready from now on (a background task)."""
+        """Keep `min_warm` connections open from now on (a background task)."""
         if self.min_warm <= 0 or self._warmer is not None or self._closed:
             return
         loop = asyncio.get_running_loop()
@@ -1262,18 +1262,20 @@ class HTTP1Pool:
             wake.clear()
             now = loop.time()
             lead = self._lead()
-            warm = 0
+            # Connections that count: all open or being opened (in use ones too), but not
+            # idle ones about to expire (their replacements are begun now).
+            counted = self._total
             next_check = now + 3600.0
             for conn in self._idle:
                 if not conn.usable:
-                    continue
-                if self._counts_as_warm(conn, now, lead):
-                    warm += 1
+                    counted -= 1
+                elif self._counts_as_warm(conn, now, lead):
                     life = conn.expires_at - conn.idle_since
                     next_check = min(next_check, conn.expires_at - min(lead, life / 4))
                 else:
+                    counted -= 1
                     next_check = min(next_check, conn.expires_at)  # the sweeper closes it then
-            need = self.min_warm - warm - self._warming
+            need = self.min_warm - counted
             if need > 0:
                 if now < self._backoff_until:
                     next_check = min(next_check, self._backoff_until)
