@@ -60,7 +60,7 @@ WARM_BACKOFF_INITIAL = 0.25
 WARM_BACKOFF_MAX = 30.0
 WARM_PROVEN = 0.5
 # A connection is replaced this long before it expires (at least), so that the replacement's
-# handshake is done by then: twice the last handshake, within [MIN_LEAD, a quarter of the life].
+# handshake is done by then: twice the last handshake, within [MIN_LEAD, half the idle life].
 MIN_LEAD = 0.1
 # Host names resolve through `DNSCache` for this long (Python's resolver gives no TTL).
 DNS_TTL = 30.0
@@ -1253,7 +1253,7 @@ class HTTP1Pool:
 
     def _counts_as_warm(self, conn: _Connection, now: float, lead: float) -> bool:
         life = conn.expires_at - conn.idle_since
-        return conn.expires_at - min(lead, life / 4) > now
+        return conn.expires_at - min(lead, life / 2) > now
 
     async def _keep_warm(self, loop: asyncio.AbstractEventLoop) -> None:
         wake = self._warm_wake
@@ -1271,7 +1271,7 @@ class HTTP1Pool:
                     counted -= 1
                 elif self._counts_as_warm(conn, now, lead):
                     life = conn.expires_at - conn.idle_since
-                    next_check = min(next_check, conn.expires_at - min(lead, life / 4))
+                    next_check = min(next_check, conn.expires_at - min(lead, life / 2))
                 else:
                     counted -= 1
                     next_check = min(next_check, conn.expires_at)  # the sweeper closes it then
