@@ -344,6 +344,29 @@ def stop(p: Proc) -> None:
             p.proc.wait(timeout=5)
 
 
+def start_minimal(target: str, tmp: Path, name: str) -> tuple[Proc, int]:
+    """bench/minimal_proxy.py for one target; it trusts the CA through SSL_CERT_FILE."""
+    log = tmp / f"minimal-{name}.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "minimal_proxy.py"), "--target", target],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=ROOT,
+            start_new_session=True,
+            env=_child_env(),
+        )
+    p = Proc(f"minimal-{name}", proc, log)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and proc.poll() is None:
+        text = log.read_text(errors="replace")
+        if "listening on" in text:
+            return p, int(text.split("listening on", 1)[1].split()[0].rsplit(":", 1)[1])
+        time.sleep(0.02)
+    stop(p)
+    raise RuntimeError(f"minimal proxy did not start: {log.read_text(errors='replace')[-2000:]}")
+
+
 @dataclass
 class Egressd:
     proc: Proc
@@ -404,6 +427,20 @@ def start_egressd(policies: Path, tmp: Path, *, ready_when_warm: bool, n: int) -
             raise RuntimeError(f"egressd never got ready: {log.read_text(errors='replace')[-2000:]}")
         time.sleep(0.01)
     return Egressd(p, ports["main"], ports["admin"], t0, time.perf_counter() - t0)
+
+
+def egressd_status(admin: int) -> dict[str, Any]:
+    """Per upstream: egressd's own latency (`overhead_p50_ms`/`p99`) and pool, from /status.json
+    (empty for an egressd that does not report them)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status.json", timeout=5) as r:
+            data = json.loads(r.read())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for name, up in (data.get("upstreams") or {}).items():
+        out[name] = {k: up.get(k) for k in ("overhead_p50_ms", "overhead_p99_ms", "p50_ms", "pool")}
+    return out
 
 
 def relay_counts(control: int) -> list[int]:
@@ -609,6 +646,13 @@ def main() -> int:
     p.add_argument("--pool", default="", help="the policies' pool block, a YAML flow mapping, e.g. '{min_warm: 2}'")
     p.add_argument("--ready-when-warm", action="store_true", help="run egressd with --ready-when-warm")
     p.add_argument("--sdks", default=",".join(SDKS))
+    p.add_argument(
+        "--reference",
+        type=int,
+        metavar="RTT_MS",
+        help="also run a minimal aiohttp pass-through proxy (bench/minimal_proxy.py) in egressd's place, "
+        "steady calls at this round trip (one of --rtts): the floor of any sidecar hop",
+    )
     p.add_argument("--quick", action="store_true", help="10 steady calls, 4 sparse rounds, 2 restarts")
     p.add_argument("--json", metavar="FILE", help="also write the samples as JSON")
     p.add_argument("--keep", metavar="DIR", help="keep the logs and policies in DIR")
@@ -643,6 +687,10 @@ def main() -> int:
         fake_ports: dict[str, int] = json.loads(line)
         cells = [Cell(sdk, rtt, mode) for rtt in rtts for sdk in sdks for mode in MODES]
         keys = [(cell, path) for cell in cells for path in PATHS]
+        # The reference: a ~30-line aiohttp pass-through proxy (bench/minimal_proxy.py) in
+        # egressd's place, for the steady cells at one round trip: the floor of any sidecar hop.
+        reference = [Cell(sdk, a.reference, "steady") for sdk in sdks] if a.reference is not None else []
+        keys += [(cell, "minimal") for cell in reference]
         spec = [
             {
                 "target": fake_ports[cell.sdk],
@@ -660,12 +708,19 @@ def main() -> int:
         index = {key: i for i, key in enumerate(keys)}
         policies = tmp / "policies"
         write_policies(policies, cells, ports, ca_path, a.pool)
+        minimal: dict[Cell, int] = {}
+        for cell in reference:
+            proc, port = start_minimal(f"https://127.0.0.1:{ports[cell, 'minimal']}", tmp, cell.sdk)
+            procs.append(proc)
+            minimal[cell] = port
         restarts = 0
         egressd = start_egressd(policies, tmp, ready_when_warm=a.ready_when_warm, n=restarts)
 
         def base(cell: Cell, path: str) -> str:
             if path == "direct":
                 return f"https://127.0.0.1:{ports[cell, path]}"
+            if path == "minimal":
+                return f"http://127.0.0.1:{minimal[cell]}"
             assert egressd is not None
             return f"http://127.0.0.1:{egressd.port}/{cell.upstream}"
 
@@ -680,19 +735,22 @@ def main() -> int:
             for sdk in sdks:
                 cell = Cell(sdk, rtt, "steady")
                 print(f"steady: {sdk} at {rtt} ms ...", file=sys.stderr, flush=True)
-                clients = {path: make_client(sdk, base(cell, path)) for path in PATHS}
-                for path in PATHS:  # the first two calls of each client are not counted
+                paths = PATHS + (("minimal",) if cell in minimal else ())
+                clients = {path: make_client(sdk, base(cell, path)) for path in paths}
+                for path in paths:  # the first two calls of each client are not counted
                     timed(clients[path])
                     timed(clients[path])
                 before = relay_counts(relay["control"])
                 for i in range(a.calls):
-                    order = PATHS if i % 2 == 0 else PATHS[::-1]
+                    order = paths if i % 2 == 0 else paths[::-1]
                     for path in order:
                         samples[key(cell, path, "steady")].append(timed(clients[path]))
                 after = relay_counts(relay["control"])
-                for path in PATHS:
+                for path in paths:
                     j = index[cell, path]
                     conns[key(cell, path, "steady")] = after[j] - before[j]
+
+        own = egressd_status(egressd.admin)  # egressd's own share of the steady calls (if it reports it)
 
         # -- sparse ----------------------------------------------------------------------
         sparse_clients = {
@@ -753,11 +811,13 @@ def main() -> int:
                 "idle_close": a.idle_close,
                 "first_calls": a.first_calls,
                 "pool": a.pool or None,
+                "reference_rtt_ms": a.reference,
                 "ready_when_warm": a.ready_when_warm,
             },
             "egressd_ready_after_s": ready_after,
             "samples": samples,
             "new_connections": conns,
+            "egressd_own_steady": own,
             "elapsed_seconds": round(time.monotonic() - wall0, 1),
         }
         print(render(report))
@@ -853,6 +913,25 @@ def render(report: dict[str, Any]) -> str:
         f"first call: median of {st['first_calls']} restarts. "
         "new conns/call: connections the relay accepted per steady call, direct / through egressd."
     )
+    ref = st.get("reference_rtt_ms")
+    if ref is not None:
+        own = report.get("egressd_own_steady") or {}
+        lines.append("")
+        lines.append(
+            f"Reference at {ref} ms, steady p50 (ms): a minimal aiohttp pass-through proxy "
+            "(bench/minimal_proxy.py) in egressd's place, and egressd's own share from its /status.json."
+        )
+        lines.append("")
+        lines.append("| SDK | direct | minimal proxy | egressd | egressd - minimal | egressd's own p50 / p99 |")
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for sdk in st["sdks"]:
+            d50 = pct(get(sdk, ref, "steady", "direct"), 0.5)
+            m50 = pct(get(sdk, ref, "steady", "minimal"), 0.5)
+            e50 = pct(get(sdk, ref, "steady", "egressd"), 0.5)
+            mine = own.get(f"{sdk}-{ref}ms-steady") or {}
+            o50, o99 = mine.get("overhead_p50_ms"), mine.get("overhead_p99_ms")
+            own_text = "-" if o50 is None else f"{o50:.2f} / {o99:.2f}"
+            lines.append(f"| {sdk} | {_ms(d50)} | {_ms(m50)} | {_ms(e50)} | {(e50 - m50) * 1000:+.2f} | {own_text} |")
     if checks:
         lines.append("")
         lines.append("| target at 20 ms (issue 16) | value | target | verdict |")
