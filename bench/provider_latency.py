@@ -25,6 +25,11 @@ In one run, for every SDK at each round trip (`--rtts`, default 0, 20 and 80 ms)
 - first call after start-up: egressd is restarted `--first-calls` times; after each start
   (and `/readyz` 200), a new SDK client per path makes one call, direct and through egressd.
 
+The steady cells and the sparse ones have separate upstreams in separate policy sets, served
+by egressd one after the other (a warm pool against the relay's short idle close churns,
+and that background work must not load the machine while the steady figures are taken).
+`--pool` is the pool block of every policy, `--pool-sparse` that of the sparse ones.
+
 Prints one markdown table: p50 / p99 per SDK and round trip, the ratio through egressd /
 direct, and a check of issue 16's targets at 20 ms. `--json FILE` writes the raw samples.
 
@@ -644,6 +649,11 @@ def main() -> int:
     p.add_argument("--idle-close", type=float, default=1.0, help="the relay closes sparse connections idle this long")
     p.add_argument("--first-calls", type=int, default=5, help="egressd restarts for the first-call figures")
     p.add_argument("--pool", default="", help="the policies' pool block, a YAML flow mapping, e.g. '{min_warm: 2}'")
+    p.add_argument(
+        "--pool-sparse",
+        help="the pool block of the sparse cells' policies (default: --pool), e.g. with an idle_timeout "
+        "below the relay's --idle-close, as an operator would set it below a provider's keep-alive",
+    )
     p.add_argument("--ready-when-warm", action="store_true", help="run egressd with --ready-when-warm")
     p.add_argument("--sdks", default=",".join(SDKS))
     p.add_argument(
@@ -706,8 +716,15 @@ def main() -> int:
         relay = json.loads(line)
         ports = dict(zip(keys, relay["ports"], strict=True))
         index = {key: i for i, key in enumerate(keys)}
+        # Two policy sets, never served at once: the steady cells (also the first-call
+        # phase) and the sparse ones. A warm pool behind the relay's 1 s idle close is
+        # replaced about every second; in the same process during the steady phase that
+        # churn would load the machine the steady figures are taken on.
         policies = tmp / "policies"
-        write_policies(policies, cells, ports, ca_path, a.pool)
+        write_policies(policies, [c for c in cells if c.mode == "steady"], ports, ca_path, a.pool)
+        sparse_policies = tmp / "policies-sparse"
+        pool_sparse = a.pool if a.pool_sparse is None else a.pool_sparse
+        write_policies(sparse_policies, [c for c in cells if c.mode == "sparse"], ports, ca_path, pool_sparse)
         minimal: dict[Cell, int] = {}
         for cell in reference:
             proc, port = start_minimal(f"https://127.0.0.1:{ports[cell, 'minimal']}", tmp, cell.sdk)
@@ -753,6 +770,9 @@ def main() -> int:
         own = egressd_status(egressd.admin)  # egressd's own share of the steady calls (if it reports it)
 
         # -- sparse ----------------------------------------------------------------------
+        stop(egressd.proc)
+        restarts += 1
+        egressd = start_egressd(sparse_policies, tmp, ready_when_warm=a.ready_when_warm, n=restarts)
         sparse_clients = {
             (cell, path): make_client(cell.sdk, base(cell, path))
             for cell in cells
@@ -778,6 +798,7 @@ def main() -> int:
         for cell, path in sparse_clients:
             j = index[cell, path]
             conns[key(cell, path, "sparse")] = after[j] - before[j]
+        own_sparse = egressd_status(egressd.admin)
 
         # -- the first call after start-up -----------------------------------------------
         ready_after: list[float] = []
@@ -811,6 +832,7 @@ def main() -> int:
                 "idle_close": a.idle_close,
                 "first_calls": a.first_calls,
                 "pool": a.pool or None,
+                "pool_sparse": pool_sparse or None,
                 "reference_rtt_ms": a.reference,
                 "ready_when_warm": a.ready_when_warm,
             },
@@ -818,6 +840,7 @@ def main() -> int:
             "samples": samples,
             "new_connections": conns,
             "egressd_own_steady": own,
+            "egressd_own_sparse": own_sparse,
             "elapsed_seconds": round(time.monotonic() - wall0, 1),
         }
         print(render(report))
@@ -865,7 +888,8 @@ def render(report: dict[str, Any]) -> str:
         f"machine:  {m['nproc']} CPU(s), {m['cpu_model']}, Linux {m['kernel']}, Python {m['python']}, {m['openssl']}",
         "sdks:     " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"settings: {st['calls']} steady calls, {st['sparse_rounds']} sparse calls (relay closes after "
-        f"{st['idle_close']} s idle), {st['first_calls']} restarts per path and cell; pool: {st['pool'] or 'none'}; "
+        f"{st['idle_close']} s idle), {st['first_calls']} restarts per path and cell; pool: {st['pool'] or 'none'}, "
+        f"sparse cells: {st.get('pool_sparse') or 'none'}; "
         f"--ready-when-warm: {'yes' if st['ready_when_warm'] else 'no'}",
         f"loadavg:  start {' '.join(f'{x:.2f}' for x in m['loadavg_start'])}, "
         f"end {' '.join(f'{x:.2f}' for x in report['loadavg_end'])}; egressd ready after "
