@@ -187,6 +187,9 @@ class Admin:
                 **(rt.transport.pool_stats() or {}),
             }
             pool["min_warm"] = settings.min_warm
+            # Handshake counts come from the events (since start, across reloads) instead.
+            pool.pop("handshakes", None)
+            pool.pop("resumed", None)
             snap = board.upstream_snapshot(name, stages, pool)
             snap["target"] = safe_target(rt.policy.target)
             snap["provider"] = rt.policy.provider.name
