@@ -1150,7 +1150,7 @@ class HTTP1Pool:
                     return
             now = conn._loop.time()
             life = self._life(conn)
-            if life > 0:
+            if life > 0 and self.max_idle > 0:
                 conn.idle_since = now
                 conn.expires_at = now + life
                 idle = self._idle

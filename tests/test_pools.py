@@ -272,6 +272,14 @@ async def test_idle_expiry_without_min_warm_closes_and_does_not_reconnect(start_
         assert fake.accepted == 1
 
 
+async def test_max_idle_zero_keeps_no_connection(start_proxy: Any) -> None:
+    async with fake_upstream() as fake:
+        server = await start_proxy([policy(fake.port, pool={"max_idle": 0})])
+        for _ in range(2):
+            assert (await call(server))[0] == 200
+        assert fake.accepted == 2 and pool_of(server).size == 0
+
+
 async def test_the_upstreams_keep_alive_timeout_is_respected(start_proxy: Any) -> None:
     async def short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes, n: int) -> bool:
         writer.write(ok_answer(b"Keep-Alive: timeout=1, max=100\r\n"))
