@@ -718,39 +718,38 @@ class DNSCache:
     def __init__(self, ttl: float = DNS_TTL) -> None:
         self.ttl = ttl
         self._entries: dict[tuple[str, int], tuple[float, list[tuple[int, str]]]] = {}
-        self._pending: dict[tuple[str, int], asyncio.Future[list[tuple[int, str]]]] = {}
+        self._pending: dict[tuple[str, int], asyncio.Task[list[tuple[int, str]]]] = {}
 
     async def resolve(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[tuple[int, str]]:
         """(family, address) pairs for `host`, in the resolver's order."""
         key = (host, port)
-        now = loop.time()
         entry = self._entries.get(key)
-        if entry is not None and entry[0] > now:
+        if entry is not None and entry[0] > loop.time():
             return entry[1]
-        pending = self._pending.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[list[tuple[int, str]]] = loop.create_future()
-        self._pending[key] = future
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            found: list[tuple[int, str]] = []
-            for family, _, _, _, sockaddr in infos:
-                item = (int(family), str(sockaddr[0]))
-                if item not in found:
-                    found.append(item)
-            if not found:
-                raise OSError(f"no address for {host}")
-        except BaseException as exc:
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # retrieved: no "never retrieved" warning without waiters
-            raise
-        finally:
-            self._pending.pop(key, None)
-        self._entries[key] = (loop.time() + self.ttl, found)
-        future.set_result(found)
+        lookup = self._pending.get(key)
+        if lookup is None:
+            # Its own task: a caller that gives up (its connect timeout) does not cancel the
+            # lookup the others wait for.
+            lookup = self._pending[key] = loop.create_task(self._lookup(loop, host, port))
+            lookup.add_done_callback(lambda done: self._settled(key, done))
+        return await asyncio.shield(lookup)
+
+    async def _lookup(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[tuple[int, str]]:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found: list[tuple[int, str]] = []
+        for family, _, _, _, sockaddr in infos:
+            item = (int(family), str(sockaddr[0]))
+            if item not in found:
+                found.append(item)
+        if not found:
+            raise OSError(f"no address for {host}")
+        self._entries[(host, port)] = (loop.time() + self.ttl, found)
         return found
+
+    def _settled(self, key: tuple[str, int], done: asyncio.Task[list[tuple[int, str]]]) -> None:
+        self._pending.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: nobody may be waiting any more
 
     def forget(self, host: str, port: int) -> None:
         """Drop a name (its addresses all refused us: look it up again next time)."""

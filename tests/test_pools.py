@@ -686,3 +686,30 @@ async def _status_page(server: EgressServer) -> str:
     async with ClientSession() as session:
         async with session.get(proxy_url(server, "admin") + "/status") as response:
             return await response.text()
+
+
+async def test_dns_lookups_are_shared_and_failures_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    calls: list[str] = []
+    gate = asyncio.Event()
+    fail = [True]
+
+    async def fake_getaddrinfo(host: Any, port: Any, **kw: Any) -> Any:
+        calls.append(str(host))
+        await gate.wait()
+        if fail[0]:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo)  # no real DNS: loopback only
+    cache = _http1.DNSCache()
+    first = [asyncio.ensure_future(cache.resolve(loop, "api.example.test", 443)) for _ in range(3)]
+    await asyncio.sleep(0)
+    gate.set()
+    for task in first:
+        with pytest.raises(OSError):
+            await task
+    assert calls == ["api.example.test"]  # three callers, one lookup
+    fail[0] = False
+    assert await cache.resolve(loop, "api.example.test", 443) == [(socket.AF_INET, "127.0.0.1")]
+    assert len(calls) == 2  # the failure was not kept
