@@ -10,6 +10,7 @@ import itertools
 import json
 import secrets
 import socket
+import ssl
 import string
 import struct
 import threading
@@ -663,6 +664,7 @@ class FakeServer:
         faults: Faults | None = None,
         ledger: Ledger | None = None,
         shutdown_timeout: float = 2.0,
+        ssl_context: ssl.SSLContext | None = None,
         **options: Any,
     ) -> None:
         if isinstance(app, str):
@@ -673,6 +675,9 @@ class FakeServer:
         self.host = host
         self._port = port
         self._shutdown_timeout = shutdown_timeout
+        # Served over TLS when given (a server-side context with a certificate loaded, e.g.
+        # from `trustme`): `url` is then https:// (bench/provider_latency.py).
+        self.ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
 
     @property
@@ -701,7 +706,8 @@ class FakeServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def url_for(self, path: str) -> str:
         return self.url + (path if path.startswith("/") else "/" + path)
@@ -715,7 +721,7 @@ class FakeServer:
             return self
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=self._shutdown_timeout)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self._port, reuse_address=True)
+        site = web.TCPSite(runner, self.host, self._port, reuse_address=True, ssl_context=self.ssl_context)
         try:
             await site.start()
         except BaseException:

@@ -10,11 +10,24 @@ The body buffer and its flow control are this module's own: above `HIGH_WATER` b
 bytes, reading from the socket pauses (`asyncio.Transport.pause_reading`) until the
 consumer takes them, so a 100 MB answer passes in constant memory.
 
-Only `proxy/transport.py` uses this module. It never resends anything: a reset on a reused
-idle connection before any answer byte is a `ResetError` like any other, because egressd's
-retry stage owns every resend. Failures are `HTTPError`s whose `kind` is the transport's
-detail: `connect_error` (the request never left), `reset`, `timeout`, `protocol_error`,
-`header_too_large` (the answer's head broke `max_field_size` or `max_head_size`).
+The pool can keep connections warm (`min_warm`, `start_warming()`): a background task keeps
+at least that many connections open (idle or carrying a call), TCP- and TLS-handshaken,
+and opens their replacements before they expire (`idle_timeout`, or sooner when the
+upstream's `Keep-Alive: timeout=N` says so) or as soon as the upstream closes one, never on
+a call's path; a call taking a warm connection does not make it connect (its handshake
+would compete with the call for the loop); it backs off (exponential, capped) when the
+upstream refuses or drops its connections. New connections resume the origin's last TLS session
+when the server gave a ticket (`client_context()`), and host names are resolved through a
+small cache (`DNSCache`, 30 s: Python's resolver gives no TTL).
+
+Only `proxy/transport.py` uses this module. It resends nothing on its own: the one
+exception is asked for by the caller (`resend_stale=True`, which the transport passes for
+safe methods with a replayable body): a request whose *reused* connection turns out closed
+or reset before any answer byte goes out once more on a new connection. An unsafe call is
+never resent here; egressd's retry stage owns every other resend. Failures are
+`HTTPError`s whose `kind` is the transport's detail: `connect_error` (the request never
+left), `reset`, `timeout`, `protocol_error`, `header_too_large` (the answer's head broke
+`max_field_size` or `max_head_size`).
 """
 
 from __future__ import annotations
@@ -22,9 +35,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
+import random
+import socket
 import ssl
 from collections.abc import AsyncIterable, Iterable
-from typing import cast
+from typing import Any, Protocol, cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -37,6 +53,17 @@ MAX_HEAD_SIZE = 65536  # the answer's head: status line and fields (with any 1xx
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _NO_BODY_STATUS = (204, 304)
+# Warm pools: the back-off between failed warm-ups (doubling from the first to the cap, each
+# wait drawn from its upper half), and how long a warm connection must live, or whether it
+# must carry a request, before the upstream closing it no longer counts as a failed warm-up.
+WARM_BACKOFF_INITIAL = 0.25
+WARM_BACKOFF_MAX = 30.0
+WARM_PROVEN = 0.5
+# A connection is replaced this long before it expires (at least), so that the replacement's
+# handshake is done by then: twice the last handshake, within [MIN_LEAD, half the idle life].
+MIN_LEAD = 0.1
+# Host names resolve through `DNSCache` for this long (Python's resolver gives no TTL).
+DNS_TTL = 30.0
 
 
 class HTTPError(Exception):
@@ -57,9 +84,15 @@ class ConnectError(HTTPError):
 
 
 class ResetError(HTTPError):
-    """The connection ended or failed after the request (or part of it) was written."""
+    """The connection ended or failed after the request (or part of it) was written.
+    `stale`: it was a reused idle connection and not one answer byte had come (the upstream
+    had closed it, or closed it as the request arrived)."""
 
     kind = "reset"
+
+    def __init__(self, message: str, *, stale: bool = False) -> None:
+        super().__init__(message)
+        self.stale = stale
 
 
 class ReadTimeout(HTTPError):
@@ -117,6 +150,22 @@ def _keep_alive(version: str, headers: CIMultiDict[str]) -> bool:
     return version != "1.0" or "keep-alive" in tokens
 
 
+def keep_alive_timeout(value: str | None) -> float | None:
+    """`timeout=N` of a `Keep-Alive` answer field (RFC 2068 19.7.1.1): how long the server
+    keeps an idle connection; None when absent or unreadable."""
+    if not value:
+        return None
+    for part in value.split(","):
+        name, _, number = part.partition("=")
+        if name.strip().lower() == "timeout":
+            try:
+                seconds = float(number.strip().strip('"'))
+            except ValueError:
+                return None
+            return seconds if seconds >= 0 and seconds == seconds and seconds < 1e9 else None
+    return None
+
+
 class _Connection(asyncio.Protocol):
     """One upstream connection; one exchange at a time. Also the parser's callbacks."""
 
@@ -144,10 +193,15 @@ class _Connection(asyncio.Protocol):
         "_upload",
         "_write_paused",
         "busy",
+        "expires_at",
         "idle_since",
         "keep_alive",
+        "opened_at",
+        "peer_idle",
         "pool",
+        "resumed",
         "reused",
+        "served",
         "transport",
     )
 
@@ -180,6 +234,11 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = True
         self.reused = False
         self.idle_since = 0.0
+        self.expires_at = 0.0  # while idle: when the pool closes it (or replaces it, warm)
+        self.opened_at = loop.time()
+        self.served = 0  # answers read to their end on this connection
+        self.peer_idle: float | None = None  # the upstream's `Keep-Alive: timeout=N`
+        self.resumed = False  # its TLS handshake resumed an earlier session
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -248,6 +307,7 @@ class _Connection(asyncio.Protocol):
             return False
         if self._reading_paused:
             self._resume()
+        self.served += 1
         return self.keep_alive and self.usable
 
     # -- timers ---------------------------------------------------------------------------
@@ -368,7 +428,7 @@ class _Connection(asyncio.Protocol):
                 err: HTTPError = ResetError(f"the connection closed in the middle of the answer's head{reason}")
             else:
                 state = "a reused idle" if self.reused else "a new"
-                err = ResetError(f"{state} connection closed before any answer byte{reason}")
+                err = ResetError(f"{state} connection closed before any answer byte{reason}", stale=self.reused)
             head.set_exception(err)
             return
         answer = self._answer
@@ -440,6 +500,9 @@ class _Connection(asyncio.Protocol):
         else:
             self.keep_alive = parser.should_keep_alive()
             self._until_close = length is None and not chunked and status not in _NO_BODY_STATUS
+        hint = headers.get("Keep-Alive")
+        if hint is not None:
+            self.peer_idle = keep_alive_timeout(hint)
         self._answer = answer
         head = self._head
         if head is not None and not head.done():
@@ -608,8 +671,119 @@ class HTTP1Response:
                 self.close()
 
 
+class ResumingContext(ssl.SSLContext):
+    """A client `SSLContext` that offers the TLS session in `session` on new connections.
+
+    asyncio's `loop.create_connection(ssl=...)` (and uvloop's) takes no `ssl.SSLSession`, but
+    both make their `SSLObject` with `context.wrap_bio(...)`: this override passes the session
+    there, so a pool resumes its origin's last session (TLS 1.3 ticket, or a TLS 1.2 session
+    id or ticket). A server that refuses resumption simply does a full handshake.
+    """
+
+    session: ssl.SSLSession | None = None
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        if session is None and not server_side:
+            session = self.session
+        return super().wrap_bio(
+            incoming, outgoing, server_side=server_side, server_hostname=server_hostname, session=session
+        )
+
+
+def client_context(cafile: str | None = None, *, verify: bool = True) -> ResumingContext:
+    """`ssl.create_default_context(cafile=...)`, as a `ResumingContext`, speaking HTTP/1.1 (ALPN)."""
+    context = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+    if cafile:
+        context.load_verify_locations(cafile=cafile)
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class DNSCache:
+    """Addresses of host names for `ttl` seconds (Python's getaddrinfo gives no TTL, so a fixed
+    one stands in); concurrent lookups of one name share one query; failures are not kept."""
+
+    def __init__(self, ttl: float = DNS_TTL) -> None:
+        self.ttl = ttl
+        self._entries: dict[tuple[str, int], tuple[float, list[tuple[int, str]]]] = {}
+        self._pending: dict[tuple[str, int], asyncio.Task[list[tuple[int, str]]]] = {}
+
+    async def resolve(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[tuple[int, str]]:
+        """(family, address) pairs for `host`, in the resolver's order."""
+        key = (host, port)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] > loop.time():
+            return entry[1]
+        lookup = self._pending.get(key)
+        if lookup is None:
+            # Its own task: a caller that gives up (its connect timeout) does not cancel the
+            # lookup the others wait for.
+            lookup = self._pending[key] = loop.create_task(self._lookup(loop, host, port))
+            lookup.add_done_callback(lambda done: self._settled(key, done))
+        return await asyncio.shield(lookup)
+
+    async def _lookup(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[tuple[int, str]]:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found: list[tuple[int, str]] = []
+        for family, _, _, _, sockaddr in infos:
+            item = (int(family), str(sockaddr[0]))
+            if item not in found:
+                found.append(item)
+        if not found:
+            raise OSError(f"no address for {host}")
+        self._entries[(host, port)] = (loop.time() + self.ttl, found)
+        return found
+
+    def _settled(self, key: tuple[str, int], done: asyncio.Task[list[tuple[int, str]]]) -> None:
+        self._pending.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: nobody may be waiting any more
+
+    def forget(self, host: str, port: int) -> None:
+        """Drop a name (its addresses all refused us: look it up again next time)."""
+        self._entries.pop((host, port), None)
+
+
+#: The process's DNS cache, shared by every pool.
+DNS = DNSCache()
+
+
+class PoolObserver(Protocol):
+    """What a pool tells its owner (proxy/transport.py turns these into events and logs)."""
+
+    def connected(self, seconds: float, resumed: bool, warm: bool) -> None:
+        """A connection is up (TCP and TLS), `seconds` after it was begun."""
+
+    def warm_failed(self, error: str, retry_in: float, failures: int) -> None:
+        """A warm-up failed (`failures` in a row); the next is in `retry_in` seconds."""
+
+    def warm_recovered(self, failures: int) -> None:
+        """A warm connection proved itself after `failures` failed warm-ups."""
+
+    def stale_resend(self) -> None:
+        """A safe request met a closed reused connection and went out on a new one."""
+
+
 class HTTP1Pool:
-    """Keep-alive HTTP/1.1 connections to one origin, and requests over them."""
+    """Keep-alive HTTP/1.1 connections to one origin, and requests over them.
+
+    `keepalive` is the idle timeout: an idle connection is closed after it (sooner when the
+    upstream's `Keep-Alive: timeout=N` asks for less, with a margin). At most `max_idle`
+    connections are kept idle (None: up to `max_connections`). With `min_warm` and
+    `start_warming()`, at least that many connections are kept open in the background.
+    """
 
     def __init__(
         self,
@@ -621,8 +795,13 @@ class HTTP1Pool:
         host_header: str | None = None,
         max_connections: int = 100,
         keepalive: float = 30.0,
+        max_idle: int | None = None,
+        min_warm: int = 0,
+        connect_timeout: float = 2.0,
         max_field_size: int = MAX_FIELD_SIZE,
         max_head_size: int = MAX_HEAD_SIZE,
+        dns: DNSCache | None = None,
+        observer: PoolObserver | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -633,16 +812,43 @@ class HTTP1Pool:
         self.host_header = host_header or host
         self.max_connections = max_connections
         self.keepalive = keepalive
+        self.max_idle = max_connections if max_idle is None else max_idle
+        self.min_warm = min(min_warm, self.max_idle, max_connections)
+        self.connect_timeout = connect_timeout
         # Limits on an answer's head (`--max-response-header-size`, `--max-response-head-size`):
         # past them the answer fails with `HeaderTooLarge`.
         self.max_field_size = max_field_size
         self.max_head_size = max_head_size
+        self.dns = dns if dns is not None else DNS
+        self.observer = observer
+        try:
+            ipaddress.ip_address(host)
+            self._literal = True  # an IP address: nothing to resolve
+        except ValueError:
+            self._literal = False
         self._idle: list[_Connection] = []
         self._waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
         self._total = 0  # connections open or being opened, idle or in use
+        self._opening = 0  # of which being opened
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
         self._host_line = "Host: " + self.host_header
+        # Warm connections (start_warming): the task, its wake-up, the warm-ups under way,
+        # the failures in a row and the back-off they set, and "min_warm was reached once".
+        self._warmer: asyncio.Task[None] | None = None
+        self._warm_wake: asyncio.Event | None = None
+        self._warm_reached: asyncio.Event | None = None
+        self._warming = 0
+        self._warm_next = 0.0  # when the warmer looks again (loop time)
+        self._warm_tasks: set[asyncio.Task[None]] = set()
+        self._failures = 0
+        self._backoff_until = 0.0
+        self._last_handshake = 0.0  # seconds the last connection took to open
+        # Counters since the pool was made (the transport reports them).
+        self.handshakes = 0
+        self.resumed = 0
+        self.stale_resends = 0
+        self.warm_failures = 0
 
     @property
     def size(self) -> int:
@@ -664,6 +870,7 @@ class HTTP1Pool:
         connect_timeout: float | None = None,
         idle_timeout: float | None = None,
         total_timeout: float | None = None,
+        resend_stale: bool = False,
     ) -> HTTP1Response:
         """Send one request and return once the answer's head is in.
 
@@ -671,7 +878,9 @@ class HTTP1Pool:
         body decides them. Bytes get a Content-Length (also b""); None sends no body; an
         async iterable streams with `content_length` or chunked. `idle_timeout` bounds each
         wait for answer bytes (from the end of the request on, also between body parts);
-        `total_timeout` bounds everything, including reading the body.
+        `total_timeout` bounds everything, including reading the body. `resend_stale`
+        (only for a safe method: the caller decides): when a reused connection was closed
+        before one answer byte came, send the request once more on a new connection.
         """
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -683,6 +892,35 @@ class HTTP1Pool:
         if connect_timeout is not None and connect_timeout < connect_budget:
             connect_budget = connect_timeout
         conn = await self._acquire(loop, connect_budget)
+        try:
+            answer = await self._exchange(loop, conn, method, head, body, content_length, idle, deadline, streamed)
+        except ResetError as exc:
+            if not (resend_stale and exc.stale and not streamed and type(exc) is ResetError):
+                raise
+            # The upstream had closed this kept connection (or closed it as the request came):
+            # no answer byte, a safe method, a body we still hold: once more on a new one.
+            self.stale_resends += 1
+            if self.observer is not None:
+                self.observer.stale_resend()
+            left = deadline - loop.time()
+            conn = await self._acquire(loop, min(connect_budget, left), fresh=True)
+            answer = await self._exchange(loop, conn, method, head, body, content_length, idle, deadline, streamed)
+        return HTTP1Response(conn, answer)
+
+    async def _exchange(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: _Connection,
+        method: str,
+        head: bytes,
+        body: bytes | AsyncIterable[bytes] | None,
+        content_length: int | None,
+        idle: float,
+        deadline: float,
+        streamed: bool,
+    ) -> _Answer:
+        """Write the request on `conn` and wait for the answer's head; on failure the
+        connection is closed and its slot given back."""
         try:
             conn.begin(method == "HEAD", idle, deadline, armed=not streamed)
             tr = conn.transport
@@ -698,13 +936,12 @@ class HTTP1Pool:
                 tr.write(head)
                 conn._upload = loop.create_task(conn.send_body(body, content_length))
             assert conn._head is not None
-            answer = await conn._head
+            return await conn._head
         except BaseException:
             conn.finish()
             conn.abort()
             self._release(conn, False)
             raise
-        return HTTP1Response(conn, answer)
 
     def _serialize(
         self,
@@ -734,20 +971,23 @@ class HTTP1Pool:
         return text.encode("utf-8", "surrogateescape")
 
     # -- the pool -------------------------------------------------------------------------
-    async def _acquire(self, loop: asyncio.AbstractEventLoop, budget: float) -> _Connection:
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, budget: float, *, fresh: bool = False) -> _Connection:
         if self._closed:
             raise ConnectError("the connection pool is closed")
         idle = self._idle
-        if idle:
+        if idle and not fresh:
             now = loop.time()
-            limit = now - self.keepalive
+            taken = False
             while idle:
                 conn = idle.pop()
-                if conn.usable and conn.idle_since > limit:
+                if conn.usable and conn.expires_at > now:
                     conn.reused = True
-                    return conn
+                    taken = True
+                    break
                 conn.close()
                 self._total -= 1
+            if taken:
+                return conn
         if self._total < self.max_connections:
             self._total += 1
             return await self._open(loop, budget)
@@ -768,10 +1008,10 @@ class HTTP1Pool:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
         if got is not None:
-            if got.usable:
+            if got.usable and not fresh:
                 got.reused = True
                 return got
-            got.close()  # it died on the way to us; its slot is ours
+            got.close()  # it died on the way to us (or a new one is wanted); its slot is ours
         # A slot was handed over (already counted for us): open a connection in it.
         return await self._open(loop, budget - (loop.time() - started))
 
@@ -786,20 +1026,23 @@ class HTTP1Pool:
         else:
             self._release(got, got.usable)
 
-    async def _open(self, loop: asyncio.AbstractEventLoop, budget: float) -> _Connection:
+    async def _open(self, loop: asyncio.AbstractEventLoop, budget: float, *, warm: bool = False) -> _Connection:
         """Open a connection in a slot already counted in `_total`."""
         where = f"{self.host}:{self.port}"
+        context = self.ssl_context
+        self._opening += 1
+        began = loop.time()
         try:
             if budget <= 0:
                 raise TimeoutError
             async with asyncio.timeout(budget):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(loop, self),
-                    self.host,
-                    self.port,
-                    ssl=self.ssl_context,
-                    server_hostname=self.server_hostname,
-                )
+                if self._literal:
+                    addresses = [(0, self.host)]
+                else:
+                    addresses = await self.dns.resolve(loop, self.host, self.port)
+                if isinstance(context, ResumingContext):
+                    context.session = self._tls_session(context)
+                conn = await self._connect(loop, addresses)
         except BaseException as exc:
             self._total -= 1
             self._wake()
@@ -810,11 +1053,67 @@ class HTTP1Pool:
             if isinstance(exc, OSError):
                 raise ConnectError(f"cannot connect to {where}: {exc}") from exc
             raise
+        finally:
+            self._opening -= 1
         if self._closed:
             conn.close()
             self._total -= 1
             raise ConnectError("the connection pool is closed")
+        took = loop.time() - began
+        self._last_handshake = took
+        self.handshakes += 1
+        if context is not None and conn.transport is not None:
+            sslobj = conn.transport.get_extra_info("ssl_object")
+            conn.resumed = bool(sslobj is not None and sslobj.session_reused)
+            self.resumed += conn.resumed
+        if self.observer is not None:
+            self.observer.connected(took, conn.resumed, warm)
         return conn
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, addresses: list[tuple[int, str]]) -> _Connection:
+        """Connect to the first address that answers (in the resolver's order)."""
+        error: OSError | None = None
+        for family, address in addresses:
+            try:
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop, self),
+                    address,
+                    self.port,
+                    family=family,
+                    ssl=self.ssl_context,
+                    server_hostname=self.server_hostname,
+                )
+                return conn
+            except ssl.SSLError:
+                raise  # the address answered: TLS failed, and another would fail alike
+            except OSError as exc:
+                error = exc
+        if not self._literal:
+            self.dns.forget(self.host, self.port)  # every address refused: look it up anew next time
+        assert error is not None
+        raise error
+
+    def _tls_session(self, context: ResumingContext) -> ssl.SSLSession | None:
+        """The session to resume: the newest live connection's (its ticket may have come
+        after the handshake), else the last one seen."""
+        for conn in reversed(self._idle):
+            tr = conn.transport
+            sslobj = tr.get_extra_info("ssl_object") if tr is not None else None
+            session = sslobj.session if sslobj is not None else None
+            if session is not None and session.has_ticket:
+                return cast(ssl.SSLSession, session)
+        return context.session
+
+    def _remember_session(self, conn: _Connection) -> None:
+        """Keep `conn`'s TLS session (with its ticket) for the next connection to resume."""
+        context = self.ssl_context
+        tr = conn.transport
+        if not isinstance(context, ResumingContext) or tr is None:
+            return
+        sslobj = tr.get_extra_info("ssl_object")
+        session = sslobj.session if sslobj is not None else None
+        if session is not None and session.has_ticket:
+            context.session = session
 
     def _wake(self) -> None:
         """A slot became free: hand it to the first live waiter."""
@@ -824,19 +1123,52 @@ class HTTP1Pool:
                 self._total += 1
                 waiter.set_result(None)
                 return
+        if self._warm_wake is not None and self._total < self.min_warm:
+            self._warm_wake.set()  # a connection went: the warmer replaces it
+
+    def _life(self, conn: _Connection) -> float:
+        """How long `conn` may stay idle: the pool's idle timeout, or less when the upstream
+        announced a shorter one (`Keep-Alive: timeout=N`; closed a quarter earlier, at most
+        1 s earlier, so that the upstream's own close does not cross a request)."""
+        life = self.keepalive
+        peer = conn.peer_idle
+        if peer is not None:
+            life = min(life, peer - min(1.0, peer / 4))
+        return life
 
     def _release(self, conn: _Connection, reusable: bool) -> None:
+        if conn.served == 1 and self.ssl_context is not None:
+            self._remember_session(conn)  # by its first answer, a TLS 1.3 ticket has come
+        if conn.served and self._failures:
+            self._recovered()
         if reusable and not self._closed:
             while self._waiters:
                 waiter = self._waiters.popleft()
                 if not waiter.done():
                     waiter.set_result(conn)
                     return
-            conn.idle_since = conn._loop.time()
-            self._idle.append(conn)
-            if self._sweeper is None:
-                self._sweeper = conn._loop.call_later(self.keepalive, self._sweep)
-            return
+            now = conn._loop.time()
+            life = self._life(conn)
+            if life > 0 and self.max_idle > 0:
+                conn.idle_since = now
+                conn.expires_at = now + life
+                idle = self._idle
+                if len(idle) >= self.max_idle:
+                    oldest = idle.pop(0)  # over max_idle: keep the freshest
+                    oldest.close()
+                    self._total -= 1
+                idle.append(conn)
+                sweeper = self._sweeper
+                if sweeper is None or sweeper.when() > conn.expires_at:
+                    if sweeper is not None:
+                        sweeper.cancel()
+                    self._sweeper = conn._loop.call_at(conn.expires_at, self._sweep)
+                reached = self._warm_reached
+                if reached is not None and not reached.is_set() and len(idle) >= self.min_warm:
+                    reached.set()
+                if self._warm_wake is not None and conn.expires_at < self._warm_next:
+                    self._warm_wake.set()  # it expires before the warmer's next look: plan its replacement
+                return
         conn.close()
         self._total -= 1
         self._wake()
@@ -848,6 +1180,13 @@ class HTTP1Pool:
         except ValueError:
             return
         self._total -= 1
+        if self._warmer is not None and not conn.served:
+            now = conn._loop.time()
+            if now - conn.opened_at < WARM_PROVEN:
+                # Accepted, then closed before it carried anything: as good as refused.
+                self._warm_failed(now, "the upstream closed a new connection at once")
+            elif self._failures:
+                self._recovered()
         self._wake()
 
     def _sweep(self) -> None:
@@ -855,22 +1194,173 @@ class HTTP1Pool:
         if not self._idle:
             return
         loop = self._idle[0]._loop
-        limit = loop.time() - self.keepalive
+        now = loop.time()
         keep = []
         for conn in self._idle:
-            if conn.idle_since > limit and conn.usable:
+            if conn.expires_at > now and conn.usable:
                 keep.append(conn)
             else:
+                if conn.served == 0 and now - conn.opened_at >= WARM_PROVEN and self._failures:
+                    self._recovered()
+                if self.ssl_context is not None:
+                    self._remember_session(conn)
                 conn.close()
                 self._total -= 1
         self._idle[:] = keep
         self._wake()
         if keep:
-            self._sweeper = loop.call_later(self.keepalive, self._sweep)
+            self._sweeper = loop.call_at(min(c.expires_at for c in keep), self._sweep)
+
+    # -- warm connections -----------------------------------------------------------------
+    def start_warming(self) -> None:
+        """Keep `min_warm` connections open from now on (a background task)."""
+        if self.min_warm <= 0 or self._warmer is not None or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._warm_wake = asyncio.Event()
+        if self._warm_reached is None:
+            self._warm_reached = asyncio.Event()
+        self._warmer = loop.create_task(self._keep_warm(loop), name=f"warm {self.host}:{self.port}")
+
+    def stop_warming(self) -> None:
+        """No more warm-ups (the pool is being retired); idle connections are closed."""
+        self.min_warm = 0
+        warmer, self._warmer = self._warmer, None
+        if warmer is not None:
+            warmer.cancel()
+        for task in list(self._warm_tasks):
+            task.cancel()
+        self._warm_wake = None
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+            self._total -= 1
+        self._wake()
+
+    async def wait_warm(self) -> None:
+        """Return once `min_warm` idle connections were up at the same time (at once without
+        warming)."""
+        if self.min_warm <= 0 or len(self._idle) >= self.min_warm:
+            return
+        if self._warm_reached is None:
+            self._warm_reached = asyncio.Event()
+        await self._warm_reached.wait()
+
+    def _lead(self) -> float:
+        """How long before an idle connection's expiry its replacement is begun."""
+        return max(MIN_LEAD, 2 * self._last_handshake)
+
+    def _counts_as_warm(self, conn: _Connection, now: float, lead: float) -> bool:
+        life = conn.expires_at - conn.idle_since
+        return conn.expires_at - min(lead, life / 2) > now
+
+    async def _keep_warm(self, loop: asyncio.AbstractEventLoop) -> None:
+        wake = self._warm_wake
+        assert wake is not None
+        while not self._closed:
+            wake.clear()
+            now = loop.time()
+            lead = self._lead()
+            # Connections that count: all open or being opened (in use ones too), but not
+            # idle ones about to expire (their replacements are begun now).
+            counted = self._total
+            next_check = now + 3600.0
+            for conn in self._idle:
+                if not conn.usable:
+                    counted -= 1
+                elif self._counts_as_warm(conn, now, lead):
+                    life = conn.expires_at - conn.idle_since
+                    next_check = min(next_check, conn.expires_at - min(lead, life / 2))
+                else:
+                    counted -= 1
+                    next_check = min(next_check, conn.expires_at)  # the sweeper closes it then
+            need = self.min_warm - counted
+            if need > 0:
+                if now < self._backoff_until:
+                    next_check = min(next_check, self._backoff_until)
+                else:
+                    for _ in range(min(need, self.max_connections - self._total)):
+                        self._total += 1
+                        self._warming += 1
+                        task = loop.create_task(self._warm_one(loop))
+                        self._warm_tasks.add(task)
+                        task.add_done_callback(self._warm_tasks.discard)
+            self._warm_next = next_check
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(next_check - loop.time(), 0.001)):
+                    await wake.wait()
+
+    async def _warm_one(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Open one warm connection in a slot already counted (and in `_warming`)."""
+        try:
+            conn = await self._open(loop, self.connect_timeout, warm=True)
+        except ConnectError as exc:
+            self._warm_failed(loop.time(), str(exc))
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never let a warm-up kill the loop: back off instead
+            self._warm_failed(loop.time(), f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            self._warming -= 1
+            if self._warm_wake is not None:
+                self._warm_wake.set()
+        self._release(conn, conn.usable and self._warmer is not None)
+
+    def _warm_failed(self, now: float, error: str) -> None:
+        if self._closed or self._warmer is None:
+            return  # the pool is closing or retired: nothing to report
+        self._failures += 1
+        self.warm_failures += 1
+        delay = min(WARM_BACKOFF_MAX, WARM_BACKOFF_INITIAL * 2 ** min(self._failures - 1, 30))
+        delay *= 0.5 + random.random() / 2
+        self._backoff_until = max(self._backoff_until, now + delay)
+        if self.observer is not None:
+            self.observer.warm_failed(error, delay, self._failures)
+        if self._warm_wake is not None:
+            self._warm_wake.set()
+
+    def _recovered(self) -> None:
+        failures, self._failures = self._failures, 0
+        self._backoff_until = 0.0
+        if self.observer is not None and self._warmer is not None:
+            self.observer.warm_recovered(failures)
+
+    def stats(self) -> dict[str, Any]:
+        """Connections now and counters since the pool was made (for /status)."""
+        idle = len(self._idle)
+        warm = 0
+        backoff = 0.0
+        if self._idle or self._backoff_until:
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            lead = self._lead()
+            fresh = sum(1 for c in self._idle if c.usable and self._counts_as_warm(c, now, lead))
+            warm = min(fresh, self.min_warm)
+            backoff = max(0.0, self._backoff_until - now)
+        return {
+            "open": self._total - self._opening,
+            "idle": idle,
+            "in_use": self._total - self._opening - idle,
+            "opening": self._opening,
+            "warm": warm,  # idle connections kept ready for min_warm (not about to expire)
+            "min_warm": self.min_warm,
+            "handshakes": self.handshakes,
+            "resumed": self.resumed,
+            "stale_resends": self.stale_resends,
+            "warm_failures": self.warm_failures,
+            "backoff_seconds": round(backoff, 3),
+        }
 
     async def close(self) -> None:
         """Close idle connections now; connections in use close when they are released."""
         self._closed = True
+        warmer, self._warmer = self._warmer, None
+        if warmer is not None:
+            warmer.cancel()
+        for task in list(self._warm_tasks):
+            task.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -882,5 +1372,5 @@ class HTTP1Pool:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(ConnectError("the connection pool is closed"))
-        if idle:
+        if idle or warmer is not None:
             await asyncio.sleep(0)  # let the transports run connection_lost

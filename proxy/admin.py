@@ -206,7 +206,23 @@ class Admin:
                 if snapshot is not None:
                     with contextlib.suppress(Exception):
                         stages[str(getattr(stage, "name", type(stage).__name__))] = await snapshot()
-            snap = board.upstream_snapshot(name, stages)
+            settings = rt.policy.pool
+            pool: dict[str, Any] = {
+                "min_warm": settings.min_warm,
+                "max_idle": settings.max_idle if settings.max_idle is not None else rt.policy.limits.max_concurrency,
+                "idle_timeout": settings.idle_timeout,
+                "open": 0,
+                "idle": 0,
+                "in_use": 0,
+                "opening": 0,
+                "warm": 0,
+                **(rt.transport.pool_stats() or {}),
+            }
+            pool["min_warm"] = settings.min_warm
+            # Handshake counts come from the events (since start, across reloads) instead.
+            pool.pop("handshakes", None)
+            pool.pop("resumed", None)
+            snap = board.upstream_snapshot(name, stages, pool)
             snap["target"] = safe_target(rt.policy.target)
             snap["provider"] = rt.policy.provider.name
             snap["stages"] = list(rt.pipeline.stage_names)

@@ -87,6 +87,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="the inbound webhook listener (POST /<upstream> from the providers); off when not given",
     )
+    run.add_argument(
+        "--ready-when-warm",
+        action="store_true",
+        default=_env("EGRESSD_READY_WHEN_WARM", "").strip().lower() in ("1", "true", "yes", "on"),
+        help="keep /readyz at 503 after start until every upstream's pool.min_warm connections are up "
+        "(at most --warm-wait seconds)",
+    )
+    run.add_argument(
+        "--warm-wait",
+        default=_env("EGRESSD_WARM_WAIT", "10"),
+        metavar="SECONDS",
+        help="with --ready-when-warm: turn ready anyway after this long, logging the upstreams still cold",
+    )
     for flag, env, default, _, text in HEAD_LIMITS:
         run.add_argument(flag, default=_env(env, str(default)), metavar="N", help=f"{text} (default {default})")
 
@@ -144,8 +157,9 @@ def _run(args: argparse.Namespace) -> int:
         drain = float(args.drain)
         header_timeout = float(args.header_timeout)
         keepalive_timeout = float(args.keepalive_timeout)
-        if drain < 0 or header_timeout < 0 or keepalive_timeout < 0:
-            raise ValueError("--drain, --header-timeout and --keepalive-timeout must not be negative")
+        warm_wait = float(args.warm_wait)
+        if drain < 0 or header_timeout < 0 or keepalive_timeout < 0 or warm_wait < 0:
+            raise ValueError("--drain, --header-timeout, --keepalive-timeout and --warm-wait must not be negative")
         limits = [_head_limit(args, flag, upper) for flag, _, _, upper, _ in HEAD_LIMITS]
         settings = Settings(
             policies=Path(args.policies),
@@ -162,6 +176,8 @@ def _run(args: argparse.Namespace) -> int:
             max_response_header_size=limits[2],
             max_response_head_size=limits[3],
             webhook_listen=parse_hostport(args.webhook_listen) if args.webhook_listen else None,
+            ready_when_warm=bool(args.ready_when_warm),
+            warm_wait=warm_wait,
         )
     except ValueError as exc:
         print(f"egressd: {exc}", file=sys.stderr)

@@ -37,15 +37,32 @@ class CallFinished(NamedTuple):
     # The app closed its connection before the answer: the call either ended there
     # (outcome app_gone, status 499) or was owned by egressd to its outcome (contract 7.2).
     app_gone: bool = False
+    # Seconds of `duration` spent inside egressd itself: the duration minus the time its
+    # attempts waited on the upstream and the waits a policy asked for (rate-limit queue,
+    # retry back-off, joining an identical call in flight); None when not known (a call
+    # whose app left, or a request refused before it became a call).
+    overhead: float | None = None
 
 
 class AttemptFinished(NamedTuple):
     """One try to an upstream ended; result is a status class or an error kind."""
 
     upstream: str
-    result: str  # 2xx | 3xx | 4xx | 429 | 5xx | connect_error | timeout | reset | protocol_error
+    # 2xx | 3xx | 4xx | 429 | 5xx | connect_error | timeout | reset | protocol_error, or
+    # stale_connection: a reused connection the upstream had closed (a safe call then went
+    # out again on a new connection within the same attempt: proxy/_http1.py)
+    result: str
     status: int | None
     duration: float
+
+
+class PoolConnected(NamedTuple):
+    """A new upstream connection is up (TCP and TLS): for a call, or warm in the background."""
+
+    upstream: str
+    seconds: float  # from the start of the connect (DNS included) to the end of the handshake
+    resumed: bool  # the TLS handshake resumed an earlier session
+    warm: bool  # opened by the warm pool, not on a call's path
 
 
 class RetryScheduled(NamedTuple):
@@ -145,6 +162,7 @@ class WebhookDepth(NamedTuple):
 Event = (
     CallFinished
     | AttemptFinished
+    | PoolConnected
     | RetryScheduled
     | RetrySkipped
     | CircuitChanged

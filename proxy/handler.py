@@ -178,6 +178,7 @@ class ProxyHandler:
         rt: UpstreamRuntime | None = None
         route = fixed or ""
         path = request.raw_path
+        story: CallStory | None = None
         try:
             if self.draining:
                 raise ProxyError("draining", "egressd is shutting down", retry_after=1)
@@ -196,6 +197,7 @@ class ProxyHandler:
             call = await self._make_call(
                 request, rt, target.path, target.query, request_id, started, continued if expects_continue else None
             )
+            story = call.story
             if unsafe_method(call.method):
                 response = await self._owned(call, rt, route, path, request, started)
             else:
@@ -258,7 +260,7 @@ class ProxyHandler:
                 plugin=rt.plugin if rt else None,
                 upstream=rt.name if rt else "",
             )
-        return await self._write(request, response, route, path, request_id, started)
+        return await self._write(request, response, route, path, request_id, started, story)
 
     # -- ownership of unsafe calls (contract 7.2) ----------------------------------------
     async def _owned(
@@ -388,7 +390,14 @@ class ProxyHandler:
         )
 
     async def _write(
-        self, request: web.BaseRequest, response: Response, route: str, path: str, request_id: str, started: float
+        self,
+        request: web.BaseRequest,
+        response: Response,
+        route: str,
+        path: str,
+        request_id: str,
+        started: float,
+        story: CallStory | None = None,
     ) -> web.StreamResponse:
         headers = response.headers
         headers["X-Request-Id"] = request_id
@@ -425,13 +434,15 @@ class ProxyHandler:
                 aborted = exc.code if isinstance(exc, ProxyError) else type(exc).__name__
                 if request.transport is not None:
                     request.transport.abort()
-                self._finish(response, route, path, request_id, self.clock.now() - started, sent, request, aborted)
+                self._finish(
+                    response, route, path, request_id, self.clock.now() - started, sent, request, aborted, story=story
+                )
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 return out
             finally:
                 await response.close()
-        self._finish(response, route, path, request_id, duration, sent, request, aborted)
+        self._finish(response, route, path, request_id, duration, sent, request, aborted, story=story)
         return out
 
     def _finish(
@@ -446,8 +457,14 @@ class ProxyHandler:
         aborted: str | None,
         *,
         app_gone: bool = False,
+        story: CallStory | None = None,
     ) -> None:
         status = response.status
+        # egressd's own share of the call: what neither the upstream's attempts nor a wait
+        # the policy asked for took (docs/operations.md, "overhead").
+        overhead = None
+        if story is not None and not app_gone:
+            overhead = max(0.0, duration - story.upstream_seconds - story.held_seconds)
         noted = response.outcome  # "replayed" or "cached", set by the stages
         if response.error_code:
             outcome = "proxy_error"
@@ -480,5 +497,6 @@ class ProxyHandler:
                 bytes_out=sent,
                 detail=response.detail or response.retry_skipped,
                 app_gone=app_gone,
+                overhead=overhead,
             )
         )

@@ -134,11 +134,17 @@ class CallStory:
     and whether the app went away while egressd owned the call.
     """
 
-    __slots__ = ("app_gone", "attempts", "before_send", "failover_from", "sending")
+    __slots__ = ("app_gone", "attempts", "before_send", "failover_from", "held_seconds", "sending", "upstream_seconds")
 
     def __init__(self, *, failover_from: str | None = None) -> None:
         self.attempts: list[Attempt] = []  # finished tries, in order
         self.sending = 0  # tries started (a request written or being written upstream)
+        # Where the call's time went outside egressd (for its overhead, `CallFinished`):
+        # waiting on the upstream's attempts (from taking a connection to the answer's head,
+        # and its body when read whole), and waits a policy asked for (rate-limit queue,
+        # retry back-off, an identical call in flight that this one joined).
+        self.upstream_seconds = 0.0
+        self.held_seconds = 0.0
         self.app_gone = False  # the app closed its connection before the answer
         self.failover_from: str | None = failover_from  # set on calls a failover sends
         # Awaited by the transport before each try writes its first byte, with the

@@ -175,7 +175,11 @@ class OAuthSender:
         body = call.body
         if not body.replayable and (body.length is None or body.length <= self.max_body):
             await body.read()  # a resend with a fresh token needs the body again
+        clock = self.transport.clock
+        began = clock.now()
         token = await self.tokens.token(stale=rejected)
+        if call.story is not None:  # a token fetch waits on the provider, not on egressd
+            call.story.upstream_seconds += clock.now() - began
         response = await self.transport.send(call, extra_headers={"Authorization": "Bearer " + token})
         return response, token
 

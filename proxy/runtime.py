@@ -5,7 +5,9 @@ in-flight calls finish under the policy they started with. State that belongs to
 upstream (circuit, limiter, cache, idempotency records) lives in the state backend under
 keys scoped by a fingerprint of the settings it depends on: an upstream whose relevant
 settings did not change finds its state again after a reload. Pooled connections are
-kept when the transport settings did not change.
+kept when the transport settings did not change; a new or changed upstream's pool opens
+its `pool.min_warm` connections in the background as soon as it is swapped in, and a
+replaced pool stops warming and closes its idle connections at once.
 """
 
 from __future__ import annotations
@@ -136,13 +138,38 @@ class Runtime:
         self.policy_set = policy_set
         self.version = policy_set.version
         kept = {id(rt.transport) for rt in built.values()}
+        previous = {id(rt.transport) for rt in old.values()}
+        for rt in built.values():
+            if id(rt.transport) not in previous:
+                # A new or changed upstream: its `pool.min_warm` connections are opened now,
+                # in the background, so its first call finds them (a kept one already has them).
+                rt.transport.warm()
         for rt in old.values():
             if id(rt.transport) not in kept:
+                # No more warm-ups for a replaced pool, and its idle connections go now.
+                rt.transport.retire()
                 # Let calls that started under the old policy finish before closing its pool.
                 grace = rt.policy.timeouts.total + 1.0
                 task = asyncio.get_running_loop().create_task(_close_later(rt.transport, grace))
                 self._retired.add(task)
                 task.add_done_callback(self._retired.discard)
+
+    async def wait_warm(self) -> None:
+        """Return once every upstream's pool has had its `pool.min_warm` idle connections up
+        (the caller bounds the wait: `--ready-when-warm`)."""
+        waits = [rt.transport.wait_warm() for rt in self.upstreams.values() if rt.policy.pool.min_warm > 0]
+        if waits:
+            await asyncio.gather(*waits)
+
+    def not_warm(self) -> list[str]:
+        """Upstreams whose pool has fewer idle connections than `pool.min_warm` now."""
+        late = []
+        for name, rt in sorted(self.upstreams.items()):
+            need = rt.policy.pool.min_warm
+            stats = rt.transport.pool_stats()
+            if need > 0 and (stats is None or stats["idle"] < need):
+                late.append(name)
+        return late
 
     async def close(self) -> None:
         retired = list(self._retired)

@@ -93,6 +93,12 @@ class Settings:
     data_dir: Path | None = None
     # The inbound webhook listener (`--webhook-listen`, contract 7.5); None: off.
     webhook_listen: tuple[str, int] | None = None
+    # `--ready-when-warm`: /readyz stays 503 at start-up until every upstream's pool has its
+    # `pool.min_warm` connections up, or `warm_wait` seconds passed (then it turns ready
+    # anyway, with a warning naming the upstreams still cold: a provider that is down must
+    # not keep the pod out of service forever; its calls then connect as they come).
+    ready_when_warm: bool = False
+    warm_wait: float = 10.0
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -137,7 +143,7 @@ class EgressServer:
         self.webhook_listener = WebhookListener(
             self.runtime, self.webhook_store, self.clock, self.events, wake=self.webhooks.wake
         )
-        self.metrics = Metrics(tallies=self.events.tallies)
+        self.metrics = Metrics(tallies=self.events.tallies, pools=self.pool_stats)
         self.status = StatusBoard(tallies=self.events.tallies)
         self.events.subscribe(self.metrics)
         self.events.subscribe(self.status)
@@ -157,6 +163,10 @@ class EgressServer:
             applied=self._applied,
             spawn=self.spawn,
         )
+
+    def pool_stats(self) -> dict[str, dict[str, Any] | None]:
+        """Each upstream pool's connections and counters now (None: not used yet)."""
+        return {name: rt.transport.pool_stats() for name, rt in self.runtime.upstreams.items()}
 
     @property
     def draining(self) -> bool:
@@ -188,7 +198,10 @@ class EgressServer:
         except OSError as exc:
             await self.stop()
             raise StartupError(f"cannot listen: {exc}") from exc
-        self.ready = True
+        if self.settings.ready_when_warm and any(rt.policy.pool.min_warm for rt in built.values()):
+            self.spawn(self._ready_when_warm())
+        else:
+            self.ready = True
         self.outbox.start()
         self.webhooks.start()
         hooked = sorted(name for name, rt in built.items() if rt.policy.webhooks is not None)
@@ -215,6 +228,24 @@ class EgressServer:
             "policies loaded",
             extra={"version": self.runtime.version, "upstreams": sorted(built), "state_backend": self.state.name},
         )
+
+    async def _ready_when_warm(self) -> None:
+        """`--ready-when-warm`: ready once the warm connections are up, or after `warm_wait`."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        wait = self.settings.warm_wait
+        try:
+            await asyncio.wait_for(self.runtime.wait_warm(), timeout=wait)
+        except TimeoutError:
+            log.warning(
+                f"ready without every warm connection: upstreams still connecting after {wait:g} s "
+                "(--warm-wait); their first calls connect as they come",
+                extra={"upstreams": self.runtime.not_warm(), "warm_wait": wait},
+            )
+        else:
+            log.info("warm connections are up", extra={"seconds": round(loop.time() - began, 3)})
+        if not self.draining:
+            self.ready = True
 
     def _proxy_server(self, fixed_upstream: str | None) -> web.Server:
         """The server of the main listener (None) or of one upstream's own `listen` port."""

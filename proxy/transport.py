@@ -1,11 +1,15 @@
 """The only module that speaks HTTP to upstreams.
 
-One connection pool per upstream (keep-alive, `limits.max_concurrency` connections) of
-egressd's lean HTTP/1.1 client (`proxy/_http1.py`, llhttp through httptools), plus a small
-pool per other origin the upstream's auth needs (an OAuth token endpoint, `fetch`);
-connect/attempt/total timeouts, header hygiene, auth injection and streamed bodies both
-ways. Failures become `ProxyError`s whose `detail` says what kind of failure it was;
-`connect_error` means the request provably never left this process.
+One connection pool per upstream (keep-alive, `limits.max_concurrency` connections, the
+policy's `pool` block: `max_idle`, `idle_timeout`, `min_warm`) of egressd's lean HTTP/1.1
+client (`proxy/_http1.py`, llhttp through httptools), plus a small pool per other origin
+the upstream's auth needs (an OAuth token endpoint, `fetch`); connect/attempt/total
+timeouts, header hygiene, auth injection and streamed bodies both ways. Failures become
+`ProxyError`s whose `detail` says what kind of failure it was; `connect_error` means the
+request provably never left this process.
+
+`warm()` starts the pool's warm connections (the runtime calls it when a policy loads);
+`retire()` stops them when a reload replaces the transport.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import base64
 import functools
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
@@ -25,9 +30,9 @@ from plugins.registry import available as _plugins
 from proxy import _http1
 from proxy.clock import Clock
 from proxy.errors import ProxyError
-from proxy.events import AttemptFinished, EventBus
+from proxy.events import AttemptFinished, EventBus, PoolConnected
 from proxy.headers import HOP_BY_HOP, strip_hop_by_hop
-from proxy.model import Attempt, Call, Response
+from proxy.model import Attempt, Call, CallStory, Response, unsafe_method
 
 if TYPE_CHECKING:
     from proxy.config.schema import Policy
@@ -116,39 +121,58 @@ class Transport:
 
     def fingerprint(self) -> str:
         """Settings that, when unchanged across a reload, let the pools be kept."""
-        return self.policy.fingerprint("target", "tls", "limits", "timeouts", "auth", "headers", "provider")
+        return self.policy.fingerprint("target", "tls", "limits", "timeouts", "auth", "headers", "provider", "pool")
 
     def _ssl_context(self) -> ssl.SSLContext:
-        """TLS for every pool of this upstream: `tls.verify` and `tls.ca_file` apply alike."""
+        """TLS for every pool of this upstream: `tls.verify` and `tls.ca_file` apply alike.
+        Each pool gets its own context, which carries its origin's TLS session to resume."""
         tls = self.policy.tls
-        if tls is not None and tls.ca_file:
-            context = ssl.create_default_context(cafile=tls.ca_file)
-        else:
-            context = ssl.create_default_context()
-        if tls is not None and not tls.verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        context.set_alpn_protocols(["http/1.1"])
-        return context
+        return _http1.client_context(tls.ca_file or None, verify=tls.verify)
 
-    def _new_pool(self, url: URL, max_connections: int) -> _http1.HTTP1Pool:
+    def _new_pool(self, url: URL, max_connections: int, *, own: bool = False) -> _http1.HTTP1Pool:
+        """A pool for `url`'s origin; `own`: the upstream's target, with the `pool` block."""
         https = url.scheme == "https"
+        settings = self.policy.pool
         return _http1.HTTP1Pool(
             url.raw_host or "",
             url.port or (443 if https else 80),
             ssl_context=self._ssl_context() if https else None,
             host_header=url.host_port_subcomponent,
             max_connections=max_connections,
-            keepalive=30.0,
+            keepalive=settings.idle_timeout if own else 30.0,
+            max_idle=settings.max_idle if own else None,
+            min_warm=settings.min_warm if own else 0,
+            connect_timeout=self._connect_timeout,
             max_field_size=self.limits.header_size,
             max_head_size=self.limits.head_size,
+            observer=_PoolEvents(self.name, self.events) if own else None,
         )
 
     def pool(self) -> _http1.HTTP1Pool:
         """The upstream's pool (its target's origin)."""
         if self._pool is None:
-            self._pool = self._new_pool(self._origin, self.policy.limits.max_concurrency)
+            self._pool = self._new_pool(self._origin, self.policy.limits.max_concurrency, own=True)
         return self._pool
+
+    def warm(self) -> None:
+        """Start keeping `pool.min_warm` connections ready (no-op without it)."""
+        if self.policy.pool.min_warm > 0:
+            self.pool().start_warming()
+
+    async def wait_warm(self) -> None:
+        """Return once the pool has had `pool.min_warm` idle connections up at once."""
+        if self.policy.pool.min_warm > 0:
+            await self.pool().wait_warm()
+
+    def retire(self) -> None:
+        """A reload replaced this transport: no more warm-ups, idle connections closed now
+        (calls still running on it keep theirs; `close()` follows after the grace)."""
+        if self._pool is not None:
+            self._pool.stop_warming()
+
+    def pool_stats(self) -> dict[str, Any] | None:
+        """The upstream pool's connections and counters, or None before its first use."""
+        return self._pool.stats() if self._pool is not None else None
 
     def _pool_for(self, url: URL) -> _http1.HTTP1Pool:
         """The pool for `url`'s origin: the upstream's own, or a small one of its own."""
@@ -250,6 +274,9 @@ class Transport:
                 connect_timeout=self._connect_timeout,
                 idle_timeout=budget,
                 total_timeout=left,
+                # A safe call whose kept connection the upstream had closed goes out again on
+                # a new one; an unsafe call never does (the retry stage decides about those).
+                resend_stale=body.buffered and not unsafe_method(call.method),
             )
             status = resp.status
             length = resp.content_length
@@ -267,7 +294,7 @@ class Transport:
             if failure is exc:
                 raise
             raise failure from exc
-        self._attempt_event(_status_class(status), status, started)
+        self._attempt_event(_status_class(status), status, started, story)
         # A buffered body gets its length from the listener; an answer to HEAD keeps the
         # upstream's Content-Length (the size of what a GET would get: contract 7.3).
         keep_length = payload is None or call.method == "HEAD"
@@ -353,13 +380,52 @@ class Transport:
         if isinstance(exc, asyncio.CancelledError):
             return exc
         err = mapped()
-        self._attempt_event(err.detail or "error", None, started)
+        self._attempt_event(err.detail or "error", None, started, call.story)
         if call.story is not None:  # read by failover and idempotency (whole-call ambiguity)
             call.story.attempts.append(Attempt(self.name, err.detail or "error"))
         return err
 
-    def _attempt_event(self, result: str, status: int | None, started: float) -> None:
-        self.events.emit(AttemptFinished(self.name, result, status, self.clock.now() - started))
+    def _attempt_event(self, result: str, status: int | None, started: float, story: CallStory | None) -> None:
+        took = self.clock.now() - started
+        if story is not None:
+            story.upstream_seconds += took
+        self.events.emit(AttemptFinished(self.name, result, status, took))
+
+
+class _PoolEvents:
+    """The upstream pool's observer: its connections become events, its warm-up trouble
+    log lines (the first failure of a run, then at most one a minute, and the recovery)."""
+
+    def __init__(self, upstream: str, events: EventBus) -> None:
+        self.upstream = upstream
+        self.events = events
+        self._logged = 0.0
+
+    def connected(self, seconds: float, resumed: bool, warm: bool) -> None:
+        self.events.emit(PoolConnected(self.upstream, seconds, resumed, warm))
+
+    def warm_failed(self, error: str, retry_in: float, failures: int) -> None:
+        now = time.monotonic()
+        if failures == 1 or now - self._logged >= 60.0:
+            self._logged = now
+            log.warning(
+                "cannot keep warm connections to upstream %s: %s; next try in %.1f s",
+                self.upstream,
+                error,
+                retry_in,
+                extra={"upstream": self.upstream, "failures": failures, "retry_in": round(retry_in, 3)},
+            )
+
+    def warm_recovered(self, failures: int) -> None:
+        log.info(
+            "warm connections to upstream %s are back after %d failed tries",
+            self.upstream,
+            failures,
+            extra={"upstream": self.upstream, "failures": failures},
+        )
+
+    def stale_resend(self) -> None:
+        self.events.emit(AttemptFinished(self.upstream, "stale_connection", None, 0.0))
 
 
 def _status_class(status: int) -> str:

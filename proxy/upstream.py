@@ -150,6 +150,8 @@ def attempt_loop(
             skip = await retry.decide(call, result, attempt)
             if not isinstance(skip, float):
                 return retry.finish(result, attempt + refreshed, skip)
+            if call.story is not None:
+                call.story.held_seconds += skip  # the back-off: a wait the policy asked for
             await retry.wait(result, skip)
 
     return run

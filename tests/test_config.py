@@ -244,7 +244,7 @@ def test_version_changes_with_content(tmp_path: Path) -> None:
         (
             MINIMAL + "retyr: {}\n",
             "p.yaml:3: upstream api: retyr: unknown field, did you mean 'retry'? (allowed: upstream, target, "
-            "provider, listen, auth, headers, tls, timeouts, limits, rate_limit, retry, idempotency, cache, "
+            "provider, listen, auth, headers, tls, timeouts, limits, pool, rate_limit, retry, idempotency, cache, "
             "circuit_breaker, failover, outbox, webhooks)",
         ),
         (

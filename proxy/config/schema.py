@@ -62,6 +62,7 @@ __all__ = [
     "Limits",
     "OAuthClientCredentials",
     "Policy",
+    "Pool",
     "ProviderRef",
     "Queue",
     "RateLimit",
@@ -467,6 +468,29 @@ class Limits(_Model):
     max_concurrency: int = Field(default=200, ge=1)
 
 
+class Pool(_Model):
+    """The upstream's connection pool (docs/policy-reference.md, "pool").
+
+    The defaults are the pool's behaviour before this block existed: idle connections are
+    kept up to `limits.max_concurrency` for 30 s, and nothing is connected ahead of a call.
+    """
+
+    # Idle connections kept at most; None: as many as limits.max_concurrency.
+    max_idle: int | None = Field(default=None, ge=0)
+    # An idle connection is closed after this long (sooner when the upstream's
+    # `Keep-Alive: timeout=N` says so); a warm one is replaced before then.
+    idle_timeout: PositiveDuration = Field(default="30s", validate_default=True)
+    # Idle connections kept open and ready at all times, connected in the background (at
+    # start-up, on reload, and again before each expires).
+    min_warm: int = Field(default=0, ge=0, le=1000)
+
+    @model_validator(mode="after")
+    def _warm_fits_idle(self) -> Pool:
+        if self.max_idle is not None and self.min_warm > self.max_idle:
+            raise ValueError(f"min_warm ({self.min_warm}) must not be more than max_idle ({self.max_idle})")
+        return self
+
+
 class Queue(_Model):
     max_wait: PositiveDuration
     max_size: int = Field(default=10000, ge=1)
@@ -663,6 +687,7 @@ class Policy(_Model):
     tls: Tls = Field(default_factory=Tls)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     limits: Limits = Field(default_factory=Limits)
+    pool: Pool = Field(default_factory=Pool)
     rate_limit: RateLimit | None = None
     retry: Retry | None = None
     idempotency: Idempotency | None = None
@@ -673,6 +698,15 @@ class Policy(_Model):
     webhooks: Webhooks | None = None
 
     _fingerprints: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _warm_fits_concurrency(self) -> Policy:
+        if self.pool.min_warm > self.limits.max_concurrency:
+            raise ValueError(
+                f"pool.min_warm ({self.pool.min_warm}) must not be more than limits.max_concurrency "
+                f"({self.limits.max_concurrency}): warm connections count against it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _outbox_needs_an_asynchronous_provider(self) -> Policy:

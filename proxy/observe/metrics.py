@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from proxy.events import (
     AttemptFinished,
@@ -18,6 +18,7 @@ from proxy.events import (
     FailoverResult,
     OutboxDelivery,
     OutboxDepth,
+    PoolConnected,
     RateLimited,
     RateLimitWaited,
     RetryScheduled,
@@ -32,6 +33,11 @@ from proxy.fds import fd_limit, open_fds
 
 CIRCUIT_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# egressd's own share of a call is tens of microseconds to a few milliseconds.
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+POOL_STATES = ("in_use", "idle", "opening")
+#: Reads each upstream pool's connections now (`Transport.pool_stats`): name -> stats or None.
+PoolStats = Callable[[], Mapping[str, Mapping[str, Any] | None]]
 
 
 class Metrics:
@@ -40,6 +46,7 @@ class Metrics:
     interests = (
         CallFinished,
         AttemptFinished,
+        PoolConnected,
         RetryScheduled,
         RetrySkipped,
         CircuitChanged,
@@ -56,7 +63,11 @@ class Metrics:
     )
 
     def __init__(
-        self, registry: CollectorRegistry | None = None, *, tallies: Callable[[], Iterable[Tally]] | None = None
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        tallies: Callable[[], Iterable[Tally]] | None = None,
+        pools: PoolStats | None = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -84,6 +95,27 @@ class Metrics:
         self.attempts = Counter(
             "egressd_upstream_attempts", "Tries sent to upstreams, by result.", ["upstream", "result"], registry=r
         )
+        # egressd's own share of each call (CallFinished.overhead; docs/operations.md).
+        self.overhead = Histogram(
+            "egressd_overhead_seconds",
+            "Time a call spent inside egressd: its duration minus upstream attempts and policy waits.",
+            ["upstream"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        # Upstream connections: opened (TCP and TLS handshakes, warm or for a call), and how
+        # many of those resumed a TLS session; the pools' connections now are read at scrape.
+        self.handshakes = Counter(
+            "egressd_pool_handshakes", "New upstream connections (TCP and TLS handshakes).", ["upstream"], registry=r
+        )
+        self.resumed = Counter(
+            "egressd_pool_tls_resumed",
+            "New upstream connections whose TLS handshake resumed an earlier session.",
+            ["upstream"],
+            registry=r,
+        )
+        if pools is not None:
+            r.register(_PoolCollector(pools))
         self.retries = Counter("egressd_retries", "Retries made, by reason.", ["upstream", "reason"], registry=r)
         self.retries_skipped = Counter(
             "egressd_retries_skipped", "Retries wanted but not made, by reason.", ["upstream", "reason"], registry=r
@@ -151,6 +183,7 @@ class Metrics:
         # Label children are looked up once and kept: this runs on every call.
         self._requests: dict[tuple[str, int, str], Counter] = {}
         self._durations: dict[str, Histogram] = {}
+        self._overheads: dict[str, Histogram] = {}
         self._attempts: dict[tuple[str, str], Counter] = {}
         self._waits: dict[str, Histogram] = {}
 
@@ -158,6 +191,7 @@ class Metrics:
         self._handlers: dict[type, Callable[[Any], None]] = {
             CallFinished: self._call_finished,
             AttemptFinished: self._attempt_finished,
+            PoolConnected: self._pool_connected,
             RetryScheduled: lambda e: self.retries.labels(e.upstream, e.reason).inc(),
             RetrySkipped: lambda e: self.retries_skipped.labels(e.upstream, e.reason).inc(),
             CircuitChanged: lambda e: self.circuit.labels(e.upstream).set(CIRCUIT_VALUE.get(e.state, 0)),
@@ -195,6 +229,16 @@ class Metrics:
         if histogram is None:
             histogram = self._durations[event.route] = self.duration.labels(event.route)
         histogram.observe(event.duration)
+        if event.overhead is not None:
+            overhead = self._overheads.get(event.route)
+            if overhead is None:
+                overhead = self._overheads[event.route] = self.overhead.labels(event.route)
+            overhead.observe(event.overhead)
+
+    def _pool_connected(self, event: PoolConnected) -> None:
+        self.handshakes.labels(event.upstream).inc()
+        if event.resumed:
+            self.resumed.labels(event.upstream).inc()
 
     def _attempt_finished(self, event: AttemptFinished) -> None:
         akey = (event.upstream, event.result)
@@ -261,6 +305,30 @@ class Metrics:
 
 def _ignore(event: Event) -> None:
     return None
+
+
+class _PoolCollector:
+    """`egressd_pool_connections{upstream,state}`, read from the live pools at each scrape."""
+
+    def __init__(self, pools: PoolStats) -> None:
+        self._pools = pools
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "egressd_pool_connections",
+            "Upstream connections of each upstream's pool now, by state (in_use, idle, opening).",
+            labels=["upstream", "state"],
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return (self._family(),)
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        for name, stats in sorted(self._pools().items()):
+            for state in POOL_STATES:
+                family.add_metric([name, state], float(stats.get(state, 0)) if stats is not None else 0.0)
+        return (family,)
 
 
 class _Flush:

@@ -24,6 +24,7 @@ from proxy.events import (
     ConfigReloaded,
     Event,
     FailoverResult,
+    PoolConnected,
     RateLimited,
     RateLimitWaited,
     RetryScheduled,
@@ -112,7 +113,8 @@ class FailoverTally:
 
 @dataclass
 class UpstreamStatus:
-    samples: deque[tuple[float, bool, float]] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
+    # (time, good, duration, overhead or -1.0 when unknown)
+    samples: deque[tuple[float, bool, float, float]] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
     circuit: str = "closed"
     circuit_since: float | None = None
     retries: int = 0
@@ -125,6 +127,10 @@ class UpstreamStatus:
     failovers: dict[str, FailoverTally] = field(default_factory=dict)  # by target upstream
     last_errors: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_ERRORS))
     webhooks: Counter[str] = field(default_factory=Counter)  # inbound events by result, since start
+    handshakes: int = 0  # new upstream connections since start (warm or for a call)
+    handshakes_recent: RecentCounter = field(default_factory=lambda: RecentCounter(USE_WINDOW))
+    handshakes_resumed: int = 0  # of which resumed a TLS session
+    handshakes_warm: int = 0  # of which opened by the warm pool
 
 
 class StatusBoard:
@@ -152,6 +158,7 @@ class StatusBoard:
         ConfigReloaded,
         StateBackendError,
         WebhookResult,
+        PoolConnected,
     )
 
     def _get(self, name: str) -> UpstreamStatus:
@@ -177,7 +184,8 @@ class StatusBoard:
             if event.route == "-":
                 return  # unknown upstream: a client must not create entries here
             st = self._get(event.route)
-            st.samples.append((now, event.outcome in GOOD_OUTCOMES, event.duration))
+            overhead = event.overhead if event.overhead is not None else -1.0
+            st.samples.append((now, event.outcome in GOOD_OUTCOMES, event.duration, overhead))
             if event.error_code or event.outcome == "upstream_error":
                 # Codes and statuses only: never the path, query, headers, detail or body.
                 st.last_errors.append(
@@ -190,6 +198,12 @@ class StatusBoard:
                         "failover": event.failover,
                     }
                 )
+        elif isinstance(event, PoolConnected):
+            st = self._get(event.upstream)
+            st.handshakes += 1
+            st.handshakes_recent.add(now)
+            st.handshakes_resumed += event.resumed
+            st.handshakes_warm += event.warm
         elif isinstance(event, CircuitChanged):
             st = self._get(event.upstream)
             st.circuit = event.state
@@ -241,9 +255,15 @@ class StatusBoard:
                 {"time": round(time.time(), 3), "backend": event.backend, "operation": event.operation}
             )
 
-    def upstream_snapshot(self, name: str, stages: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    def upstream_snapshot(
+        self,
+        name: str,
+        stages: dict[str, dict[str, Any]] | None = None,
+        pool: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Everything `/status.json` says about one upstream; `stages` holds the stages' own
-        `snapshot()` results by stage name (circuit_breaker, rate_limit)."""
+        `snapshot()` results by stage name (circuit_breaker, rate_limit), `pool` the pool's
+        settings and `Transport.pool_stats()` (its connections now)."""
         stages = stages or {}
         now = time.monotonic()
         self._read_tallies(now)
@@ -252,8 +272,9 @@ class StatusBoard:
         while st.samples and st.samples[0][0] < cutoff:
             st.samples.popleft()
         n = len(st.samples)
-        durations = sorted(d for _, _, d in st.samples)
-        good = sum(1 for _, ok, _ in st.samples if ok)
+        durations = sorted(d for _, _, d, _ in st.samples)
+        overheads = sorted(o for _, _, _, o in st.samples if o >= 0)
+        good = sum(1 for _, ok, _, _ in st.samples if ok)
         hits = st.cache.get("hit", 0) + st.cache.get("stale", 0)
         lookups = hits + st.cache.get("miss", 0)
         cb = stages.get("circuit_breaker")
@@ -288,6 +309,16 @@ class StatusBoard:
             "success_rate_5m": round(good / n, 4) if n else None,
             "p50_ms": round(_pct(durations, 0.5) * 1000, 2) if n else None,
             "p99_ms": round(_pct(durations, 0.99) * 1000, 2) if n else None,
+            # egressd's own share of those calls (CallFinished.overhead)
+            "overhead_p50_ms": round(_pct(overheads, 0.5) * 1000, 3) if overheads else None,
+            "overhead_p99_ms": round(_pct(overheads, 0.99) * 1000, 3) if overheads else None,
+            "pool": {
+                **(pool or {}),
+                "handshakes": st.handshakes,
+                "handshakes_1m": st.handshakes_recent.count(now),
+                "handshakes_resumed": st.handshakes_resumed,
+                "handshakes_warm": st.handshakes_warm,
+            },
             "retries": st.retries,
             "retries_5m": st.retries_recent.count(now),
             "rate_limit": rate_limit,
@@ -427,7 +458,31 @@ def _upstream_card(name: str, up: dict[str, Any], now: float) -> str:
         _item("success (5m)", _pct_text(up.get("success_rate_5m"))),
         _item("p50 / p99", f"{_fmt(up.get('p50_ms'))} / {_fmt(up.get('p99_ms'), ' ms')}"),
         _item("retries (5m / all)", f"{_fmt(up.get('retries_5m', 0))} / {_fmt(up.get('retries', 0))}"),
+        _item(
+            "egressd's own p50 / p99",
+            f"{_fmt(up.get('overhead_p50_ms'))} / {_fmt(up.get('overhead_p99_ms'), ' ms')}",
+        ),
     ]
+    pool = up.get("pool")
+    if isinstance(pool, dict):
+        warm = f" (min {_e(pool['min_warm'])})" if pool.get("min_warm") else ""
+        items.append(
+            _item(
+                "connections open / idle / warm",
+                f"{_fmt(pool.get('open', 0))} / {_fmt(pool.get('idle', 0))} / {_fmt(pool.get('warm', 0))}{warm}",
+            )
+        )
+        resumed = pool.get("handshakes_resumed", 0)
+        items.append(
+            _item(
+                "handshakes (1m / all)",
+                f"{_fmt(pool.get('handshakes_1m', 0))} / {_fmt(pool.get('handshakes', 0))}"
+                + (f" ({_e(resumed)} resumed)" if resumed else ""),
+            )
+        )
+        backoff = pool.get("backoff_seconds") or 0
+        if backoff:
+            items.append(_item("warm-up backing off", f"{float(backoff):.1f} s"))
     rl = up.get("rate_limit")
     if isinstance(rl, dict):
         use = rl.get("use_1m")

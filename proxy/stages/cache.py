@@ -191,7 +191,10 @@ class CacheStage:
 
     async def _follow(self, call: Call, nxt: Handler, flight: _Flight) -> Response:
         flight.followers += 1
+        began = self.clock.now()
         shared = await asyncio.shield(flight.future)
+        if call.story is not None:  # waiting on the leader's upstream call: not egressd's overhead
+            call.story.held_seconds += self.clock.now() - began
         if shared.error is not None:
             self._emit("miss")
             err = shared.error

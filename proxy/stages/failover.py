@@ -325,6 +325,8 @@ class FailoverStage:
             # stage above judges the call's outcome over all of them).
             if call.story is not None and fcall.story is not None:
                 call.story.attempts.extend(fcall.story.attempts)
+                call.story.upstream_seconds += fcall.story.upstream_seconds
+                call.story.held_seconds += fcall.story.held_seconds
         data = await response.read(target.policy.limits.max_body)
         if response.error_code is not None and response.status >= 500:
             error = ProxyError(

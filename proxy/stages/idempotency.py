@@ -239,7 +239,10 @@ class IdempotencyStage:
                     "upstream_timeout", "an earlier call with the same idempotency key is still in flight"
                 )
             flight = self._local.get(record, flight)
+            began = self.clock.now()
             await self._wait(flight, min(delay, remaining))
+            if call.story is not None:  # waiting on the first call's upstream: not egressd's overhead
+                call.story.held_seconds += self.clock.now() - began
             delay = min(delay * 2, POLL_MAX)
 
     async def _wait(self, flight: asyncio.Future[_Outcome] | None, seconds: float) -> None:

@@ -183,7 +183,10 @@ class RateLimiter:
             if leave - now > _EPS:
                 await self._sleep(leave - now)
         if slept:
-            self.ctx.events.emit(RateLimitWaited(self.upstream, clock.now() - start))
+            waited = clock.now() - start
+            if call.story is not None:
+                call.story.held_seconds += waited  # a wait the policy asked for: not egressd's overhead
+            self.ctx.events.emit(RateLimitWaited(self.upstream, waited))
         else:  # admitted without a wait (the time a state backend took is no queue wait)
             self._admitted_at_once.n += 1
 
