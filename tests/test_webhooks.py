@@ -35,7 +35,15 @@ from proxy.server import EgressServer, Settings
 from proxy.stages.failover import ledger_key
 from proxy.state.factory import open_data_dir
 from proxy.state.sqlite import _LOCAL_INSTANCES, SQLiteState
-from proxy.webhooks.store import MemoryWebhookStore, WebhookEntry, WebhookStore, new_id
+from proxy.webhooks.store import (
+    KEEP_DEAD,
+    KEEP_DONE,
+    MemoryWebhookStore,
+    WebhookEntry,
+    WebhookStats,
+    WebhookStore,
+    new_id,
+)
 from tests.conftest import proxy_url, write_policies
 
 stripe.enable_telemetry = False
@@ -899,7 +907,7 @@ async def test_store_dedupes_claims_and_finishes(store_factory: Callable[[str], 
     again[0].state = "delivered"
     await store.finish(again[0])
     stats = await store.stats(now)
-    assert stats["stripe"].pending == 0
+    assert stats.get("stripe", WebhookStats()).pending == 0  # an upstream with nothing pending may be left out
     assert await store.add(entry(["e1"], now)) == ["e1"]  # still within dedupe_for
 
 
@@ -921,6 +929,68 @@ async def test_store_takes_back_what_a_dead_process_held(
     assert await alive.recover(now) == 1
     taken = await alive.claim("stripe", now, 10)
     assert [e.event_ids for e in taken] == [["k1"]]
+
+
+async def test_purge_forgets_finished_entries_after_their_keep_time(
+    store_factory: Callable[[str], WebhookStore], request: pytest.FixtureRequest
+) -> None:
+    if "redis" in request.node.callspec.id:
+        pytest.skip("Redis entries expire by their TTLs")
+    store = store_factory("a")
+    now = time.time()
+    made = [entry([f"p{i}"], now) for i in range(3)]
+    for e in made:
+        assert await store.add(e) == []
+    claimed = {e.id: e for e in await store.claim("stripe", now, 10)}
+    done, dead, waiting = (claimed[e.id] for e in made)
+    done.state, dead.state, waiting.state, waiting.due = "delivered", "dead", "queued", now + 3600
+    for e in (done, dead, waiting):
+        await store.finish(e)
+    await store.purge(now + KEEP_DONE + 60)
+    assert {e.id: e.state for e in await store.list()} == {dead.id: "dead", waiting.id: "queued"}
+    stats = (await store.stats(now))["stripe"]
+    assert (stats.pending, stats.dead) == (1, 1)
+    await store.purge(now + KEEP_DEAD + 60)
+    assert [e.id for e in await store.list()] == [waiting.id]  # pending entries are never purged
+
+
+async def test_sqlite_maintenance_searches_indexes_never_the_whole_table(tmp_path: Path) -> None:
+    """The worker runs stats, recover, purge and claim every 2 s on the event loop, and
+    delivered entries stay a day (KEEP_DONE): at 200 events/s that is 17 million rows.
+    Every statement must search an index; a scan of the table stalled the listener for
+    70 ms every 2 s with 100,000 entries kept (bench/webhooks.py, docs/performance.md)."""
+    from proxy.webhooks.sqlite_store import SQLiteWebhookStore
+
+    (tmp_path / "data").mkdir()
+    state = SQLiteState(tmp_path / "data")
+    try:
+        store = SQLiteWebhookStore(state)
+        now = time.time()
+        for i in range(4):
+            assert await store.add(entry([f"m{i}"], now)) == []
+        claimed = await store.claim("stripe", now, 3)
+        claimed[0].state, claimed[1].state = "delivered", "dead"
+        for e in claimed[:2]:
+            await store.finish(e)
+        statements: list[str] = []
+        state._db.set_trace_callback(statements.append)
+        try:
+            await store.stats(now)
+            await store.recover(now)
+            await store.purge(now + KEEP_DEAD + 60)
+            await store.claim("stripe", now, 16)
+        finally:
+            state._db.set_trace_callback(None)
+        plans = {
+            sql: [str(row[3]) for row in state._db.execute("EXPLAIN QUERY PLAN " + sql)]
+            for sql in statements
+            if "webhook_events" in sql
+        }
+        assert len(plans) >= 5  # stats, recover, two purges, claim's select (and its update)
+        scans = {sql: plan for sql, plan in plans.items() if any(d.startswith("SCAN webhook_events") for d in plan)}
+        assert scans == {}
+    finally:
+        await state.close()
 
 
 def test_a_version_2_data_dir_is_upgraded_in_place(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from proxy.webhooks.store import (
     KEEP_DEAD,
     KEEP_DONE,
     LEASE,
+    PENDING,
     WebhookEntry,
     WebhookStats,
     WebhooksUnavailable,
@@ -35,11 +36,17 @@ from proxy.webhooks.store import (
 log = logging.getLogger("egressd.webhooks")
 
 ROW_SHAPE = 1
+PURGE_BATCH = 5000  # rows of a table deleted per maintenance turn (every 2 s)
+_DONE = ("delivered", "dropped")
 _COLUMNS = (
     "id, upstream, state, due, received, expires, updated, attempts, owner, event_ids, types, headers, body,"
     " done, last_error, shape"
 )
 T = TypeVar("T")
+
+
+def _marks(values: tuple[str, ...]) -> str:
+    return ", ".join("?" * len(values))
 
 
 class CorruptEntry(Exception):
@@ -249,14 +256,17 @@ class SQLiteWebhookStore:
     async def purge(self, now: float) -> None:
         def purge(db: sqlite3.Connection) -> None:
             db.execute(
-                "DELETE FROM webhook_ids WHERE rowid IN (SELECT rowid FROM webhook_ids WHERE until <= ? LIMIT 5000)",
+                "DELETE FROM webhook_ids WHERE rowid IN"
+                f" (SELECT rowid FROM webhook_ids WHERE until <= ? LIMIT {PURGE_BATCH})",
                 (now,),
             )
-            db.execute(
-                "DELETE FROM webhook_events WHERE (state IN ('delivered', 'dropped') AND updated <= ?)"
-                " OR (state = 'dead' AND updated <= ?)",
-                (now - KEEP_DONE, now - KEEP_DEAD),
-            )
+            # One bounded batch per state and turn (webhook_events_updated), never a scan.
+            for states, before in ((_DONE, now - KEEP_DONE), (("dead",), now - KEEP_DEAD)):
+                db.execute(
+                    "DELETE FROM webhook_events WHERE rowid IN (SELECT rowid FROM webhook_events"
+                    f" WHERE state IN ({_marks(states)}) AND updated <= ? LIMIT {PURGE_BATCH})",
+                    (*states, before),
+                )
 
         await self._run("purge", lambda: self._tx(purge))
 
@@ -275,10 +285,15 @@ class SQLiteWebhookStore:
 
     async def stats(self, now: float) -> dict[str, WebhookStats]:
         def stats() -> dict[str, WebhookStats]:
+            # Pending and dead only (webhook_events_state): delivered entries, a day of
+            # them, are not counted (`delivered` stays 0, as with Redis).
             counts: dict[str, dict[str, int]] = {}
             oldest: dict[str, float] = {}
+            counted = (*PENDING, "dead")
             for upstream, state, n, first in self._db.execute(
-                "SELECT upstream, state, COUNT(*), MIN(received) FROM webhook_events GROUP BY upstream, state"
+                "SELECT upstream, state, COUNT(*), MIN(received) FROM webhook_events"
+                f" WHERE state IN ({_marks(counted)}) GROUP BY upstream, state",
+                counted,
             ):
                 u = str(upstream)
                 counts.setdefault(u, {})[str(state)] = int(n)
@@ -289,7 +304,6 @@ class SQLiteWebhookStore:
                     pending=c.get("queued", 0) + c.get("claimed", 0),
                     oldest=oldest.get(u),
                     dead=c.get("dead", 0),
-                    delivered=c.get("delivered", 0),
                 )
                 for u, c in counts.items()
             }
