@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -329,6 +330,49 @@ async def test_the_listener_never_forwards_anywhere_but_a_deliver_to(start_hooks
     await until(lambda: len(app.deliveries) == 1)
     await asyncio.sleep(0.3)
     assert seen == []  # the upstreams' targets never saw a request
+
+
+async def test_each_part_answered_2xx_is_stored_before_the_next_part_is_sent(
+    start_hooks: Any, run_app: Any, tmp_path: Path
+) -> None:
+    """An entry of several parts (a batch whose events go to two endpoints after a failover)
+    stores each part as done once it is answered 2xx: a process killed while a later part is
+    in flight does not send the earlier ones again after its restart."""
+    first, second = AppEndpoint(stripe_check), AppEndpoint(stripe_check)
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return await second.handle(request)
+
+    app = web.Application()
+    app.router.add_post("/hooks/first", first.handle)
+    app.router.add_post("/hooks/second", slow)
+    base = str((await run_app(app)).url)
+    server = await start_hooks([stripe_doc(base + "/hooks/first")], data_dir=tmp_path / "data")
+    worker = server.webhooks
+    one_part = worker.plan
+
+    async def two_parts(rt: Any, entry: WebhookEntry) -> Any:
+        plan = await one_part(rt, entry)
+        plan.parts.append(dataclasses.replace(plan.parts[0], key="t:evt_second", url=base + "/hooks/second"))
+        return plan
+
+    worker.plan = two_parts  # type: ignore[method-assign]
+    body = stripe_event()
+    assert await post(hook_url(server, "/stripe"), body, stripe_signed(body)) == (200, "ok")
+    await asyncio.wait_for(arrived.wait(), 10)
+    [held] = await stored(server)
+    assert (held.state, held.done, len(first.deliveries)) == ("claimed", ["own"], 1)
+    release.set()
+    await until(lambda: len(second.deliveries) == 1)
+    for _ in range(100):
+        [done] = await stored(server)
+        if done.state == "delivered":
+            break
+        await asyncio.sleep(0.05)
+    assert (done.state, done.done, len(first.deliveries)) == ("delivered", ["own", "t:evt_second"], 1)
 
 
 # ---- SendGrid and Mailgun, as received ---------------------------------------------------------
