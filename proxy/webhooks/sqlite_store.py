@@ -18,12 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from proxy.state.sqlite import SQLiteState, _busy
+from proxy.state.sqlite import WEBHOOK_DONE, WEBHOOK_OPEN, SQLiteState, _busy
 from proxy.webhooks.store import (
     KEEP_DEAD,
     KEEP_DONE,
     LEASE,
-    PENDING,
     WebhookEntry,
     WebhookStats,
     WebhooksUnavailable,
@@ -37,16 +36,11 @@ log = logging.getLogger("egressd.webhooks")
 
 ROW_SHAPE = 1
 PURGE_BATCH = 5000  # rows of a table deleted per maintenance turn (every 2 s)
-_DONE = ("delivered", "dropped")
 _COLUMNS = (
     "id, upstream, state, due, received, expires, updated, attempts, owner, event_ids, types, headers, body,"
     " done, last_error, shape"
 )
 T = TypeVar("T")
-
-
-def _marks(values: tuple[str, ...]) -> str:
-    return ", ".join("?" * len(values))
 
 
 class CorruptEntry(Exception):
@@ -234,7 +228,9 @@ class SQLiteWebhookStore:
 
     async def recover(self, now: float) -> int:
         def recover(db: sqlite3.Connection) -> int:
-            held = db.execute("SELECT id, owner FROM webhook_events WHERE state = 'claimed' AND owner != ''").fetchall()
+            held = db.execute(
+                f"SELECT id, owner FROM webhook_events WHERE {WEBHOOK_OPEN} AND state = 'claimed' AND owner != ''"
+            ).fetchall()
             alive: dict[str, bool] = {}
             taken = 0
             for entry_id, owner in held:
@@ -260,12 +256,15 @@ class SQLiteWebhookStore:
                 f" (SELECT rowid FROM webhook_ids WHERE until <= ? LIMIT {PURGE_BATCH})",
                 (now,),
             )
-            # One bounded batch per state and turn (webhook_events_updated), never a scan.
-            for states, before in ((_DONE, now - KEEP_DONE), (("dead",), now - KEEP_DEAD)):
+            # One bounded batch per kind and turn (webhook_events_done), never a scan.
+            for kind, before in (
+                ("state IN ('delivered', 'dropped')", now - KEEP_DONE),
+                ("state = 'dead'", now - KEEP_DEAD),
+            ):
                 db.execute(
                     "DELETE FROM webhook_events WHERE rowid IN (SELECT rowid FROM webhook_events"
-                    f" WHERE state IN ({_marks(states)}) AND updated <= ? LIMIT {PURGE_BATCH})",
-                    (*states, before),
+                    f" WHERE {WEBHOOK_DONE} AND {kind} AND updated <= ? LIMIT {PURGE_BATCH})",
+                    (before,),
                 )
 
         await self._run("purge", lambda: self._tx(purge))
@@ -285,15 +284,13 @@ class SQLiteWebhookStore:
 
     async def stats(self, now: float) -> dict[str, WebhookStats]:
         def stats() -> dict[str, WebhookStats]:
-            # Pending and dead only (webhook_events_state): delivered entries, a day of
+            # Pending and dead only (webhook_events_open): delivered entries, a day of
             # them, are not counted (`delivered` stays 0, as with Redis).
             counts: dict[str, dict[str, int]] = {}
             oldest: dict[str, float] = {}
-            counted = (*PENDING, "dead")
             for upstream, state, n, first in self._db.execute(
                 "SELECT upstream, state, COUNT(*), MIN(received) FROM webhook_events"
-                f" WHERE state IN ({_marks(counted)}) GROUP BY upstream, state",
-                counted,
+                f" WHERE {WEBHOOK_OPEN} GROUP BY upstream, state"
             ):
                 u = str(upstream)
                 counts.setdefault(u, {})[str(state)] = int(n)
