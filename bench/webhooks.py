@@ -3,7 +3,7 @@
 verifies, stores and answers a provider, and whether every event reaches the app exactly
 once through an app outage, a kill -9 and the provider's redeliveries.
 
-    python bench/webhooks.py                   # both parts at the sizes, about 4 minutes
+    python bench/webhooks.py                   # both parts at the sizes, about 4.5 minutes
     python bench/webhooks.py --quick           # smaller sizes, under a minute
     python bench/webhooks.py --only latency    # or --only fault
     python bench/webhooks.py --json out.json   # the figures as JSON too
@@ -39,7 +39,7 @@ HMAC-SHA256 over `t.body`) and SendGrid (ECDSA P-256 over timestamp + body) do.
    of egressd shows). Reported: p50 / p99 / max, the rate answered 200, the target
    process's CPU (utime+stime) per POST, how late the sender itself was (p99), the
    machine's CPU pressure (Linux PSI: the share of the time some task waited for a CPU;
-   on a 2-CPU machine shared with other work this, not egressd, sets the tail), and the
+   on a 2-CPU machine shared with other work it sets much of the tail), and the
    time from the provider's 200 to the app having the event (p50 / p99; egressd delivers
    in the background during the run). The app must get every event once. `--nice -10`
    (root) runs the event loops of egressd, the baseline and the sender ahead of the
@@ -51,9 +51,10 @@ HMAC-SHA256 over `t.body`) and SendGrid (ECDSA P-256 over timestamp + body) do.
    `--down-at` for `--down-for` s, then started again; egressd is killed with SIGKILL
    `--kill-after` s after the app is back, at the first moment the app's log grew within
    2 ms (while the backlog is being delivered: deliveries in flight, the worst case for
-   at-least-once delivery), and started again on the same data dir. The provider POSTs every genuine event three times
-   (the original, a redelivery racing it 0-200 ms later, and one 2-6 s (quick) or 5-15 s
-   later), the same bytes and signature each time, as providers resend; a POST that gets no
+   at-least-once delivery), and started again on the same data dir. The provider POSTs
+   every genuine event three times (the original, a redelivery racing it 0-200 ms later,
+   and one 2-6 s (quick) or 5-15 s later), the same bytes and signature each time, as
+   providers resend; a POST that gets no
    answer (egressd down) or a 5xx is resent every 0.5 s, as providers retry. One slot in
    `--forge-every` carries a forged POST instead, in turn: signed with the wrong key, an old
    timestamp (10 min, correctly signed), a tampered body (signed, then changed) and
