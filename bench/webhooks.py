@@ -569,6 +569,7 @@ async def latency(sg: SendGrid, args: argparse.Namespace) -> list[dict[str, Any]
         if proc is not None:
             proc.stop()
             (work / "egressd.log").write_bytes(proc.log_path.read_bytes())
+            proc.log_path.unlink(missing_ok=True)  # kept in the work dir (--keep) instead
         app.stop()
         base.stop()
         if not args.keep:
@@ -743,6 +744,7 @@ async def fault_run(sg: SendGrid, args: argparse.Namespace) -> dict[str, Any]:
         if proc is not None:
             proc.stop()
             (work / "egressd.log").write_bytes(proc.log_path.read_bytes())
+            proc.log_path.unlink(missing_ok=True)  # kept in the work dir (--keep) instead
         app.stop()
 
     lines = app.lines()
