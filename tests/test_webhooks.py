@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -35,7 +36,15 @@ from proxy.server import EgressServer, Settings
 from proxy.stages.failover import ledger_key
 from proxy.state.factory import open_data_dir
 from proxy.state.sqlite import _LOCAL_INSTANCES, SQLiteState
-from proxy.webhooks.store import MemoryWebhookStore, WebhookEntry, WebhookStore, new_id
+from proxy.webhooks.store import (
+    KEEP_DEAD,
+    KEEP_DONE,
+    MemoryWebhookStore,
+    WebhookEntry,
+    WebhookStats,
+    WebhookStore,
+    new_id,
+)
 from tests.conftest import proxy_url, write_policies
 
 stripe.enable_telemetry = False
@@ -321,6 +330,49 @@ async def test_the_listener_never_forwards_anywhere_but_a_deliver_to(start_hooks
     await until(lambda: len(app.deliveries) == 1)
     await asyncio.sleep(0.3)
     assert seen == []  # the upstreams' targets never saw a request
+
+
+async def test_each_part_answered_2xx_is_stored_before_the_next_part_is_sent(
+    start_hooks: Any, run_app: Any, tmp_path: Path
+) -> None:
+    """An entry of several parts (a batch whose events go to two endpoints after a failover)
+    stores each part as done once it is answered 2xx: a process killed while a later part is
+    in flight does not send the earlier ones again after its restart."""
+    first, second = AppEndpoint(stripe_check), AppEndpoint(stripe_check)
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return await second.handle(request)
+
+    app = web.Application()
+    app.router.add_post("/hooks/first", first.handle)
+    app.router.add_post("/hooks/second", slow)
+    base = str((await run_app(app)).url)
+    server = await start_hooks([stripe_doc(base + "/hooks/first")], data_dir=tmp_path / "data")
+    worker = server.webhooks
+    one_part = worker.plan
+
+    async def two_parts(rt: Any, entry: WebhookEntry) -> Any:
+        plan = await one_part(rt, entry)
+        plan.parts.append(dataclasses.replace(plan.parts[0], key="t:evt_second", url=base + "/hooks/second"))
+        return plan
+
+    worker.plan = two_parts  # type: ignore[method-assign]
+    body = stripe_event()
+    assert await post(hook_url(server, "/stripe"), body, stripe_signed(body)) == (200, "ok")
+    await asyncio.wait_for(arrived.wait(), 10)
+    [held] = await stored(server)
+    assert (held.state, held.done, len(first.deliveries)) == ("claimed", ["own"], 1)
+    release.set()
+    await until(lambda: len(second.deliveries) == 1)
+    for _ in range(100):
+        [done] = await stored(server)
+        if done.state == "delivered":
+            break
+        await asyncio.sleep(0.05)
+    assert (done.state, done.done, len(first.deliveries)) == ("delivered", ["own", "t:evt_second"], 1)
 
 
 # ---- SendGrid and Mailgun, as received ---------------------------------------------------------
@@ -899,7 +951,7 @@ async def test_store_dedupes_claims_and_finishes(store_factory: Callable[[str], 
     again[0].state = "delivered"
     await store.finish(again[0])
     stats = await store.stats(now)
-    assert stats["stripe"].pending == 0
+    assert stats.get("stripe", WebhookStats()).pending == 0  # an upstream with nothing pending may be left out
     assert await store.add(entry(["e1"], now)) == ["e1"]  # still within dedupe_for
 
 
@@ -921,6 +973,68 @@ async def test_store_takes_back_what_a_dead_process_held(
     assert await alive.recover(now) == 1
     taken = await alive.claim("stripe", now, 10)
     assert [e.event_ids for e in taken] == [["k1"]]
+
+
+async def test_purge_forgets_finished_entries_after_their_keep_time(
+    store_factory: Callable[[str], WebhookStore], request: pytest.FixtureRequest
+) -> None:
+    if "redis" in request.node.callspec.id:
+        pytest.skip("Redis entries expire by their TTLs")
+    store = store_factory("a")
+    now = time.time()
+    made = [entry([f"p{i}"], now) for i in range(3)]
+    for e in made:
+        assert await store.add(e) == []
+    claimed = {e.id: e for e in await store.claim("stripe", now, 10)}
+    done, dead, waiting = (claimed[e.id] for e in made)
+    done.state, dead.state, waiting.state, waiting.due = "delivered", "dead", "queued", now + 3600
+    for e in (done, dead, waiting):
+        await store.finish(e)
+    await store.purge(now + KEEP_DONE + 60)
+    assert {e.id: e.state for e in await store.list()} == {dead.id: "dead", waiting.id: "queued"}
+    stats = (await store.stats(now))["stripe"]
+    assert (stats.pending, stats.dead) == (1, 1)
+    await store.purge(now + KEEP_DEAD + 60)
+    assert [e.id for e in await store.list()] == [waiting.id]  # pending entries are never purged
+
+
+async def test_sqlite_maintenance_searches_indexes_never_the_whole_table(tmp_path: Path) -> None:
+    """The worker runs stats, recover, purge and claim every 2 s on the event loop, and
+    delivered entries stay a day (KEEP_DONE): at 200 events/s that is 17 million rows.
+    Every statement must search an index; a scan of the table stalled the listener for
+    70 ms every 2 s with 100,000 entries kept (bench/webhooks.py, docs/performance.md)."""
+    from proxy.webhooks.sqlite_store import SQLiteWebhookStore
+
+    (tmp_path / "data").mkdir()
+    state = SQLiteState(tmp_path / "data")
+    try:
+        store = SQLiteWebhookStore(state)
+        now = time.time()
+        for i in range(4):
+            assert await store.add(entry([f"m{i}"], now)) == []
+        claimed = await store.claim("stripe", now, 3)
+        claimed[0].state, claimed[1].state = "delivered", "dead"
+        for e in claimed[:2]:
+            await store.finish(e)
+        statements: list[str] = []
+        state._db.set_trace_callback(statements.append)
+        try:
+            await store.stats(now)
+            await store.recover(now)
+            await store.purge(now + KEEP_DEAD + 60)
+            await store.claim("stripe", now, 16)
+        finally:
+            state._db.set_trace_callback(None)
+        plans = {
+            sql: [str(row[3]) for row in state._db.execute("EXPLAIN QUERY PLAN " + sql)]
+            for sql in statements
+            if "webhook_events" in sql
+        }
+        assert len(plans) >= 5  # stats, recover, two purges, claim's select (and its update)
+        scans = {sql: plan for sql, plan in plans.items() if any(d.startswith("SCAN webhook_events") for d in plan)}
+        assert scans == {}
+    finally:
+        await state.close()
 
 
 def test_a_version_2_data_dir_is_upgraded_in_place(tmp_path: Path) -> None:

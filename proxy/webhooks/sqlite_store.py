@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from proxy.state.sqlite import SQLiteState, _busy
+from proxy.state.sqlite import WEBHOOK_DONE, WEBHOOK_OPEN, SQLiteState, _busy
 from proxy.webhooks.store import (
     KEEP_DEAD,
     KEEP_DONE,
@@ -35,6 +35,7 @@ from proxy.webhooks.store import (
 log = logging.getLogger("egressd.webhooks")
 
 ROW_SHAPE = 1
+PURGE_BATCH = 5000  # rows of a table deleted per maintenance turn (every 2 s)
 _COLUMNS = (
     "id, upstream, state, due, received, expires, updated, attempts, owner, event_ids, types, headers, body,"
     " done, last_error, shape"
@@ -227,7 +228,9 @@ class SQLiteWebhookStore:
 
     async def recover(self, now: float) -> int:
         def recover(db: sqlite3.Connection) -> int:
-            held = db.execute("SELECT id, owner FROM webhook_events WHERE state = 'claimed' AND owner != ''").fetchall()
+            held = db.execute(
+                f"SELECT id, owner FROM webhook_events WHERE {WEBHOOK_OPEN} AND state = 'claimed' AND owner != ''"
+            ).fetchall()
             alive: dict[str, bool] = {}
             taken = 0
             for entry_id, owner in held:
@@ -249,14 +252,20 @@ class SQLiteWebhookStore:
     async def purge(self, now: float) -> None:
         def purge(db: sqlite3.Connection) -> None:
             db.execute(
-                "DELETE FROM webhook_ids WHERE rowid IN (SELECT rowid FROM webhook_ids WHERE until <= ? LIMIT 5000)",
+                "DELETE FROM webhook_ids WHERE rowid IN"
+                f" (SELECT rowid FROM webhook_ids WHERE until <= ? LIMIT {PURGE_BATCH})",
                 (now,),
             )
-            db.execute(
-                "DELETE FROM webhook_events WHERE (state IN ('delivered', 'dropped') AND updated <= ?)"
-                " OR (state = 'dead' AND updated <= ?)",
-                (now - KEEP_DONE, now - KEEP_DEAD),
-            )
+            # One bounded batch per kind and turn (webhook_events_done), never a scan.
+            for kind, before in (
+                ("state IN ('delivered', 'dropped')", now - KEEP_DONE),
+                ("state = 'dead'", now - KEEP_DEAD),
+            ):
+                db.execute(
+                    "DELETE FROM webhook_events WHERE rowid IN (SELECT rowid FROM webhook_events"
+                    f" WHERE {WEBHOOK_DONE} AND {kind} AND updated <= ? LIMIT {PURGE_BATCH})",
+                    (before,),
+                )
 
         await self._run("purge", lambda: self._tx(purge))
 
@@ -275,10 +284,13 @@ class SQLiteWebhookStore:
 
     async def stats(self, now: float) -> dict[str, WebhookStats]:
         def stats() -> dict[str, WebhookStats]:
+            # Pending and dead only (webhook_events_open): delivered entries, a day of
+            # them, are not counted (`delivered` stays 0, as with Redis).
             counts: dict[str, dict[str, int]] = {}
             oldest: dict[str, float] = {}
             for upstream, state, n, first in self._db.execute(
-                "SELECT upstream, state, COUNT(*), MIN(received) FROM webhook_events GROUP BY upstream, state"
+                "SELECT upstream, state, COUNT(*), MIN(received) FROM webhook_events"
+                f" WHERE {WEBHOOK_OPEN} GROUP BY upstream, state"
             ):
                 u = str(upstream)
                 counts.setdefault(u, {})[str(state)] = int(n)
@@ -289,7 +301,6 @@ class SQLiteWebhookStore:
                     pending=c.get("queued", 0) + c.get("claimed", 0),
                     oldest=oldest.get(u),
                     dead=c.get("dead", 0),
-                    delivered=c.get("delivered", 0),
                 )
                 for u, c in counts.items()
             }

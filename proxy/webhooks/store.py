@@ -88,7 +88,8 @@ class WebhookStats:
     pending: int = 0  # queued or claimed
     oldest: float | None = None  # received time of the oldest pending entry
     dead: int = 0
-    delivered: int = 0  # delivered entries still kept (KEEP_DONE)
+    delivered: int = 0  # delivered entries still kept (KEEP_DONE); the memory store only: the
+    #                     durable ones leave it 0 (a day of entries is not counted every 2 s)
 
 
 class WebhooksUnavailable(Exception):
@@ -120,7 +121,9 @@ class WebhookStore(Protocol):
         self, *, upstream: str | None = None, state: str | None = None, limit: int = 100
     ) -> list[WebhookEntry]: ...
 
-    async def stats(self, now: float) -> dict[str, WebhookStats]: ...
+    async def stats(self, now: float) -> dict[str, WebhookStats]:
+        """Per upstream: pending (with the oldest) and dead. An upstream with neither may be
+        left out. Cheap whatever the store holds: the worker calls it every 2 s."""
 
     async def close(self) -> None: ...
 

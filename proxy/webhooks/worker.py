@@ -20,6 +20,10 @@ Delivering an entry means working out its parts, then POSTing each part not done
 
 Every part carries `X-Egressd-Webhook-Id` (the entry's id) and `X-Egressd-Delivery-Attempt`.
 A part answered 2xx is done and never sent again; the entry is delivered when all are.
+Each 2xx is written to the store as soon as it is read, before the next part is sent (the
+last part's with the entry's final state): the only repeat a kill -9 can cause is that of
+the part whose 2xx the app had sent but egressd had not yet written (at least once;
+docs/webhooks.md).
 Otherwise it is queued again after a backoff (1 s doubling to `MAX_BACKOFF`, +-20 %)
 until `max_age`, then dead (kept, counted, logged). The HTTP client is its own: its own
 connection pool, no proxy from the environment, no redirects followed, nothing sent
@@ -321,13 +325,16 @@ class WebhookWorker:
             )
         entry.attempts += 1
         failures: list[str] = []
-        for part in plan.parts:
-            if part.key in entry.done:
-                continue
+        todo = [part for part in plan.parts if part.key not in entry.done]
+        for n, part in enumerate(todo, 1):
             why = await self._post(entry, part)
             if why is None:
                 entry.done.append(part.key)
                 self._count(rt.name, "translated" if part.translated_from else "delivered", part.events)
+                if n < len(todo):
+                    # Written now, still claimed: a process killed while a later part is in
+                    # flight does not send this one again after the restart.
+                    await self._finish(entry)
             else:
                 failures.append(why)
         if not failures:
