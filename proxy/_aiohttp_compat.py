@@ -112,7 +112,13 @@ class GuardedProtocol(web.RequestHandler):
 
     def close_if_idle(self) -> bool:
         """Close the connection now if it is waiting for its next request (none being
-        read, queued or answered): the drain's start. True if it did."""
+        read, queued or answered): the drain's start. True if it did.
+
+        A connection that has not sent a request head yet is left open: its first request
+        may be in flight (in the socket's buffer, not yet read), and closing it would leave
+        that request without an answer. It gets its head timeout, or the drain's end."""
+        if self._request_count == 0:
+            return False
         waiter = self._waiter
         if waiter is not None and not waiter.done() and not self._messages:
             self.force_close()
