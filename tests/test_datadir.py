@@ -199,8 +199,12 @@ def test_one_claim_decides_among_processes_sharing_a_dir(tmp_path: Path) -> None
                 if stream is not None:
                     stream.close()
     total: dict[str, int] = {}
+    # The race happened: claims were won and claims met another's record in flight. (Which
+    # process wins which keys is up to the scheduler: on a loaded machine one process may
+    # start its 300 ms late and win none, which is still one claim per key.)
+    assert {"new", "in_flight"} <= {state for result in results for state in result["states"]}
+    assert all("in_flight" in result["states"] or result["wins"] for result in results)
     for result in results:
-        assert set(result["states"]) == {"new", "in_flight"}  # both took part in the race
         for key, wins in result["wins"].items():
             total[key] = total.get(key, 0) + wins
     assert total == {f"up:idem|k:{k}": 1 for k in range(20)}
