@@ -25,6 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .faults import DEFAULT_GARBAGE, Fault, FaultError, FaultHit, Faults, parse_fault_specs
+from .webhooks import WEBHOOKS_KEY, WebhookSender
 
 __all__ = [
     "FAKE_NAMES",
@@ -686,6 +687,12 @@ class FakeServer:
     @property
     def faults(self) -> Faults:
         return self.app[FAULTS_KEY]
+
+    @property
+    def webhooks(self) -> WebhookSender:
+        """The fake's webhook sender (fakes/webhooks.py); off until ``.settings.url`` is set.
+        The echo fake has none (KeyError)."""
+        return self.app[WEBHOOKS_KEY]
 
     @property
     def port(self) -> int:
