@@ -31,8 +31,6 @@ signature is the hex HMAC-SHA256 of ``timestamp + token`` keyed with
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import re
 import secrets
@@ -45,6 +43,7 @@ from aiohttp import web
 
 from .faults import Faults
 from .server import LEDGER_KEY, RESET_HOOKS_KEY, Ledger, current_record, new_fake_app, note_body, side_effect_point
+from .signing import mailgun_signature
 from .webhooks import WebhookSettings, install_webhooks
 
 __all__ = ["DEFAULT_WEBHOOK_SIGNING_KEY", "mailgun_signature", "make_mailgun_app"]
@@ -78,14 +77,6 @@ def _split_addresses(values: Iterable[str]) -> list[str]:
     return out
 
 
-def mailgun_signature(signing_key: str, timestamp: str | None = None) -> dict[str, str]:
-    """A webhook ``signature`` object (providers.md 5.5): a fresh token, now or at ``timestamp``."""
-    stamp = str(int(time.time())) if timestamp is None else timestamp
-    token = secrets.token_hex(25)
-    sig = hmac.new(signing_key.encode(), (stamp + token).encode(), hashlib.sha256).hexdigest()
-    return {"timestamp": stamp, "token": token, "signature": sig}
-
-
 def make_mailgun_app(
     faults: Faults | None = None,
     *,
@@ -101,12 +92,8 @@ def make_mailgun_app(
     app = new_fake_app("mailgun", mailgun_error_response, faults=faults, ledger=ledger, client_max_size=MAX_REQUEST + 1)
     led = app[LEDGER_KEY]
 
-    def sign(event_data: bytes) -> tuple[bytes, dict[str, str]]:
-        signature = json.dumps(mailgun_signature(webhook_signing_key)).encode()
-        body = b'{"signature": ' + signature + b', "event-data": ' + event_data + b"}"
-        return body, {"Content-Type": "application/json", "User-Agent": "mailgun/treq-16.12.0"}
-
-    sender = install_webhooks(app, "mailgun", sign, webhooks, app[RESET_HOOKS_KEY])
+    spec = {"scheme": "mailgun", "key": webhook_signing_key}
+    sender = install_webhooks(app, "mailgun", lambda: spec, webhooks, app[RESET_HOOKS_KEY])
 
     async def send(request: web.Request) -> web.StreamResponse:
         auth = request.headers.get("Authorization", "")

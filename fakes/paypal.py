@@ -49,8 +49,6 @@ import re
 import secrets
 import string
 import time
-import uuid
-import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -74,7 +72,8 @@ from .server import (
     note_replayed,
     side_effect_point,
 )
-from .webhooks import WEBHOOKS_KEY, WebhookSender, WebhookSettings, install_webhooks, iso_now
+from .signing import PAYPAL_CERT_URL, SignSpec, iso_now, paypal_message, pem, sign
+from .webhooks import WEBHOOKS_KEY, WebhookSender, WebhookSettings, install_webhooks
 
 __all__ = [
     "DEFAULT_WEBHOOK_ID",
@@ -230,13 +229,15 @@ class PayPalWebhooks:
     ``signed(event)`` gives the body and headers of one POST of an event (tests use it to
     make PayPal-signed events of their own); the sender calls ``headers(body)`` per try."""
 
-    CERT_URL = "https://api.sandbox.paypal.com/v1/notifications/certs/CERT-360caa42-fca2a594-a5cafa77"
+    CERT_URL = PAYPAL_CERT_URL
 
-    def __init__(self, webhook_id: str = DEFAULT_WEBHOOK_ID) -> None:
+    def __init__(self, webhook_id: str = DEFAULT_WEBHOOK_ID, *, eager: bool = False) -> None:
         self.webhook_id = webhook_id
         self.sent: dict[str, bytes] = {}  # event id -> the bytes sent
         self.verifications = 0
         self._key: rsa.RSAPrivateKey | None = None
+        if eager:  # a fake asked to send webhooks makes its key now, not during the traffic
+            _ = self.key
 
     @property
     def key(self) -> rsa.RSAPrivateKey:
@@ -248,25 +249,13 @@ class PayPalWebhooks:
         self.sent.clear()
         self.verifications = 0
 
-    def _signature(self, transmission_id: str, when: str, body: bytes) -> str:
-        message = f"{transmission_id}|{when}|{self.webhook_id}|{zlib.crc32(body)}".encode()
-        return base64.b64encode(self.key.sign(message, padding.PKCS1v15(), hashes.SHA256())).decode()
+    def spec(self) -> SignSpec:
+        return {"scheme": "paypal", "webhook_id": self.webhook_id, "key": pem(self.key)}
 
     def headers(self, body: bytes) -> dict[str, str]:
         """PayPal's headers for one POST of ``body`` (a new transmission each time)."""
-        event = json.loads(body)
-        self.sent[str(event.get("id"))] = body
-        transmission_id, when = str(uuid.uuid1()), iso_now()
-        return {
-            "Content-Type": "application/json",
-            "User-Agent": "PayPal/AUHD-214.0-58191457",
-            "PAYPAL-AUTH-ALGO": "SHA256withRSA",
-            "PAYPAL-AUTH-VERSION": "v2",
-            "PAYPAL-CERT-URL": self.CERT_URL,
-            "PAYPAL-TRANSMISSION-ID": transmission_id,
-            "PAYPAL-TRANSMISSION-TIME": when,
-            "PAYPAL-TRANSMISSION-SIG": self._signature(transmission_id, when, body),
-        }
+        self.sent[str(json.loads(body).get("id"))] = body
+        return sign(self.spec(), body)[1]
 
     def signed(self, event: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
         body = json.dumps(event, indent=1).encode()
@@ -281,13 +270,12 @@ class PayPalWebhooks:
         raw = self.sent.get(str(event.get("id")))
         if raw is None or json.loads(raw) != event:
             return False
-        message = f"{request['transmission_id']}|{request['transmission_time']}|{self.webhook_id}|{zlib.crc32(raw)}"
+        message = paypal_message(
+            str(request["transmission_id"]), str(request["transmission_time"]), self.webhook_id, raw
+        )
         try:
             self.key.public_key().verify(
-                base64.b64decode(str(request["transmission_sig"])),
-                message.encode(),
-                padding.PKCS1v15(),
-                hashes.SHA256(),
+                base64.b64decode(str(request["transmission_sig"])), message, padding.PKCS1v15(), hashes.SHA256()
             )
         except Exception:
             return False
@@ -396,10 +384,10 @@ def make_paypal_app(
     state = PayPalState(clients=clients, token_ttl=token_ttl, extra_tokens=extra_tokens, auto_approve=auto_approve)
     app[PAYPAL_STATE] = state
     app[RESET_HOOKS_KEY].append(state.reset)
-    hooks = PayPalWebhooks(webhook_id)
+    hooks = PayPalWebhooks(webhook_id, eager=webhooks is not None)
     app[PAYPAL_WEBHOOKS] = hooks
     app[RESET_HOOKS_KEY].append(hooks.reset)
-    install_webhooks(app, "paypal", lambda body: (body, hooks.headers(body)), webhooks, app[RESET_HOOKS_KEY])
+    install_webhooks(app, "paypal", hooks.spec, webhooks, app[RESET_HOOKS_KEY])
     app.on_response_prepare.append(_add_debug_id)
     r = app.router
     r.add_post("/v1/oauth2/token", oauth_token)
@@ -716,7 +704,9 @@ def _emit_capture(request: web.Request, capture_id: str, order_id: str, *, autho
             {"href": f"{BASE}/v1/notifications/webhooks-events/{event_id}/resend", "rel": "resend", "method": "POST"},
         ],
     }
-    sender.send(event_id, "PAYMENT.CAPTURE.COMPLETED", json.dumps(event, indent=1).encode(), ref=capture_id)
+    body = json.dumps(event, indent=1).encode()
+    request.app[PAYPAL_WEBHOOKS].sent[event_id] = body  # what the verify API will recognise
+    sender.send(event_id, "PAYMENT.CAPTURE.COMPLETED", body, ref=capture_id)
 
 
 def _approval_check(state: PayPalState, order: dict[str, Any], body: Any, action: str) -> None:

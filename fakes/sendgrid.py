@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .faults import Faults
@@ -56,6 +56,7 @@ from .server import (
     note_body,
     side_effect_point,
 )
+from .signing import SignSpec, pem, sign
 from .webhooks import WebhookSender, WebhookSettings, install_webhooks
 
 __all__ = ["SENDGRID_WEBHOOKS", "SendGridError", "SendGridWebhooks", "make_sendgrid_app"]
@@ -337,15 +338,12 @@ class SendGridWebhooks:
         )
         return base64.b64encode(der).decode()
 
+    def spec(self) -> SignSpec:
+        return {"scheme": "sendgrid", "key": pem(self.key)}
+
     def sign(self, body: bytes) -> tuple[bytes, dict[str, str]]:
-        stamp = str(int(time.time()))
-        sig = self.key.sign(stamp.encode() + body, ec.ECDSA(hashes.SHA256()))
-        return body, {
-            "Content-Type": "application/json",
-            "User-Agent": "SendGrid Event API",
-            "X-Twilio-Email-Event-Webhook-Signature": base64.b64encode(sig).decode(),
-            "X-Twilio-Email-Event-Webhook-Timestamp": stamp,
-        }
+        """The body and headers of one POST of ``body``, signed now."""
+        return sign(self.spec(), body)
 
     def delivered(self, msg_id: str, summary: Mapping[str, Any]) -> None:
         """Events for a mail just sent (nothing when webhooks are off)."""
@@ -420,7 +418,7 @@ def make_sendgrid_app(
     app = new_fake_app("sendgrid", sendgrid_error_response, faults=faults, ledger=ledger)
     led = app[LEDGER_KEY]
     hooks = SendGridWebhooks(webhook_key, batch=webhook_batch, batch_size=webhook_batch_size)
-    hooks.sender = install_webhooks(app, "sendgrid", hooks.sign, webhooks, app[RESET_HOOKS_KEY])
+    hooks.sender = install_webhooks(app, "sendgrid", hooks.spec, webhooks, app[RESET_HOOKS_KEY])
     app[SENDGRID_WEBHOOKS] = hooks
     app[RESET_HOOKS_KEY].append(hooks.reset)
     window: dict[str, float] = {"start": time.time(), "used": 0}

@@ -653,6 +653,9 @@ class FakeServer:
     """Runs a fake on ``host:port`` (default ``127.0.0.1`` and a free port).
 
     ``async with FakeServer("stripe") as fake: ... fake.url ... fake.ledger ... fake.faults``
+
+    ``listeners=N``: N listening sockets on the port (SO_REUSEPORT, where the platform has it),
+    for fakes that share a busy event loop and must accept bursts of new connections.
     """
 
     def __init__(
@@ -664,8 +667,12 @@ class FakeServer:
         faults: Faults | None = None,
         ledger: Ledger | None = None,
         shutdown_timeout: float = 2.0,
+        listeners: int = 1,
         **options: Any,
     ) -> None:
+        if listeners < 1:
+            raise ValueError("listeners must be at least 1")
+        self.listeners = listeners
         if isinstance(app, str):
             app = make_app(app, faults, ledger=ledger, **options)
         elif faults is not None or ledger is not None or options:
@@ -722,14 +729,22 @@ class FakeServer:
             return self
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=self._shutdown_timeout)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self._port, reuse_address=True)
+        many = self.listeners > 1 and hasattr(socket, "SO_REUSEPORT")
         try:
+            site = web.TCPSite(runner, self.host, self._port, reuse_address=True, reuse_port=many or None)
             await site.start()
+            port = int(runner.addresses[0][1])
+            # More listening sockets on the same port (SO_REUSEPORT: the kernel spreads new
+            # connections over them). uvloop accepts about one connection per listening
+            # socket per turn of a busy event loop, so a burst of new connections to one
+            # fake sharing the loop with a busy proxy waits seconds to be accepted.
+            for _ in range(self.listeners - 1 if many else 0):
+                await web.TCPSite(runner, self.host, port, reuse_address=True, reuse_port=True).start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
-        self._port = int(runner.addresses[0][1])
+        self._port = port
         return self
 
     async def stop(self) -> None:

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
-import hmac
 import json
 import re
 import time
@@ -58,6 +56,7 @@ from .server import (
     note_replayed,
     side_effect_point,
 )
+from .signing import stripe_signature
 from .webhooks import WEBHOOKS_KEY, WebhookSender, WebhookSettings, install_webhooks
 
 __all__ = [
@@ -335,13 +334,6 @@ Handler = Callable[[web.Request, dict[str, Any], str | None], Awaitable[tuple[in
 AppHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def stripe_signature(body: bytes, secret: str, timestamp: int | None = None) -> str:
-    """A ``Stripe-Signature`` value for ``body`` (providers.md 1.11)."""
-    t = int(time.time()) if timestamp is None else timestamp
-    sig = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={t},v1={sig}"
-
-
 def make_stripe_app(
     faults: Faults | None = None,
     *,
@@ -358,14 +350,8 @@ def make_stripe_app(
     app[STRIPE_STATE] = state
     app[RESET_HOOKS_KEY].append(state.reset)
 
-    def sign(payload: bytes) -> tuple[bytes, dict[str, str]]:
-        return payload, {
-            "Stripe-Signature": stripe_signature(payload, webhook_secret),
-            "Content-Type": "application/json; charset=utf-8",
-            "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
-        }
-
-    install_webhooks(app, "stripe", sign, webhooks, app[RESET_HOOKS_KEY])
+    spec = {"scheme": "stripe", "secret": webhook_secret}
+    install_webhooks(app, "stripe", lambda: spec, webhooks, app[RESET_HOOKS_KEY])
     app.on_response_prepare.append(_add_request_id)
     r = app.router
     r.add_post("/v1/payment_intents", create_payment_intent)

@@ -10,46 +10,51 @@ it: off until ``settings.url`` is set (``make_*_app(webhooks={"url": ...})``, or
 Delivery, like the providers': asynchronous (after ``delay`` seconds, never inside the API
 call that caused the event), at least once (every event is POSTed until the endpoint
 answers 2xx, up to ``attempts`` tries with ``backoff`` doubling between them: bounded, as
-a fake must be), each try signed afresh (a new timestamp, as Stripe and SendGrid do), and
-with ``redeliver`` (0..1, the share of events, 1.0 = every one) a second, independent
-delivery of the same event (same event id) after the first: providers deliver at least
-once, and an endpoint must expect repeats.
+a fake must be), each try signed afresh (fakes/signing.py: a new timestamp, transmission or
+token), and with ``redeliver`` (0..1, the share of events, 1.0 = every one) a second,
+independent delivery of the same event (same event id) after the first, spread evenly (0.25:
+every fourth event): providers deliver at least once, and an endpoint must expect repeats.
+
+The POSTs run on the fake's event loop, or, with ``sender.courier`` set to a running
+:class:`fakes.courier.Courier`, in that child process: a provider's webhooks come from
+other machines, and a simulation that runs fakes, client and proxy on one event loop
+should not pay for them there.
 
 ``sender.events`` lists every event made (id, type, payload), ``sender.attempts`` every POST
 try (status or error); ``delivered()`` counts the 2xx deliveries per event id, ``failed()``
-lists the deliveries that gave up; ``await sender.drain(within)`` waits for every
-delivery (retries and redeliveries included) to end.
+lists the deliveries that gave up; ``await sender.drain(within)`` waits for every delivery
+(retries and redeliveries included) to end.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 
+from .signing import SignSpec, iso_now, sign
+
+if TYPE_CHECKING:
+    from .courier import Courier
+
 __all__ = [
     "WEBHOOKS_KEY",
-    "Signer",
+    "Poster",
     "WebhookAttempt",
     "WebhookEvent",
     "WebhookSender",
     "WebhookSettings",
+    "deliver",
     "install_webhooks",
     "iso_now",
 ]
-
-Signer = Callable[[bytes], tuple[bytes, Mapping[str, str]]]
-"""``signer(payload) -> (body, headers)`` for one POST try: the provider's signature made
-now. Most providers sign headers over the payload as is; Mailgun's signature is inside
-the body, so the body is built per try too."""
 
 
 @dataclass
@@ -65,7 +70,6 @@ class WebhookSettings:
     redeliver: float = 0.0  # share of events delivered a second time (0..1; 1.0: every event twice)
     redeliver_after: float = 0.0  # seconds after the first delivery ended
     concurrency: int = 32  # POSTs in flight at once
-    seed: int = 0  # which events are redelivered (with 0 < redeliver < 1)
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -125,20 +129,89 @@ class WebhookAttempt:
         return self.status is not None and 200 <= self.status < 300
 
 
-class WebhookSender:
-    """Sends one fake's webhook events (see the module docstring)."""
+class Poster:
+    """An HTTP client for webhook POSTs: its own pool, at most ``concurrency`` in flight,
+    never through a proxy from the environment (a provider posts straight to the endpoint)."""
 
-    def __init__(self, name: str, signer: Signer, settings: WebhookSettings | None = None) -> None:
-        self.name = name
-        self.signer = signer
-        self.settings = settings or WebhookSettings()
-        self.events: list[WebhookEvent] = []
-        self.attempts: list[WebhookAttempt] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+    def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._slots_size = 0
-        self._rng = random.Random(self.settings.seed)
+        self._size = 0
+
+    async def post(
+        self, url: str, body: Callable[[], tuple[bytes, Mapping[str, str]]], per_post: float, concurrency: int
+    ) -> tuple[int | None, str | None]:
+        """POST what ``body()`` makes (signed when the slot is free); (status, error)."""
+        if self._slots is None or self._size != concurrency:
+            self._slots, self._size = asyncio.Semaphore(concurrency), concurrency
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), trust_env=False)
+        async with self._slots:
+            data, headers = body()
+            try:
+                async with self._session.post(
+                    url,
+                    data=data,
+                    headers=dict(headers),
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=per_post),
+                ) as resp:
+                    await resp.read()
+                    return resp.status, None
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                return None, type(exc).__name__
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def deliver(
+    event_id: str,
+    event_type: str,
+    payload: bytes,
+    url: str,
+    deliveries: int,
+    settings: WebhookSettings,
+    spec: SignSpec,
+    poster: Poster,
+    record: Callable[[WebhookAttempt], None],
+) -> None:
+    """Every POST of one event: ``deliveries`` deliveries (2: redelivered), each tried until a
+    2xx or ``settings.attempts`` tries, each try signed anew; ``record`` gets every try."""
+    s = settings
+    if s.delay > 0:
+        await asyncio.sleep(s.delay)
+    for delivery in range(1, deliveries + 1):
+        if delivery > 1 and s.redeliver_after > 0:
+            await asyncio.sleep(s.redeliver_after)
+        wait = s.backoff
+        for attempt in range(1, s.attempts + 1):
+            status, error = await poster.post(url, lambda: sign(spec, payload), s.timeout, s.concurrency)
+            record(WebhookAttempt(event_id, event_type, delivery, attempt, status, error, time.time()))
+            if status is not None and 200 <= status < 300:
+                break
+            if attempt < s.attempts:
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, s.max_backoff)
+
+
+class WebhookSender:
+    """Sends one fake's webhook events (see the module docstring). ``spec()`` gives the
+    provider's signing spec (fakes/signing.py), asked for on the first event."""
+
+    def __init__(self, name: str, spec: Callable[[], SignSpec], settings: WebhookSettings | None = None) -> None:
+        self.name = name
+        self.spec = spec
+        self.settings = settings or WebhookSettings()
+        self.courier: Courier | None = None  # set to send from a courier process
+        self.events: list[WebhookEvent] = []
+        self.attempts: list[WebhookAttempt] = []
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._poster = Poster()
+        self._spec: SignSpec | None = None
+        self._count = 0  # events sent so far (which ones are redelivered)
 
     @property
     def enabled(self) -> bool:
@@ -154,73 +227,31 @@ class WebhookSender:
         url = self.settings.url
         if not url:
             return False
-        event = WebhookEvent(event_id, event_type, payload, time.time(), ref)
-        self.events.append(event)
-        twice = self.settings.redeliver >= 1.0 or (
-            self.settings.redeliver > 0.0 and self._rng.random() < self.settings.redeliver
-        )
-        self.spawn(self._deliver_all(event, url, 2 if twice else 1))
+        self.events.append(WebhookEvent(event_id, event_type, payload, time.time(), ref))
+        s = self.settings
+        # Spread evenly and exactly: with redeliver 0.25, every fourth event goes twice.
+        n, self._count = self._count, self._count + 1
+        deliveries = 2 if math.floor((n + 1) * s.redeliver) > math.floor(n * s.redeliver) else 1
+        if self._spec is None:
+            self._spec = self.spec()
+        event = (event_id, event_type, payload, url, deliveries, s, self._spec)
+        if self.courier is not None:
+            self._track(self.courier.submit(self.name, *event, self.record))
+        else:
+            self.spawn(deliver(*event, self._poster, self.record))
         return True
+
+    def record(self, attempt: WebhookAttempt) -> None:
+        self.attempts.append(attempt)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a provider's own background step (SendGrid's batching) as part of the
         deliveries: ``drain`` waits for it and ``close`` cancels it."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._track(asyncio.get_running_loop().create_task(coro))
 
-    async def _deliver_all(self, event: WebhookEvent, url: str, deliveries: int) -> None:
-        s = self.settings
-        if s.delay > 0:
-            await asyncio.sleep(s.delay)
-        for delivery in range(1, deliveries + 1):
-            if delivery > 1 and s.redeliver_after > 0:
-                await asyncio.sleep(s.redeliver_after)
-            await self._deliver(event, url, delivery)
-
-    async def _deliver(self, event: WebhookEvent, url: str, delivery: int) -> bool:
-        s = self.settings
-        wait = s.backoff
-        for attempt in range(1, s.attempts + 1):
-            status: int | None = None
-            error: str | None = None
-            async with self._slot():
-                body, headers = self.signer(event.payload)
-                try:
-                    async with self._client().post(
-                        url,
-                        data=body,
-                        headers=dict(headers),
-                        allow_redirects=False,
-                        timeout=aiohttp.ClientTimeout(total=s.timeout),
-                    ) as resp:
-                        await resp.read()
-                        status = resp.status
-                except (TimeoutError, aiohttp.ClientError) as exc:
-                    error = type(exc).__name__
-            self.attempts.append(WebhookAttempt(event.id, event.type, delivery, attempt, status, error, time.time()))
-            if status is not None and 200 <= status < 300:
-                return True
-            if attempt < s.attempts:
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, s.max_backoff)
-        return False
-
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> Any:
-        if self._slots is None or self._slots_size != self.settings.concurrency:
-            self._slots = asyncio.Semaphore(self.settings.concurrency)
-            self._slots_size = self.settings.concurrency
-        async with self._slots:
-            yield
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0),
-                trust_env=False,  # a provider posts straight to the endpoint, never through a proxy
-            )
-        return self._session
+    def _track(self, future: asyncio.Future[None]) -> None:
+        self._tasks.add(future)
+        future.add_done_callback(self._tasks.discard)
 
     async def drain(self, within: float = 30.0) -> bool:
         """Wait until every delivery ended (delivered, or given up); False after ``within`` seconds."""
@@ -255,14 +286,13 @@ class WebhookSender:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._poster.close()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "settings": asdict(self.settings),
+            "courier": self.courier is not None,
             "pending": self.pending,
             "events": [
                 {"id": e.id, "type": e.type, "t": e.t, "ref": e.ref, "payload": e.payload.decode("utf-8", "replace")}
@@ -294,13 +324,13 @@ async def _post_webhooks(request: web.Request) -> web.Response:
 def install_webhooks(
     app: web.Application,
     name: str,
-    signer: Signer,
+    spec: Callable[[], SignSpec],
     settings: WebhookSettings | Mapping[str, Any] | None,
     reset_hooks: list[Callable[[], None]],
 ) -> WebhookSender:
     """Give a fake app its sender, the ``/__fake__/webhooks`` control routes (GET: events and
     tries; POST: change settings), and its cleanup (deliveries under way are cancelled)."""
-    sender = WebhookSender(name, signer, WebhookSettings.of(settings))
+    sender = WebhookSender(name, spec, WebhookSettings.of(settings))
     app[WEBHOOKS_KEY] = sender
     reset_hooks.append(sender.reset)
 
@@ -311,10 +341,3 @@ def install_webhooks(
     app.router.add_get("/__fake__/webhooks", _get_webhooks)
     app.router.add_post("/__fake__/webhooks", _post_webhooks)
     return sender
-
-
-def iso_now(millis: bool = False) -> str:
-    """PayPal's time stamps: ``2026-11-27T10:00:00Z`` (``.000Z`` with millis)."""
-    now = time.time()
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-    return stamp + (f".{int(now % 1 * 1000):03d}Z" if millis else "Z")

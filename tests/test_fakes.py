@@ -1078,3 +1078,101 @@ async def test_webhook_settings_over_the_control_api(run_app: Any, session: aioh
         assert listed["delivered"] == {listed["events"][0]["id"]: 1} and len(endpoint.posts) == 1
     with pytest.raises(ValueError, match="unknown webhooks settings"):
         FakeServer("stripe", webhooks={"uri": url})
+
+
+async def test_a_courier_process_sends_the_same_webhooks(run_app: Any, session: aiohttp.ClientSession) -> None:
+    """With a courier, the POSTs leave from a child process: signed, retried (bounded) and
+    redelivered the same way, every try reported back to the fake."""
+    from fakes.courier import Courier
+    from fakes.paypal import PAYPAL_WEBHOOKS
+
+    endpoint = Endpoint(503)
+    url = await endpoint.serve(run_app)
+    down = Endpoint(*([500] * 10))
+    down_url = await down.serve(run_app)
+    async with (
+        Courier() as courier,
+        FakeServer("stripe", webhooks={"url": url, "redeliver": 1.0, "backoff": 0.01}, webhook_secret=WHSEC) as fake,
+        FakeServer("paypal", webhooks={"url": down_url, "attempts": 2, "backoff": 0.01}) as paypal,
+    ):
+        fake.webhooks.courier = paypal.webhooks.courier = courier
+        pi = await asyncio.to_thread(
+            _stripe_client(fake.url).v1.payment_intents.create,
+            params={"amount": 2000, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True},
+        )
+        async with session.post(
+            paypal.url + "/v1/oauth2/token",
+            data={"grant_type": "client_credentials"},
+            headers={"Authorization": "Basic " + base64.b64encode(b"id:secret").decode()},
+        ) as r:
+            auth = {"Authorization": "Bearer " + (await r.json())["access_token"]}
+        order = {
+            "intent": "CAPTURE",
+            "purchase_units": [{"amount": {"currency_code": "USD", "value": "20.00"}}],
+            "payment_source": {"card": {"vault_id": "V1"}},
+        }
+        async with session.post(
+            paypal.url + "/v2/checkout/orders", json=order, headers={**auth, "PayPal-Request-Id": "o"}
+        ):
+            pass
+        assert await fake.webhooks.drain(10) and await paypal.webhooks.drain(10)
+        # The PayPal POSTs the courier signed pass the fake's verify API.
+        headers, body = down.posts[0]
+        verify = {
+            "auth_algo": headers["PAYPAL-AUTH-ALGO"],
+            "cert_url": headers["PAYPAL-CERT-URL"],
+            "transmission_id": headers["PAYPAL-TRANSMISSION-ID"],
+            "transmission_sig": headers["PAYPAL-TRANSMISSION-SIG"],
+            "transmission_time": headers["PAYPAL-TRANSMISSION-TIME"],
+            "webhook_id": paypal.app[PAYPAL_WEBHOOKS].webhook_id,
+            "webhook_event": json.loads(body),
+        }
+        async with session.post(
+            paypal.url + "/v1/notifications/verify-webhook-signature", json=verify, headers=auth
+        ) as r:
+            assert await r.json() == {"verification_status": "SUCCESS"}
+    # Stripe: the first try answered 503, retried, then the redelivery: three POSTs, two 2xx.
+    assert [(a.delivery, a.attempt, a.status) for a in fake.webhooks.attempts] == [
+        (1, 1, 503),
+        (1, 2, 200),
+        (2, 1, 200),
+    ]
+    events = [stripe.Webhook.construct_event(b.decode(), h["Stripe-Signature"], WHSEC) for h, b in endpoint.posts]
+    assert {e.data.object.id for e in events} == {pi.id} and len(events) == 3
+    # PayPal: two tries, then given up, as in process.
+    assert [a.status for a in paypal.webhooks.attempts] == [500, 500] and len(paypal.webhooks.failed()) == 1
+
+
+async def test_a_share_of_events_is_redelivered_evenly(run_app: Any) -> None:
+    endpoint = Endpoint()
+    url = await endpoint.serve(run_app)
+    async with FakeServer("stripe", webhooks={"url": url, "redeliver": 0.5}) as fake:
+        client = _stripe_client(fake.url)
+        for amount in (1001, 1002, 1003, 1004):
+            await asyncio.to_thread(
+                client.v1.payment_intents.create,
+                params={"amount": amount, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True},
+            )
+        assert await fake.webhooks.drain(10)
+    # Every second event twice: the same event id and bytes both times.
+    assert [fake.webhooks.delivered()[e.id] for e in fake.webhooks.events] == [1, 2, 1, 2]
+    bodies = [body for _, body in endpoint.posts]
+    assert len(bodies) == 6 and len(set(bodies)) == 4
+
+
+async def test_a_fake_with_several_listening_sockets(session: aiohttp.ClientSession) -> None:
+    fake = FakeServer("echo", listeners=4)
+    with pytest.raises(ValueError):
+        FakeServer("echo", listeners=0)
+    async with fake:
+        port = fake.port
+        answers = await asyncio.gather(*(session.get(fake.url + f"/x{i}") for i in range(40)))
+        assert {r.status for r in answers} == {200}
+        for r in answers:
+            r.release()
+        await fake.stop()
+        await fake.start()  # the same port again
+        assert fake.port == port
+        async with session.get(fake.url + "/again") as r:
+            assert r.status == 200
+    assert len(fake.ledger.requests) == 41
