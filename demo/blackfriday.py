@@ -6,6 +6,13 @@ the fakes by a naive retrying client, once through egressd running the shipped e
 policies re-pointed at the fakes. The fakes' ledgers count what really happened (charges,
 e-mails sent) per payment and per e-mail, so duplicates and losses are facts, not guesses.
 
+The fakes also send their webhooks, as the providers do (signed, at least once, some events
+delivered twice): straight to the shop's endpoints (`demo.app`) in the direct run, to
+egressd's webhook listener in the other, which verifies, deduplicates, translates PayPal's
+and Mailgun's events about failed-over payments and e-mails into Stripe's and SendGrid's
+shape, and delivers to the same endpoints. The endpoints verify every delivery with the
+providers' SDKs and count what they got per payment and per e-mail.
+
 Simulated time runs `TIME_FACTOR` times faster than the clock: every duration in the
 scenario, in the client and in the policies is divided by it and every rate multiplied
 by it, so a provider limit of 100 requests per simulated second is enforced as 800 real
@@ -18,6 +25,7 @@ Everything listens on and talks to 127.0.0.1 only, and every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import gc
@@ -34,7 +42,12 @@ from typing import Any, Literal
 
 import aiohttp
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from demo.app import ShopProcess, ShopWebhooks
+from fakes.courier import Courier
+from fakes.sendgrid import SENDGRID_WEBHOOKS
 from fakes.server import FakeServer, start_fakes, stop_fakes
 from proxy.config.units import parse_duration, parse_rate
 from proxy.outbox.store import Entry
@@ -61,6 +74,31 @@ MAILGUN_KEY = "key-demo-not-a-secret"
 MAIL_DOMAIN = "mg.example.com"
 OUTBOX_PROBE_AFTER = "10s"  # simulated: how long the outbox waits before asking the provider after a doubt
 REFUSED_PAYMENT_METHOD = "pm_card_mastercard"  # not in the shipped crosswalk: failover must refuse
+
+# Webhooks (issue 15): the fakes send them as the providers do, the shop verifies them.
+STRIPE_WEBHOOK_SECRET = "whsec_blackfriday_not_a_secret"
+PAYPAL_WEBHOOK_ID = "WH-BLACKFRIDAY-0DEMO0NOT0A0SECRET"
+MAILGUN_WEBHOOK_KEY = "mailgun-webhook-signing-key-demo-not-a-secret"
+WEBHOOK_DELAY = 2.0  # s (simulated): an event's first POST comes this long after the API call
+WEBHOOK_REDELIVER = 0.25  # a quarter of the events are delivered twice (providers deliver at least once)
+# POSTs each provider has in flight at once. The webhooks' work in egressd shares this one
+# event loop with the client, the fakes and the rest of egressd (a PayPal event costs egressd
+# a verify call too); sent in bursts, it makes every other call of the simulation slower.
+# Providers deliver to one endpoint a few at a time; so do the fakes here.
+WEBHOOK_CONCURRENCY = 2
+WEBHOOK_REDELIVER_AFTER = 5.0  # s (simulated) after the first delivery
+WEBHOOK_ATTEMPTS = 4  # tries per delivery, then the fake gives up
+WEBHOOK_BACKOFF = 4.0  # s (simulated) before the second try, doubling
+WEBHOOK_TIMEOUT = 30.0  # s (simulated) per POST
+SENDGRID_WEBHOOK_BATCH = 5.0  # s (simulated): SendGrid collects events this long into one POST
+SENDGRID_WEBHOOK_BATCH_SIZE = 100
+WEBHOOK_DRAIN_BOUND = 240.0  # s (simulated): the most the run waits for webhooks after the traffic
+
+# Listening sockets per fake (fakes/server.py): the fakes share one event loop with the client
+# and egressd, and uvloop accepts about one new connection per listening socket per turn of a
+# busy loop, so the burst of new connections a mass failover opens to Mailgun waited up to
+# seconds to be accepted, past Mailgun's attempt timeout. Real providers accept at once.
+FAKE_LISTENERS = 8
 
 PROVIDER_PATHS = {"stripe": "/v1/", "paypal": "/v2/", "sendgrid": "/v3/", "mailgun": "/v3/"}
 PROVIDERS = ("stripe", "paypal", "sendgrid", "mailgun")
@@ -163,6 +201,13 @@ class Scenario:
             f"(as Stripe's SDK sends), none for e-mail (SendGrid has none)",
             f"through egressd: the same client with its own retries off and a {APP_TIMEOUT_BEHIND_EGRESSD:g} s "
             f"timeout (docs/operations.md: let egressd retry)",
+            f"webhooks: every fake sends its events as the provider does (Stripe payment_intent.succeeded, PayPal "
+            f"PAYMENT.CAPTURE.COMPLETED, SendGrid delivered in batches, Mailgun delivered), signed, "
+            f"{WEBHOOK_DELAY:g} s after the call, {WEBHOOK_CONCURRENCY} POSTs at a time per provider, up to "
+            f"{WEBHOOK_ATTEMPTS} tries, and {WEBHOOK_REDELIVER:.0%} of the events delivered twice "
+            f"({WEBHOOK_REDELIVER_AFTER:g} s apart: providers deliver at least once), from a process of their own; "
+            f"the shop (a process of its own) has a Stripe and a SendGrid endpoint (verified with the providers' "
+            f"SDKs), none for PayPal or Mailgun",
         ]
 
 
@@ -239,10 +284,12 @@ def simulation_policies(
     k: float,
     *,
     outbox_when: OutboxWhen = "on_failure",
+    webhooks: Mapping[str, dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The shipped example policies re-pointed at the fakes; returns the changes made, too.
     `outbox_when` is the e-mail outbox's `when` (the demo runs `on_failure`; the tests
-    also run `always`, which keeps every send)."""
+    also run `always`, which keeps every send); `webhooks`: a `webhooks` block per upstream
+    (`webhook_blocks`)."""
     docs = {name: copy.deepcopy(examples[name]) for name in PROVIDERS}
     for name, doc in docs.items():
         doc["target"] = fakes[name].url
@@ -271,8 +318,72 @@ def simulation_policies(
         f"sendgrid, mailgun: outbox {{when: {outbox_when}{doubt}, probe_after: {OUTBOX_PROBE_AFTER}}}: {kept}, "
         "answered 202 and delivered later (probe_after: the default 60s would outlast the simulation)"
     )
+    if webhooks:
+        for name, block in webhooks.items():
+            docs[name]["webhooks"] = dict(block)
+        changes.append(
+            "stripe, sendgrid: webhooks {deliver_to: the shop's endpoint, secret / public_key: the fake's, "
+            "signing_key: one made for the run}; paypal, mailgun: webhooks {webhook_id / secret} only (their "
+            "events about failed-over payments and e-mails are translated and go to the primary's deliver_to); "
+            "egressd run with --webhook-listen, the fakes' webhooks pointed at it"
+        )
     changes.append(f"every duration / {k:g} and every rate x {k:g} (simulated time runs {k:g}x faster)")
     return [compress_time(doc, k) for doc in docs.values()], changes
+
+
+def fake_options(sc: Scenario) -> dict[str, dict[str, Any]]:
+    """The fakes' options for a run: Black-Friday limits and webhooks as the providers send them
+    (their URL is set once the receiver runs)."""
+
+    def hooks() -> dict[str, Any]:
+        return {
+            "delay": sc.real(WEBHOOK_DELAY),
+            "redeliver": WEBHOOK_REDELIVER,
+            "redeliver_after": sc.real(WEBHOOK_REDELIVER_AFTER),
+            "attempts": WEBHOOK_ATTEMPTS,
+            "backoff": sc.real(WEBHOOK_BACKOFF),
+            "timeout": sc.real(WEBHOOK_TIMEOUT),
+            "concurrency": WEBHOOK_CONCURRENCY,
+        }
+
+    return {
+        "stripe": {"webhooks": hooks(), "webhook_secret": STRIPE_WEBHOOK_SECRET, "listeners": FAKE_LISTENERS},
+        "paypal": {"webhooks": hooks(), "webhook_id": PAYPAL_WEBHOOK_ID, "listeners": FAKE_LISTENERS},
+        "sendgrid": {
+            "rate_limit": int(PROVIDER_LIMIT * sc.k * 60),
+            "webhooks": hooks(),
+            "webhook_batch": sc.real(SENDGRID_WEBHOOK_BATCH),
+            "webhook_batch_size": SENDGRID_WEBHOOK_BATCH_SIZE,
+            "listeners": FAKE_LISTENERS,
+        },
+        "mailgun": {"webhooks": hooks(), "webhook_signing_key": MAILGUN_WEBHOOK_KEY, "listeners": FAKE_LISTENERS},
+    }
+
+
+def signing_key() -> tuple[str, str]:
+    """A P-256 key for egressd to sign SendGrid deliveries with: (PEM private, base64 DER public)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem, base64.b64encode(der).decode()
+
+
+def webhook_blocks(
+    app_url: str, fakes: Mapping[str, FakeServer], sendgrid_signing_pem: str
+) -> dict[str, dict[str, Any]]:
+    """The `webhooks` blocks of the egressd run (docs/webhooks.md, setup per provider)."""
+    return {
+        "stripe": {"deliver_to": app_url + "/webhooks/stripe", "secret": STRIPE_WEBHOOK_SECRET},
+        "paypal": {"webhook_id": PAYPAL_WEBHOOK_ID},
+        "sendgrid": {
+            "deliver_to": app_url + "/webhooks/sendgrid",
+            "public_key": fakes["sendgrid"].app[SENDGRID_WEBHOOKS].public_key,
+            "signing_key": sendgrid_signing_pem,
+        },
+        "mailgun": {"secret": MAILGUN_WEBHOOK_KEY},
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,6 +474,47 @@ class OutboxTally:
 
 
 @dataclass
+class WebhookTally:
+    """What the shop's webhook endpoints got, per payment and per e-mail that happened.
+
+    Raw deliveries: the shop deduplicates nothing in these counts, so an event that reached
+    it twice (a provider's redelivery egressd did not absorb, or the naive run) counts twice."""
+
+    pay_once: int = 0  # payments that happened with exactly one verified payment_intent.succeeded
+    pay_twice: int = 0  # ... with two or more
+    pay_none: int = 0  # ... with none
+    pay_none_failed_over: int = 0  # ... with none, of which failed over to PayPal
+    pay_none_app_failed: int = 0  # ... with none, of which the app was told the payment failed
+    pay_translated: int = 0  # payments whose event came translated from PayPal
+    pay_stray: int = 0  # succeeded events about payments that never happened (0 expected)
+    mail_once: int = 0  # e-mails that happened with exactly one verified SendGrid delivered event
+    mail_twice: int = 0
+    mail_none: int = 0
+    mail_none_app_failed: int = 0  # ... with none, of which the app was told the send failed
+    mail_translated: int = 0  # e-mails whose event came translated from Mailgun
+    mail_stray: int = 0
+    sent: dict[str, int] = field(default_factory=dict)  # events the fakes made, per provider
+    posts: dict[str, int] = field(default_factory=dict)  # 2xx POSTs of them, per provider (redeliveries too)
+    given_up: int = 0  # deliveries a fake gave up after all its tries
+    absorbed: dict[str, int] = field(default_factory=dict)  # through egressd: redeliveries answered "duplicate"
+    egressd: dict[str, int] = field(default_factory=dict)  # through egressd: the listener's and worker's counts
+    refused: int = 0  # deliveries the shop's signature check refused
+    unknown: int = 0  # POSTs to a path the shop does not serve (PayPal's, Mailgun's in the naive run)
+    pending: int = 0  # events egressd still held when the wait ended
+    drained: bool = True
+    drain_wall: float = 0.0
+    verifiers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def absorbed_pay(self) -> int:
+        return self.absorbed.get("stripe", 0) + self.absorbed.get("paypal", 0)
+
+    @property
+    def absorbed_mail(self) -> int:
+        return self.absorbed.get("sendgrid", 0) + self.absorbed.get("mailgun", 0)
+
+
+@dataclass
 class RunResult:
     mode: Mode
     pay: Tally
@@ -377,6 +529,7 @@ class RunResult:
     timed_out: bool
     timeline: dict[str, list[int]] = field(default_factory=dict)  # per simulated second
     outbox: OutboxTally | None = None  # through egressd only
+    webhooks: WebhookTally | None = None
 
     @property
     def duplicates(self) -> int:
@@ -645,6 +798,74 @@ def outbox_tally(
     return t
 
 
+async def drain_webhooks(
+    fakes: Mapping[str, FakeServer], server: EgressServer | None, sc: Scenario
+) -> tuple[float, bool, int]:
+    """Wait until the fakes have sent every webhook (retries and redeliveries included) and
+    egressd holds none undelivered, within a bound; (seconds waited, drained, still pending)."""
+    began = time.monotonic()
+    deadline = began + sc.real(WEBHOOK_DRAIN_BOUND)
+    for fake in fakes.values():
+        if not await fake.webhooks.drain(max(0.0, deadline - time.monotonic())):
+            return time.monotonic() - began, False, 0
+    if server is None:
+        return time.monotonic() - began, True, 0
+    while True:
+        stats = await server.webhook_store.stats(time.time())
+        pending = sum(st.pending for st in stats.values())
+        if pending == 0:
+            return time.monotonic() - began, True, 0
+        if time.monotonic() >= deadline:
+            return time.monotonic() - began, False, pending
+        await asyncio.sleep(0.05)
+
+
+def webhook_tally(
+    seen: ShopWebhooks,
+    fakes: Mapping[str, FakeServer],
+    pays: list[Outcome],
+    pay_fx: Counter[int],
+    mail_fx: Counter[int],
+    mails: list[Outcome] | None = None,
+) -> WebhookTally:
+    """Per payment and per e-mail that happened, how many verified events reached the shop."""
+    t = WebhookTally(verifiers=dict(seen.verifiers))
+    mails = mails or []
+    per_pay = seen.succeeded_per_payment()
+    translated_pay = {d.amount - 1000 for d in seen.stripe if d.translated_from}
+    failed_over = {o.index for o in pays if o.upstream == "paypal"}
+    for i in range(len(pays)):
+        if pay_fx[i] == 0:
+            continue
+        n = per_pay[i]
+        t.pay_once += n == 1
+        t.pay_twice += n >= 2
+        t.pay_none += n == 0
+        t.pay_none_failed_over += n == 0 and i in failed_over
+        t.pay_none_app_failed += n == 0 and not pays[i].ok
+        t.pay_translated += i in translated_pay
+    t.pay_stray = sum(1 for i in per_pay if pay_fx[i] == 0)
+    per_mail = seen.delivered_per_mail()
+    translated_mail = {d.email_id for d in seen.mail if d.translated_from}
+    for i, done in mail_fx.items():
+        if i < 0 or done == 0:
+            continue
+        n = per_mail[i]
+        t.mail_once += n == 1
+        t.mail_twice += n >= 2
+        t.mail_none += n == 0
+        t.mail_none_app_failed += n == 0 and 0 <= i < len(mails) and not mails[i].ok
+        t.mail_translated += i in translated_mail
+    t.mail_stray = sum(1 for i in per_mail if mail_fx[i] == 0)
+    for name, fake in fakes.items():
+        t.sent[name] = len(fake.webhooks.events)
+        t.posts[name] = sum(fake.webhooks.delivered().values())
+        t.given_up += len(fake.webhooks.failed())
+    t.refused = sum(seen.refused.values())
+    t.unknown = sum(seen.unknown.values())
+    return t
+
+
 def _ledger_facts(
     fakes: Mapping[str, FakeServer], t0_wall: float, k: float
 ) -> tuple[Counter[int], Counter[int], dict[str, int], dict[str, list[int]]]:
@@ -686,28 +907,68 @@ def _ledger_facts(
 
 
 async def run_once(
-    mode: Mode, sc: Scenario, examples: Mapping[str, dict[str, Any]], *, outbox_when: OutboxWhen = "on_failure"
+    mode: Mode,
+    sc: Scenario,
+    examples: Mapping[str, dict[str, Any]],
+    *,
+    outbox_when: OutboxWhen = "on_failure",
+    webhooks: bool = True,
 ) -> tuple[RunResult, list[str]]:
-    """One run of the whole shop traffic, straight to the fakes or through egressd."""
-    fakes = await start_fakes(PROVIDERS, options={"sendgrid": {"rate_limit": int(PROVIDER_LIMIT * sc.k * 60)}})
+    """One run of the whole shop traffic, straight to the fakes or through egressd; with
+    `webhooks`, the fakes send theirs (to the shop, or to egressd) and the shop counts them."""
+    fakes = await start_fakes(PROVIDERS, options=fake_options(sc))
     server: EgressServer | None = None
+    shop: ShopProcess | None = None
+    courier: Courier | None = None
     changes: list[str] = []
     tmp = tempfile.TemporaryDirectory(prefix="egressd-blackfriday-")
     try:
+        pem, egressd_public = signing_key()
+        if webhooks:
+            # The providers' webhooks leave from a process of their own, as from the providers'
+            # machines: this event loop (client, fakes, egressd) does not pay for sending them.
+            courier = await Courier().start()
+            for fake in fakes.values():
+                fake.webhooks.courier = courier
+            # Through egressd, the shop checks SendGrid deliveries with egressd's key (egressd
+            # signs them: docs/webhooks.md, the recommended setup); directly, with SendGrid's.
+            sendgrid_public = fakes["sendgrid"].app[SENDGRID_WEBHOOKS].public_key
+            shop = await ShopProcess(
+                STRIPE_WEBHOOK_SECRET, egressd_public if mode == "egressd" else sendgrid_public
+            ).start()
         if mode == "egressd":
-            policies, changes = simulation_policies(examples, fakes, sc.k, outbox_when=outbox_when)
+            policies, changes = simulation_policies(
+                examples,
+                fakes,
+                sc.k,
+                outbox_when=outbox_when,
+                webhooks=webhook_blocks(shop.url, fakes, pem) if shop is not None else None,
+            )
             (Path(tmp.name) / "shop.yaml").write_text(yaml.safe_dump_all(policies, sort_keys=False))
             server = EgressServer(
-                Settings(policies=Path(tmp.name), listen=("127.0.0.1", 0), admin=("127.0.0.1", 0), drain=0.0)
+                Settings(
+                    policies=Path(tmp.name),
+                    listen=("127.0.0.1", 0),
+                    admin=("127.0.0.1", 0),
+                    webhook_listen=("127.0.0.1", 0) if shop is not None else None,
+                    drain=0.0,
+                )
             )
             await server.start()
             host, port = server.addresses["main"]
             stripe_url = f"http://{host}:{port}/stripe"
             sendgrid_url = f"http://{host}:{port}/sendgrid"
             retries, timeout = 0, sc.real(APP_TIMEOUT_BEHIND_EGRESSD)
+            if shop is not None:  # the providers' dashboards point at egressd
+                hook_host, hook_port = server.addresses["webhooks"]
+                for name, fake in fakes.items():
+                    fake.webhooks.settings.url = f"http://{hook_host}:{hook_port}/{name}"
         else:
             stripe_url, sendgrid_url = fakes["stripe"].url, fakes["sendgrid"].url
             retries, timeout = NAIVE_RETRIES, sc.real(NAIVE_TIMEOUT)
+            if shop is not None:  # the providers post to the shop; it has no PayPal or Mailgun endpoint
+                for name, fake in fakes.items():
+                    fake.webhooks.settings.url = f"{shop.url}/webhooks/{name}"
         _base_faults(sc, fakes)
 
         pays = [Outcome("pay", i) for i in range(sc.payments)]
@@ -777,7 +1038,19 @@ async def run_once(
         if server is not None:
             # Sends the outbox kept were answered 202; they count once the fakes have them.
             drain = await drain_outbox(server, sc)
+        hooks_wall, hooks_drained, hooks_pending = await drain_webhooks(fakes, server, sc)
         pay_fx, mail_fx, per_provider, timeline = _ledger_facts(fakes, t0_wall, sc.k)
+        hooks: WebhookTally | None = None
+        if shop is not None:
+            hooks = webhook_tally(await shop.seen(), fakes, pays, pay_fx, mail_fx, mails)
+            hooks.drain_wall, hooks.drained, hooks.pending = hooks_wall, hooks_drained, hooks_pending
+        if server is not None and hooks is not None:
+            upstreams = (await server.status_data())["upstreams"]
+            for name in PROVIDERS:
+                counts = upstreams.get(name, {}).get("webhooks") or {}
+                hooks.absorbed[name] = int(counts.get("duplicate", 0))
+                for kind in ("received", "duplicate", "rejected", "delivered", "translated", "dropped", "dead"):
+                    hooks.egressd[kind] = hooks.egressd.get(kind, 0) + int(counts.get(kind, 0))
         kept: dict[int, KeptSend] = {}
         others: list[KeptSend] = []
         outbox: OutboxTally | None = None
@@ -807,6 +1080,7 @@ async def run_once(
             timed_out=timed_out,
             timeline=timeline,
             outbox=outbox,
+            webhooks=hooks,
         )
         return result, changes
     finally:
@@ -815,6 +1089,10 @@ async def run_once(
             with contextlib.suppress(Exception):
                 await server.stop()
         await stop_fakes(fakes)
+        if courier is not None:
+            await courier.stop()
+        if shop is not None:
+            await shop.stop()
         tmp.cleanup()
 
 
@@ -823,8 +1101,12 @@ async def run_once(
 
 
 def verdict(through: RunResult) -> tuple[bool, str]:
-    """Exit-status rule: egressd's run has no duplicates, no savable losses and no provider
-    429 on the e-mail upstreams (their outbox and rate limits keep under the limit)."""
+    """Exit-status rule: egressd's run has no duplicates, no savable losses, no provider 429
+    on the e-mail upstreams (their outbox and rate limits keep under the limit), and, when
+    the webhooks ran, every payment that happened got exactly one verified
+    payment_intent.succeeded at the app (none, or two, fails the run). The e-mail webhook
+    row is shown, not ruled on: an e-mail a failover sent while the app was told it failed
+    has no id egressd can translate Mailgun's event to (it is counted as dropped)."""
     savable = through.pay.savable + through.mail.savable
     ok = through.duplicates == 0 and savable == 0 and through.mail_429 == 0 and not through.timed_out
     why = (
@@ -832,6 +1114,13 @@ def verdict(through: RunResult) -> tuple[bool, str]:
         f"{through.mail_429} provider 429s on the e-mail upstreams"
         + (" (the run hit its time bound)" if through.timed_out else "")
     )
+    hooks = through.webhooks
+    if hooks is not None:  # the webhooks ran
+        off = hooks.pay_none + hooks.pay_twice
+        ok = ok and off == 0 and hooks.drained
+        why += f", {off} payments without exactly one verified payment_intent.succeeded at the app"
+        if not hooks.drained:
+            why += f" (webhooks still under way after {hooks.drain_wall:.1f} s of waiting)"
     if through.outbox is not None and not through.outbox.drained:
         why += f" (the outbox still held sends after {through.outbox.drain_wall:.1f} s of waiting)"
     return ok, why
@@ -853,8 +1142,17 @@ DEFINITIONS = [
     "faithfully on the fallback, or the primary may already have done it) nor accounted for by the "
     "outbox (accepted, then ambiguous or dead: listed with its id, left for the operator); a kept send "
     "still pending when the wait ends counts here",
-    "exit status 0 when egressd's run has 0 duplicated, 0 lost-that-egressd-could-have-saved and 0 "
-    "provider 429s on the e-mail upstreams (and every part-1 mechanism behaved), 1 otherwise",
+    f"webhooks: the fakes send their events as the providers do, and deliver {WEBHOOK_REDELIVER:.0%} of them "
+    "twice (the same event id: providers deliver at least once); the app's Stripe and SendGrid endpoints "
+    "verify every delivery with the providers' SDKs and count what they got, raw (the app deduplicates "
+    "nothing in these rows); a payment (e-mail) counts when it happened (the delivered row above). Directly, "
+    "PayPal's and Mailgun's events would go to endpoints the app does not have; through egressd they are "
+    "verified (PayPal's verify API, Mailgun's key), translated into Stripe's (SendGrid's) shape with the ids "
+    "the app was given, and signed for the app; repeats absorbed: provider redeliveries egressd answered as "
+    "duplicates and did not deliver again",
+    "exit status 0 when egressd's run has 0 duplicated, 0 lost-that-egressd-could-have-saved, 0 "
+    "provider 429s on the e-mail upstreams and every payment that happened with exactly one verified "
+    "payment_intent.succeeded at the app (and every part-1 mechanism behaved), 1 otherwise",
 ]
 
 UNDELIVERED_SHOWN = 20  # kept sends listed one per line; the rest are counted
@@ -916,6 +1214,62 @@ def outbox_rows(sc: Scenario, o: OutboxTally | None) -> list[tuple[str, str, str
     return rows
 
 
+def webhook_rows(sc: Scenario, direct: RunResult, through: RunResult) -> list[tuple[str, str, str]]:
+    """What the shop's webhook endpoints got: per payment (e-mail) that happened, how many
+    verified payment_intent.succeeded (delivered) events, counted raw."""
+    d, t = direct.webhooks or WebhookTally(), through.webhooks or WebhookTally()
+
+    def wait(w: WebhookTally) -> str:
+        if not w.drained:
+            return f"not within {WEBHOOK_DRAIN_BOUND:.0f} s" + (f" ({w.pending} held)" if w.pending else "")
+        return f"{w.drain_wall * sc.k:.0f} s ({w.drain_wall:.1f} s)"
+
+    rows = [
+        (
+            "payments with exactly one verified payment_intent.succeeded at the app",
+            f"{d.pay_once} / {direct.pay.delivered}",
+            f"{t.pay_once} / {through.pay.delivered}",
+        ),
+        ("  payment_intent.succeeded delivered twice (or more)", str(d.pay_twice), str(t.pay_twice)),
+        ("  succeeded payments with no event", str(d.pay_none), str(t.pay_none)),
+    ]
+    if d.pay_none_failed_over or t.pay_none_failed_over:
+        rows.append(("  - of which failed over to PayPal", str(d.pay_none_failed_over), str(t.pay_none_failed_over)))
+    if d.pay_none_app_failed or t.pay_none_app_failed:
+        rows.append(("  - of which the app was told it failed", str(d.pay_none_app_failed), str(t.pay_none_app_failed)))
+    rows += [
+        ("  - translated from PayPal's PAYMENT.CAPTURE.COMPLETED", "-", str(t.pay_translated)),
+        ("  repeats egressd's dedupe absorbed (Stripe, PayPal)", "-", str(t.absorbed_pay)),
+        (
+            "e-mails with exactly one verified SendGrid delivered event",
+            f"{d.mail_once} / {direct.mail.delivered}",
+            f"{t.mail_once} / {through.mail.delivered}",
+        ),
+        ("  delivered event twice (or more)", str(d.mail_twice), str(t.mail_twice)),
+        ("  e-mails sent with no event", str(d.mail_none), str(t.mail_none)),
+        *(
+            [("  - of which the app was told it failed", str(d.mail_none_app_failed), str(t.mail_none_app_failed))]
+            if d.mail_none_app_failed or t.mail_none_app_failed
+            else []
+        ),
+        ("  - translated from Mailgun's delivered", "-", str(t.mail_translated)),
+        ("  repeats egressd's dedupe absorbed (SendGrid, Mailgun)", "-", str(t.absorbed_mail)),
+        ("  webhooks the app refused (signature check)", str(d.refused), str(t.refused)),
+        ("  fallback events egressd could not translate (dropped)", "-", str(t.egressd.get("dropped", 0))),
+        ("  webhooks the providers gave up on", str(d.given_up), str(t.given_up)),
+        ("  every webhook delivered after the traffic in", wait(d), wait(t)),
+    ]
+    if d.pay_stray or t.pay_stray or d.mail_stray or t.mail_stray:  # never expected: shown when it happens
+        rows.append(
+            (
+                "  events about payments / e-mails that never happened",
+                f"{d.pay_stray} / {d.mail_stray}",
+                f"{t.pay_stray} / {t.mail_stray}",
+            )
+        )
+    return rows
+
+
 def report_rows(sc: Scenario, direct: RunResult, through: RunResult) -> list[tuple[str, str, str]]:
     def of(n: int, total: int) -> str:
         return f"{n} / {total}"
@@ -946,6 +1300,7 @@ def report_rows(sc: Scenario, direct: RunResult, through: RunResult) -> list[tup
             ),
         ]
     rows += outbox_rows(sc, through.outbox)
+    rows += webhook_rows(sc, direct, through)
     rows += [
         ("provider 429s (answered by the fakes)", str(direct.provider_429), str(through.provider_429)),
         ("  - of which SendGrid, Mailgun", str(direct.mail_429), str(through.mail_429)),
@@ -961,6 +1316,10 @@ def report_rows(sc: Scenario, direct: RunResult, through: RunResult) -> list[tup
         ),
     ]
     return rows
+
+
+def webhook_verifiers(w: WebhookTally) -> str:
+    return "; ".join(f"{name}: {what}" for name, what in sorted(w.verifiers.items()))
 
 
 def print_simulation(sc: Scenario, direct: RunResult, through: RunResult, changes: list[str], out: Any) -> None:
@@ -979,6 +1338,8 @@ def print_simulation(sc: Scenario, direct: RunResult, through: RunResult, change
         print(f"{name.ljust(w0)}  {d.rjust(w1)}  {t.rjust(w2)}", file=out)
     if through.refusals:
         print(f"\nrefused failovers through egressd: {', '.join(through.refusals)}", file=out)
+    if through.webhooks is not None and through.webhooks.verifiers:
+        print("\nthe app's webhook endpoints verify with: " + webhook_verifiers(through.webhooks), file=out)
     if through.outbox is not None:
         lines = undelivered_lines(through.outbox)
         if lines:
@@ -1016,6 +1377,7 @@ def result_json(sc: Scenario, direct: RunResult, through: RunResult) -> str:
                 "undelivered": [vars(k) for k in r.outbox.undelivered[:UNDELIVERED_SHOWN]],
                 "undelivered_count": len(r.outbox.undelivered),
             },
+            "webhooks": None if r.webhooks is None else vars(r.webhooks),
         }
 
     return json.dumps({"scale": sc.scale, "time_factor": sc.k, "direct": run(direct), "egressd": run(through)})
@@ -1025,6 +1387,7 @@ __all__ = [
     "TIME_FACTOR",
     "RunResult",
     "Scenario",
+    "WebhookTally",
     "compress_time",
     "print_simulation",
     "result_json",
@@ -1032,4 +1395,6 @@ __all__ = [
     "simulation_policies",
     "undelivered_lines",
     "verdict",
+    "webhook_rows",
+    "webhook_tally",
 ]

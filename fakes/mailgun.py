@@ -16,6 +16,16 @@ in doubt.
 Side effect: ``message.queued`` per accepted request; ``data`` holds every form field
 (lists of strings; files as ``{filename, content_type, size}``).  Its ``key`` is the
 ``h:X-Idempotency-Key`` form field when present (Mailgun does not dedupe on it).
+
+Webhooks (opt-in, ``webhooks={"url": ...}``; fakes/webhooks.py): a ``delivered`` event per
+recipient of every message queued, one JSON POST each, ``{"signature": {"timestamp",
+"token", "signature"}, "event-data": {...}}`` as Mailgun sends them (providers.md 5.5): the
+signature is the hex HMAC-SHA256 of ``timestamp + token`` keyed with
+``webhook_signing_key``, made anew for every try (the ``event-data`` bytes stay the same);
+``event-data`` holds ``id``, ``timestamp``, ``event``, ``recipient``, ``tags``,
+``message.headers.message-id`` (the id the send was answered with, without ``<>``),
+``user-variables`` (the ``v:`` fields) and ``delivery-status``. mailgun's
+``SecurityGuard.verify_webhook`` accepts them.
 """
 
 from __future__ import annotations
@@ -25,16 +35,21 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 from aiohttp import web
 
 from .faults import Faults
-from .server import LEDGER_KEY, Ledger, current_record, new_fake_app, note_body, side_effect_point
+from .server import LEDGER_KEY, RESET_HOOKS_KEY, Ledger, current_record, new_fake_app, note_body, side_effect_point
+from .signing import mailgun_signature
+from .webhooks import WebhookSettings, install_webhooks
 
-__all__ = ["make_mailgun_app"]
+__all__ = ["DEFAULT_WEBHOOK_SIGNING_KEY", "mailgun_signature", "make_mailgun_app"]
+
+DEFAULT_WEBHOOK_SIGNING_KEY = "fake-mailgun-webhook-signing-key"
+_BARE_ADDR = re.compile(r"<\s*([^<>\s]+)\s*>")
 
 MAX_REQUEST = int(52.4 * 1024 * 1024)
 MAX_OPTIONS = 16 * 1024
@@ -68,11 +83,17 @@ def make_mailgun_app(
     ledger: Ledger | None = None,
     api_keys: set[str] | None = None,
     domains: set[str] | None = None,
+    webhooks: WebhookSettings | Mapping[str, Any] | None = None,
+    webhook_signing_key: str = DEFAULT_WEBHOOK_SIGNING_KEY,
 ) -> web.Application:
     """The fake Mailgun.  ``api_keys``: accept only these (default: any non-empty key);
-    ``domains``: the sending domains that exist (default: any)."""
+    ``domains``: the sending domains that exist (default: any); ``webhooks``: where and how to
+    send ``delivered`` events (default: none sent), signed with ``webhook_signing_key``."""
     app = new_fake_app("mailgun", mailgun_error_response, faults=faults, ledger=ledger, client_max_size=MAX_REQUEST + 1)
     led = app[LEDGER_KEY]
+
+    spec = {"scheme": "mailgun", "key": webhook_signing_key}
+    sender = install_webhooks(app, "mailgun", lambda: spec, webhooks, app[RESET_HOOKS_KEY])
 
     async def send(request: web.Request) -> web.StreamResponse:
         auth = request.headers.get("Authorization", "")
@@ -195,6 +216,43 @@ def make_mailgun_app(
                 "user-variables": variables,
             }
         )
+        if sender.enabled:
+            tags = [t for t in fields.get("o:tag", []) if isinstance(t, str)]
+            for address in recipients:
+                m = _BARE_ADDR.search(address)
+                email = (m.group(1) if m else address).strip().lower()
+                event_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+                event_data = {
+                    "id": event_id,
+                    "timestamp": round(time.time(), 6),
+                    "log-level": "info",
+                    "event": "delivered",
+                    "recipient": email,
+                    "recipient-domain": email.rpartition("@")[2],
+                    "tags": tags,
+                    "envelope": {"sender": first("from"), "transport": "smtp", "targets": email},
+                    "message": {
+                        "headers": {
+                            "message-id": msg_id.strip("<>"),
+                            "to": ", ".join(to),
+                            "from": first("from"),
+                            "subject": first("subject"),
+                        },
+                        "attachments": [],
+                        "size": 0,
+                    },
+                    "user-variables": variables,
+                    "delivery-status": {
+                        "code": 250,
+                        "message": "OK",
+                        "description": "",
+                        "attempt-no": 1,
+                        "tls": True,
+                        "mx-host": "mx." + email.rpartition("@")[2],
+                    },
+                    "flags": {"is-routed": False, "is-authenticated": True, "is-test-mode": False},
+                }
+                sender.send(event_id, "delivered", json.dumps(event_data, indent=2).encode(), ref=msg_id)
         return _json(200, {"id": msg_id, "message": "Queued. Thank you."})
 
     events: dict[str, list[dict[str, Any]]] = {}

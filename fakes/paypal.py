@@ -23,6 +23,18 @@ Side effects: ``token.issued``, ``order.created``, ``order.captured``, ``order.a
 ``authorization.captured``, ``authorization.voided``, ``refund.created``; each with the
 request's ``PayPal-Request-Id`` as key.
 
+Webhooks (opt-in, ``webhooks={"url": ...}``; fakes/webhooks.py): a
+``PAYMENT.CAPTURE.COMPLETED`` event for every capture (an order captured, single-step or
+not, and an authorization captured), the capture as its ``resource`` with
+``supplementary_data.related_ids.order_id``. Each try carries PayPal's transmission
+headers (providers.md 2.10): ``PAYPAL-TRANSMISSION-ID``/``-TIME``/``-SIG``,
+``PAYPAL-AUTH-ALGO: SHA256withRSA`` and ``PAYPAL-CERT-URL``, the signature SHA256withRSA
+over ``transmission_id|transmission_time|webhook_id|crc32(body)`` with the fake's own RSA
+key (``app[PAYPAL_WEBHOOKS]``). ``POST /v1/notifications/verify-webhook-signature``
+(behind the OAuth token, like every endpoint) answers ``{"verification_status":
+"SUCCESS"}`` for an event this fake signed for ``webhook_id``, unchanged, and
+``FAILURE`` otherwise; 400 ``VALIDATION_ERROR`` when a field is missing.
+
 Layout: ``make_paypal_app`` registers one module-level function per endpoint; all but the
 token endpoint are wrapped by ``endpoint`` (auth, JSON body, PayPal-Request-Id) and find
 the account's objects and options in ``request.app[PAYPAL_STATE]``.
@@ -37,7 +49,7 @@ import re
 import secrets
 import string
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -45,6 +57,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from aiohttp import web
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .faults import Faults
 from .server import (
@@ -58,8 +72,20 @@ from .server import (
     note_replayed,
     side_effect_point,
 )
+from .signing import PAYPAL_CERT_URL, SignSpec, iso_now, paypal_message, pem, sign
+from .webhooks import WEBHOOKS_KEY, WebhookSender, WebhookSettings, install_webhooks
 
-__all__ = ["PAYPAL_STATE", "PayPalError", "PayPalState", "make_paypal_app"]
+__all__ = [
+    "DEFAULT_WEBHOOK_ID",
+    "PAYPAL_STATE",
+    "PAYPAL_WEBHOOKS",
+    "PayPalError",
+    "PayPalState",
+    "PayPalWebhooks",
+    "make_paypal_app",
+]
+
+DEFAULT_WEBHOOK_ID = "WH-FAKE-0W4F7T2D31947513K"
 
 PAYPAL_DECIMALS: dict[str, int] = {
     **{
@@ -194,6 +220,71 @@ class PayPalState:
 
 PAYPAL_STATE = web.AppKey("paypal_state", PayPalState)
 
+
+class PayPalWebhooks:
+    """PayPal's side of its webhooks: it signs the events it sends (SHA256withRSA over
+    ``transmission_id|transmission_time|webhook_id|crc32(body)``, as PayPal documents) with
+    a key of its own, remembers what it sent, and answers verify-webhook-signature.
+
+    ``signed(event)`` gives the body and headers of one POST of an event (tests use it to
+    make PayPal-signed events of their own); the sender calls ``headers(body)`` per try."""
+
+    CERT_URL = PAYPAL_CERT_URL
+
+    def __init__(self, webhook_id: str = DEFAULT_WEBHOOK_ID, *, eager: bool = False) -> None:
+        self.webhook_id = webhook_id
+        self.sent: dict[str, bytes] = {}  # event id -> the bytes sent
+        self.verifications = 0
+        self._key: rsa.RSAPrivateKey | None = None
+        if eager:  # a fake asked to send webhooks makes its key now, not during the traffic
+            _ = self.key
+
+    @property
+    def key(self) -> rsa.RSAPrivateKey:
+        if self._key is None:  # made on first use: most fakes never sign anything
+            self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return self._key
+
+    def reset(self) -> None:
+        self.sent.clear()
+        self.verifications = 0
+
+    def spec(self) -> SignSpec:
+        return {"scheme": "paypal", "webhook_id": self.webhook_id, "key": pem(self.key)}
+
+    def headers(self, body: bytes) -> dict[str, str]:
+        """PayPal's headers for one POST of ``body`` (a new transmission each time)."""
+        self.sent[str(json.loads(body).get("id"))] = body
+        return sign(self.spec(), body)[1]
+
+    def signed(self, event: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
+        body = json.dumps(event, indent=1).encode()
+        return body, self.headers(body)
+
+    def check(self, request: Mapping[str, Any]) -> bool:
+        """The verify API's judgement on a verify-webhook-signature request body."""
+        self.verifications += 1
+        event = request.get("webhook_event")
+        if not isinstance(event, dict) or request.get("webhook_id") != self.webhook_id:
+            return False
+        raw = self.sent.get(str(event.get("id")))
+        if raw is None or json.loads(raw) != event:
+            return False
+        message = paypal_message(
+            str(request["transmission_id"]), str(request["transmission_time"]), self.webhook_id, raw
+        )
+        try:
+            self.key.public_key().verify(
+                base64.b64decode(str(request["transmission_sig"])), message, padding.PKCS1v15(), hashes.SHA256()
+            )
+        except Exception:
+            return False
+        return True
+
+
+PAYPAL_WEBHOOKS = web.AppKey("paypal_webhooks", PayPalWebhooks)
+VERIFY_FIELDS = ("auth_algo", "cert_url", "transmission_id", "transmission_sig", "transmission_time", "webhook_id")
+
 Result = tuple[int, dict[str, Any], Callable[[], dict[str, Any]] | None]
 Handler = Callable[[web.Request, Any, str | None, str], Awaitable[Result]]
 AppHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -282,14 +373,21 @@ def make_paypal_app(
     token_ttl: int = 32400,
     extra_tokens: set[str] | None = None,
     auto_approve: bool = True,
+    webhooks: WebhookSettings | Mapping[str, Any] | None = None,
+    webhook_id: str = DEFAULT_WEBHOOK_ID,
 ) -> web.Application:
     """The fake PayPal.  ``clients``: ``{client_id: secret}`` accepted at the token endpoint
     (default: any non-empty pair); ``extra_tokens``: bearer tokens accepted without a token
-    call; ``token_ttl``: ``expires_in`` of issued tokens."""
+    call; ``token_ttl``: ``expires_in`` of issued tokens; ``webhooks``: where and how to send
+    capture events (default: none sent), for the subscription ``webhook_id``."""
     app = new_fake_app("paypal", paypal_error_response, faults=faults, ledger=ledger)
     state = PayPalState(clients=clients, token_ttl=token_ttl, extra_tokens=extra_tokens, auto_approve=auto_approve)
     app[PAYPAL_STATE] = state
     app[RESET_HOOKS_KEY].append(state.reset)
+    hooks = PayPalWebhooks(webhook_id, eager=webhooks is not None)
+    app[PAYPAL_WEBHOOKS] = hooks
+    app[RESET_HOOKS_KEY].append(hooks.reset)
+    install_webhooks(app, "paypal", hooks.spec, webhooks, app[RESET_HOOKS_KEY])
     app.on_response_prepare.append(_add_debug_id)
     r = app.router
     r.add_post("/v1/oauth2/token", oauth_token)
@@ -303,6 +401,7 @@ def make_paypal_app(
     r.add_get("/v2/payments/captures/{id}", show_capture)
     r.add_post("/v2/payments/captures/{id}/refund", refund_capture)
     r.add_get("/v2/payments/refunds/{id}", show_refund)
+    r.add_post("/v1/notifications/verify-webhook-signature", verify_webhook_signature)
     return app
 
 
@@ -574,8 +673,40 @@ async def _complete(request: web.Request, order: dict[str, Any], key: str | None
             amount=pu["amount"]["value"],
             currency=pu["amount"]["currency_code"],
         )
+        if kind == "captures":
+            _emit_capture(request, pid, order["id"])
     order["status"] = "COMPLETED"
     order["update_time"] = _now()
+
+
+def _emit_capture(request: web.Request, capture_id: str, order_id: str, *, authorization_id: str | None = None) -> None:
+    """``PAYMENT.CAPTURE.COMPLETED`` about a capture just made (when webhooks are on)."""
+    sender: WebhookSender = request.app[WEBHOOKS_KEY]
+    if not sender.enabled:
+        return
+    capture = request.app[PAYPAL_STATE].captures[capture_id]
+    resource = {k: v for k, v in capture.items() if not k.startswith("_")}
+    related = {"order_id": order_id, **({"authorization_id": authorization_id} if authorization_id else {})}
+    resource["supplementary_data"] = {"related_ids": related}
+    amount = capture["amount"]
+    event_id = "WH-" + new_id("", 17, _UPPER) + "-" + new_id("", 17, _UPPER)
+    event: dict[str, Any] = {
+        "id": event_id,
+        "event_version": "1.0",
+        "create_time": iso_now(millis=True),
+        "resource_type": "capture",
+        "resource_version": "2.0",
+        "event_type": "PAYMENT.CAPTURE.COMPLETED",
+        "summary": f"Payment completed for {amount['value']} {amount['currency_code']}",
+        "resource": resource,
+        "links": [
+            {"href": f"{BASE}/v1/notifications/webhooks-events/{event_id}", "rel": "self", "method": "GET"},
+            {"href": f"{BASE}/v1/notifications/webhooks-events/{event_id}/resend", "rel": "resend", "method": "POST"},
+        ],
+    }
+    body = json.dumps(event, indent=1).encode()
+    request.app[PAYPAL_WEBHOOKS].sent[event_id] = body  # what the verify API will recognise
+    sender.send(event_id, "PAYMENT.CAPTURE.COMPLETED", body, ref=capture_id)
 
 
 def _approval_check(state: PayPalState, order: dict[str, Any], body: Any, action: str) -> None:
@@ -760,6 +891,7 @@ async def capture_authorization(request: web.Request, body: Any, rid: str | None
     auth["status"] = "CAPTURED"
     auth["update_time"] = _now()
     _record(request, "authorization.captured", cid, rid, authorization_id=auth["id"], amount=value, currency=code)
+    _emit_capture(request, cid, order["id"], authorization_id=auth["id"])
     return 201, dict(state.captures[cid]), lambda: dict(state.captures[cid])
 
 
@@ -877,3 +1009,21 @@ async def show_refund(request: web.Request, body: Any, rid: str | None, prefer: 
     """``GET /v2/payments/refunds/{id}``."""
     obj = _get_payment(request.app[PAYPAL_STATE].refunds, request.match_info["id"])
     return 200, {k: v for k, v in obj.items() if not k.startswith("_")}, None
+
+
+@endpoint
+async def verify_webhook_signature(request: web.Request, body: Any, rid: str | None, prefer: str) -> Result:
+    """``POST /v1/notifications/verify-webhook-signature``: did this fake sign that event?"""
+    if not isinstance(body, dict):
+        raise PayPalError(400, "MALFORMED_REQUEST_JSON", "The request JSON is not well formed.")
+    for name in (*VERIFY_FIELDS, "webhook_event"):
+        if not body.get(name):
+            raise PayPalError(
+                400,
+                "MISSING_REQUIRED_PARAMETER",
+                "A required field is missing.",
+                field=f"/{name}",
+                name="VALIDATION_ERROR",
+            )
+    ok = request.app[PAYPAL_WEBHOOKS].check(body)
+    return 200, {"verification_status": "SUCCESS" if ok else "FAILURE"}, None

@@ -14,22 +14,41 @@ for any other query).  egressd's outbox asks it before it resends a send in doub
 Side effects: ``mail.sent`` (one per accepted request; ``data`` holds the recipients,
 subject, custom_args, categories and message id) and ``mail.sandboxed``.  SendGrid has no
 idempotency key, so ``key`` is None.
+
+Webhooks (opt-in, ``webhooks={"url": ...}``; fakes/webhooks.py), SendGrid's Event Webhook:
+a ``delivered`` event per recipient of every mail sent, collected for ``webhook_batch``
+seconds (or ``webhook_batch_size`` events) and POSTed as one JSON array, each event with
+``email``, ``timestamp``, ``event``, ``sg_event_id``, ``sg_message_id``
+(``<X-Message-Id>.<filter>``), ``smtp-id``, ``category``, ``response`` and the mail's
+``custom_args`` as top-level fields. Signed as the Signed Event Webhook is (providers.md
+4.8): ``X-Twilio-Email-Event-Webhook-Signature`` = base64 ECDSA P-256/SHA-256 over
+``timestamp + body``, ``X-Twilio-Email-Event-Webhook-Timestamp``, anew for every try, with
+``webhook_key`` (a private key; default: one made for the app). Its public key, as SendGrid
+shows it (base64 DER), is ``app[SENDGRID_WEBHOOKS].public_key``; sendgrid's
+``EventWebhook(public_key).verify_signature`` accepts the POSTs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import gzip
 import json
 import re
+import secrets
 import string
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from .faults import Faults
 from .server import (
     LEDGER_KEY,
+    RESET_HOOKS_KEY,
     Ledger,
     current_record,
     new_fake_app,
@@ -37,8 +56,10 @@ from .server import (
     note_body,
     side_effect_point,
 )
+from .signing import SignSpec, pem, sign
+from .webhooks import WebhookSender, WebhookSettings, install_webhooks
 
-__all__ = ["SendGridError", "make_sendgrid_app"]
+__all__ = ["SENDGRID_WEBHOOKS", "SendGridError", "SendGridWebhooks", "make_sendgrid_app"]
 
 _ACTIVITY_QUERY = re.compile(r"""\s*unique_args\['([^']+)'\]\s*=\s*"([^"]*)"\s*""")
 
@@ -287,17 +308,119 @@ def _send_at(value: Any, field: str) -> None:
         raise _bad("The send_at may be at most 72 hours in the future.", field, "message.send_at")
 
 
+class SendGridWebhooks:
+    """SendGrid's Event Webhook: ``delivered`` events collected into batches, signed with
+    the account's ECDSA P-256 key (see the module docstring)."""
+
+    def __init__(
+        self,
+        key: ec.EllipticCurvePrivateKey | None = None,
+        *,
+        batch: float = 1.0,
+        batch_size: int = 100,
+    ) -> None:
+        if batch < 0 or batch_size < 1:
+            raise ValueError("webhook_batch must not be negative and webhook_batch_size at least 1")
+        self.sender: WebhookSender | None = None  # set by make_sendgrid_app
+        self.key = key or ec.generate_private_key(ec.SECP256R1())
+        if not isinstance(self.key.curve, ec.SECP256R1):
+            raise ValueError("webhook_key must be a P-256 (prime256v1) key")
+        self.batch = batch
+        self.batch_size = batch_size
+        self._waiting: list[dict[str, Any]] = []
+        self._timer = False
+
+    @property
+    def public_key(self) -> str:
+        """The verification key, as SendGrid shows it: base64 of the DER public key."""
+        der = self.key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return base64.b64encode(der).decode()
+
+    def spec(self) -> SignSpec:
+        return {"scheme": "sendgrid", "key": pem(self.key)}
+
+    def sign(self, body: bytes) -> tuple[bytes, dict[str, str]]:
+        """The body and headers of one POST of ``body``, signed now."""
+        return sign(self.spec(), body)
+
+    def delivered(self, msg_id: str, summary: Mapping[str, Any]) -> None:
+        """Events for a mail just sent (nothing when webhooks are off)."""
+        if self.sender is None or not self.sender.enabled:
+            return
+        now = int(time.time())
+        args = summary.get("custom_args") or {}
+        for email in summary.get("to") or []:
+            event: dict[str, Any] = {
+                str(k): v for k, v in args.items() if k not in ("email", "event", "sg_event_id", "sg_message_id")
+            }
+            event.update(
+                {
+                    "email": email,
+                    "timestamp": now,
+                    "smtp-id": f"<{msg_id}@ismtpd0001p1lon1.sendgrid.net>",
+                    "event": "delivered",
+                    "category": list(summary.get("categories") or []),
+                    "sg_event_id": base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("="),
+                    "sg_message_id": f"{msg_id}.filterdrecv-5645d9c87f-abcde-1-6462A1F3-2.0",
+                    "response": "250 2.0.0 OK",
+                    "tls": 1,
+                    "ip": "168.245.0.1",
+                }
+            )
+            self._waiting.append(event)
+        if len(self._waiting) >= self.batch_size:
+            self.flush()
+        elif self._waiting and not self._timer:
+            self._timer = True
+            self.sender.spawn(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        try:
+            await asyncio.sleep(self.batch)
+        finally:
+            self._timer = False
+        self.flush()
+
+    def flush(self) -> None:
+        """POST what is waiting, in batches of at most ``batch_size`` events."""
+        if self.sender is None:
+            return
+        while self._waiting:
+            batch, self._waiting = self._waiting[: self.batch_size], self._waiting[self.batch_size :]
+            batch_id = "sgb_" + secrets.token_hex(8)
+            body = json.dumps(batch).encode()
+            self.sender.send(batch_id, "delivered", body, ref=",".join(str(e["sg_event_id"]) for e in batch))
+
+    def reset(self) -> None:
+        self._waiting.clear()
+
+
+SENDGRID_WEBHOOKS = web.AppKey("sendgrid_webhooks", SendGridWebhooks)
+
+
 def make_sendgrid_app(
     faults: Faults | None = None,
     *,
     ledger: Ledger | None = None,
     api_keys: set[str] | None = None,
     rate_limit: int = 600,
+    webhooks: WebhookSettings | Mapping[str, Any] | None = None,
+    webhook_key: ec.EllipticCurvePrivateKey | None = None,
+    webhook_batch: float = 1.0,
+    webhook_batch_size: int = 100,
 ) -> web.Application:
     """The fake SendGrid.  ``api_keys``: accept only these (default: any ``SG.`` key);
-    ``rate_limit``: the value advertised in ``X-RateLimit-Limit``."""
+    ``rate_limit``: the value advertised in ``X-RateLimit-Limit``; ``webhooks``: where and how
+    to send ``delivered`` events (default: none sent), batched every ``webhook_batch``
+    seconds or ``webhook_batch_size`` events, signed with ``webhook_key``."""
     app = new_fake_app("sendgrid", sendgrid_error_response, faults=faults, ledger=ledger)
     led = app[LEDGER_KEY]
+    hooks = SendGridWebhooks(webhook_key, batch=webhook_batch, batch_size=webhook_batch_size)
+    hooks.sender = install_webhooks(app, "sendgrid", hooks.spec, webhooks, app[RESET_HOOKS_KEY])
+    app[SENDGRID_WEBHOOKS] = hooks
+    app[RESET_HOOKS_KEY].append(hooks.reset)
     window: dict[str, float] = {"start": time.time(), "used": 0}
 
     async def add_rate_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -346,6 +469,7 @@ def make_sendgrid_app(
         else:
             led.record("mail.sent", msg_id, request_id=rid, **summary)
             index(msg_id, body, summary)
+            hooks.delivered(msg_id, summary)
             resp = web.Response(status=202)
         resp.headers["X-Message-Id"] = msg_id
         return resp
@@ -370,7 +494,6 @@ def make_sendgrid_app(
         }
         for k, v in args.items():
             activity.setdefault((str(k), str(v)), []).append(item)
-
 
     async def messages(request: web.Request) -> web.StreamResponse:
         auth = request.headers.get("Authorization", "")

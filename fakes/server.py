@@ -26,6 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .faults import DEFAULT_GARBAGE, Fault, FaultError, FaultHit, Faults, parse_fault_specs
+from .webhooks import WEBHOOKS_KEY, WebhookSender
 
 __all__ = [
     "FAKE_NAMES",
@@ -653,6 +654,9 @@ class FakeServer:
     """Runs a fake on ``host:port`` (default ``127.0.0.1`` and a free port).
 
     ``async with FakeServer("stripe") as fake: ... fake.url ... fake.ledger ... fake.faults``
+
+    ``listeners=N``: N listening sockets on the port (SO_REUSEPORT, where the platform has it),
+    for fakes that share a busy event loop and must accept bursts of new connections.
     """
 
     def __init__(
@@ -665,8 +669,12 @@ class FakeServer:
         ledger: Ledger | None = None,
         shutdown_timeout: float = 2.0,
         ssl_context: ssl.SSLContext | None = None,
+        listeners: int = 1,
         **options: Any,
     ) -> None:
+        if listeners < 1:
+            raise ValueError("listeners must be at least 1")
+        self.listeners = listeners
         if isinstance(app, str):
             app = make_app(app, faults, ledger=ledger, **options)
         elif faults is not None or ledger is not None or options:
@@ -691,6 +699,12 @@ class FakeServer:
     @property
     def faults(self) -> Faults:
         return self.app[FAULTS_KEY]
+
+    @property
+    def webhooks(self) -> WebhookSender:
+        """The fake's webhook sender (fakes/webhooks.py); off until ``.settings.url`` is set.
+        The echo fake has none (KeyError)."""
+        return self.app[WEBHOOKS_KEY]
 
     @property
     def port(self) -> int:
@@ -721,14 +735,31 @@ class FakeServer:
             return self
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=self._shutdown_timeout)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self._port, reuse_address=True, ssl_context=self.ssl_context)
+        many = self.listeners > 1 and hasattr(socket, "SO_REUSEPORT")
         try:
+            site = web.TCPSite(
+                runner,
+                self.host,
+                self._port,
+                reuse_address=True,
+                reuse_port=many or None,
+                ssl_context=self.ssl_context,
+            )
             await site.start()
+            port = int(runner.addresses[0][1])
+            # More listening sockets on the same port (SO_REUSEPORT: the kernel spreads new
+            # connections over them). uvloop accepts about one connection per listening
+            # socket per turn of a busy event loop, so a burst of new connections to one
+            # fake sharing the loop with a busy proxy waits seconds to be accepted.
+            for _ in range(self.listeners - 1 if many else 0):
+                await web.TCPSite(
+                    runner, self.host, port, reuse_address=True, reuse_port=True, ssl_context=self.ssl_context
+                ).start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
-        self._port = int(runner.addresses[0][1])
+        self._port = port
         return self
 
     async def stop(self) -> None:

@@ -17,6 +17,14 @@ Side effects in the ledger: ``payment_intent.created``, ``charge.succeeded``,
 ``charge.authorized`` (manual capture), ``charge.failed``, ``payment_intent.captured``,
 ``payment_intent.canceled``, ``refund.created``; each with the request's Idempotency-Key.
 
+Webhooks (opt-in, ``webhooks={"url": ...}``; fakes/webhooks.py): a
+``payment_intent.succeeded`` event for every PaymentIntent that succeeds (confirmed with
+automatic capture, or captured) and a ``payment_intent.payment_failed`` one for every
+confirmation the card declines, each POSTed with ``Stripe-Signature`` (providers.md 1.11:
+``t=<unix>,v1=<hex HMAC-SHA256 of "t.body" keyed with the endpoint secret>``, made anew
+for every try) signed with ``webhook_secret``; ``stripe.Webhook.construct_event`` accepts
+them. An idempotent replay sends nothing (nothing happened again).
+
 Layout: ``make_stripe_app`` registers one module-level function per endpoint; each is
 wrapped by ``endpoint`` (auth, form parsing, Idempotency-Key) and finds the account's
 objects in ``request.app[STRIPE_STATE]`` and the ledger in ``request.app[LEDGER_KEY]``.
@@ -29,7 +37,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -48,8 +56,21 @@ from .server import (
     note_replayed,
     side_effect_point,
 )
+from .signing import stripe_signature
+from .webhooks import WEBHOOKS_KEY, WebhookSender, WebhookSettings, install_webhooks
 
-__all__ = ["STRIPE_STATE", "StripeError", "StripeState", "make_stripe_app", "parse_stripe_form"]
+__all__ = [
+    "DEFAULT_WEBHOOK_SECRET",
+    "STRIPE_STATE",
+    "StripeError",
+    "StripeState",
+    "make_stripe_app",
+    "parse_stripe_form",
+    "stripe_signature",
+]
+
+DEFAULT_WEBHOOK_SECRET = "whsec_fake_stripe_webhooks_not_a_secret"
+API_VERSION = "2026-06-24.dahlia"
 
 ZERO_DECIMAL = frozenset("bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf".split())
 THREE_DECIMAL = frozenset("bhd jod kwd omr tnd".split())
@@ -318,12 +339,19 @@ def make_stripe_app(
     *,
     ledger: Ledger | None = None,
     api_keys: set[str] | None = None,
+    webhooks: WebhookSettings | Mapping[str, Any] | None = None,
+    webhook_secret: str = DEFAULT_WEBHOOK_SECRET,
 ) -> web.Application:
-    """The fake Stripe.  ``api_keys``: accept only these keys (default: any ``sk_``/``rk_`` key)."""
+    """The fake Stripe.  ``api_keys``: accept only these keys (default: any ``sk_``/``rk_`` key);
+    ``webhooks``: where and how to send events (default: none sent), signed with
+    ``webhook_secret`` (the endpoint's ``whsec_...``)."""
     app = new_fake_app("stripe", stripe_error_response, faults=faults, ledger=ledger)
     state = StripeState(api_keys=api_keys)
     app[STRIPE_STATE] = state
     app[RESET_HOOKS_KEY].append(state.reset)
+
+    spec = {"scheme": "stripe", "secret": webhook_secret}
+    install_webhooks(app, "stripe", lambda: spec, webhooks, app[RESET_HOOKS_KEY])
     app.on_response_prepare.append(_add_request_id)
     r = app.router
     r.add_post("/v1/payment_intents", create_payment_intent)
@@ -465,6 +493,27 @@ def _record(request: web.Request, kind: str, oid: str, key: str | None, **data: 
     ledger_of(request).record(kind, oid, key=key, request_id=rec.request_id if rec else None, **data)
 
 
+def _emit(request: web.Request, event_type: str, pi: dict[str, Any], key: str | None) -> None:
+    """Send the webhook event about ``pi`` as it is now (when webhooks are on)."""
+    sender: WebhookSender = request.app[WEBHOOKS_KEY]
+    if not sender.enabled:
+        return
+    event_id = new_id("evt_3", 24)
+    event: dict[str, Any] = {
+        "id": event_id,
+        "object": "event",
+        "api_version": request.headers.get("Stripe-Version", API_VERSION),
+        "created": int(time.time()),
+        "data": {"object": _pi_view(request.app[STRIPE_STATE], pi, [])},
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": request.get("stripe_request_id"), "idempotency_key": key},
+        "type": event_type,
+    }
+    # Pretty-printed, as Stripe sends them: the endpoint must check the bytes it got.
+    sender.send(event_id, event_type, json.dumps(event, indent=2).encode(), ref=pi["id"])
+
+
 def _charge_object(ch: dict[str, Any]) -> dict[str, Any]:
     return dict(ch)
 
@@ -539,6 +588,7 @@ async def _confirm(request: web.Request, pi: dict[str, Any], params: dict[str, A
         pi["status"] = "requires_payment_method"
         pi["payment_method"] = None
         _record(request, "charge.failed", ch["id"], key, payment_intent=pi["id"], code=code)
+        _emit(request, "payment_intent.payment_failed", pi, key)
         raise StripeError(
             402,
             msg,
@@ -593,6 +643,7 @@ async def _confirm(request: web.Request, pi: dict[str, Any], params: dict[str, A
             amount=pi["amount"],
             currency=pi["currency"],
         )
+        _emit(request, "payment_intent.succeeded", pi, key)
 
 
 # --- endpoints: one function each, registered by make_stripe_app ------------------------------
@@ -775,6 +826,7 @@ async def capture_payment_intent(request: web.Request, params: dict[str, Any], k
     ch["captured"] = True
     ch["amount_captured"] = amount
     _record(request, "payment_intent.captured", pi["id"], key, amount=amount)
+    _emit(request, "payment_intent.succeeded", pi, key)
     return 200, _pi_view(state, pi, _expand(params))
 
 

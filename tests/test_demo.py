@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from demo.app import MailDelivery, ShopProcess, ShopWebhooks, StripeDelivery
 from demo.blackfriday import (
     TIME_FACTOR,
     KeptSend,
@@ -21,6 +24,7 @@ from demo.blackfriday import (
     RunResult,
     Scenario,
     Tally,
+    WebhookTally,
     _tally,
     compress_time,
     outbox_tally,
@@ -28,6 +32,7 @@ from demo.blackfriday import (
     simulation_policies,
     undelivered_lines,
     verdict,
+    webhook_tally,
 )
 from demo.run import example_policies
 from fakes.server import FakeServer
@@ -121,6 +126,40 @@ def test_small_simulation_passes_and_shows_the_difference(
     assert "simulated time runs 8x faster" in out
 
 
+def test_small_simulation_webhook_rows(small_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    """Issue 15: every payment that happened (on Stripe, or on PayPal by failover) gets exactly
+    one verified payment_intent.succeeded at the app through egressd, though the fakes deliver
+    some events twice; directly, those arrive twice and PayPal's have nowhere to go."""
+    out = small_run[0].stdout
+    paid = [row(out, "payments: delivered")[i] for i in (0, 1)]
+    once = row(out, "payments with exactly one verified payment_intent.succeeded at the app")
+    twice = row(out, "payment_intent.succeeded delivered twice")
+    none = row(out, "succeeded payments with no event")
+    n = lead(paid[1])
+    assert once[1] == f"{n} / {n}"  # every payment that happened through egressd: exactly one event
+    assert (twice[1], none[1]) == ("0", "0")
+    assert lead(twice[0]) > 0 and lead(once[0]) + lead(twice[0]) + lead(none[0]) == lead(paid[0])
+    failed_over = lead(row(out, "failed over Stripe -> PayPal")[1])
+    assert lead(row(out, "- translated from PayPal's PAYMENT.CAPTURE.COMPLETED")[1]) == failed_over > 0
+    # The fakes redeliver some events: egressd absorbed them.
+    assert lead(row(out, "repeats egressd's dedupe absorbed (Stripe, PayPal)")[1]) > 0
+    # E-mails: exactly one delivered event each too, but for a send a failover made while the
+    # app was told it failed (no id to translate Mailgun's event to): shown, not ruled on.
+    mailed = lead(row(out, "e-mails: delivered")[1])
+    mail_once = row(out, "e-mails with exactly one verified SendGrid delivered event")[1]
+    mail_none = lead(row(out, "e-mails sent with no event")[1])
+    assert mail_once == f"{mailed - mail_none} / {mailed}" and row(out, "delivered event twice (or more)")[1] == "0"
+    assert mail_none <= lead(rows(out, "- of which it had happened")[1][1])
+    assert lead(row(out, "- translated from Mailgun's delivered")[1]) > 0
+    assert lead(row(out, "repeats egressd's dedupe absorbed (SendGrid, Mailgun)")[1]) > 0
+    assert row(out, "webhooks the app refused (signature check)") == ("0", "0")
+    assert row(out, "webhooks the providers gave up on") == ("0", "0")
+    assert "not within" not in row(out, "every webhook delivered after the traffic in")[1]
+    assert "events about payments / e-mails that never happened" not in out
+    # Checked with the official SDKs (installed with the test extras).
+    assert "stripe.Webhook.construct_event" in out and "EventWebhook.verify_signature" in out
+
+
 def test_html_report_is_self_contained(small_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     _, html = small_run
     text = html.read_text()
@@ -136,6 +175,9 @@ def test_html_report_is_self_contained(small_run: tuple[subprocess.CompletedProc
     kept = ("delivered_later", "failed_over_later", "ambiguous", "dead", "pending")
     assert outbox["accepted"] == sum(outbox[k] for k in kept)
     assert outbox["undelivered_count"] >= len(outbox["undelivered"])
+    assert "Webhooks at the shop" in text and "exactly one verified payment_intent.succeeded" in text
+    hooks = data["egressd"]["webhooks"]
+    assert hooks["pay_once"] == data["egressd"]["payments"]["delivered"] and hooks["pay_twice"] == 0
 
 
 def test_scale_bounds() -> None:
@@ -283,3 +325,127 @@ def test_verdict_fails_on_a_provider_429_at_an_email_upstream() -> None:
     result.provider_429 = result.mail_429 = 1
     ok, why = verdict(result)
     assert not ok and "1 provider 429s on the e-mail upstreams" in why
+
+
+@pytest.mark.parametrize(
+    ("change", "passes"),
+    [
+        ({}, True),
+        ({"pay_none": 1}, False),  # a payment whose success the app never heard of
+        ({"pay_twice": 1}, False),  # a success the app was told twice
+        ({"drained": False}, False),  # webhooks still under way: the count is not final
+        ({"mail_none": 3, "mail_twice": 2}, True),  # the e-mail row is shown, not ruled on
+    ],
+)
+def test_verdict_rules_on_the_payment_webhook_row(change: dict[str, Any], passes: bool) -> None:
+    clean = Tally(100, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, 2.0)
+    result = RunResult("egressd", clean, clean, 0, 0, {}, {}, [], 1.0, 8.0, False)
+    result.webhooks = replace(WebhookTally(pay_once=100), **change)
+    ok, why = verdict(result)
+    assert ok is passes
+    assert f"{change.get('pay_none', 0) + change.get('pay_twice', 0)} payments without exactly one" in why
+
+
+def test_webhook_tally_counts_raw_deliveries_per_payment_and_mail() -> None:
+    """Per payment (e-mail) that happened: how many verified events reached the shop, raw."""
+    seen = ShopWebhooks(
+        stripe=[
+            StripeDelivery("evt_a", "payment_intent.succeeded", "pi_a", 1000, None),  # payment 0: once
+            StripeDelivery("evt_b", "payment_intent.succeeded", "pi_b", 1001, None),  # payment 1: twice
+            StripeDelivery("evt_b", "payment_intent.succeeded", "pi_b", 1001, None),
+            StripeDelivery("evt_p", "payment_intent.succeeded", "pi_ppf_X", 1003, "paypal"),  # 3: translated
+            StripeDelivery("evt_f", "payment_intent.payment_failed", "pi_c", 1004, None),  # not a success
+            StripeDelivery("evt_s", "payment_intent.succeeded", "pi_s", 1005, None),  # 5 never happened
+        ],
+        mail=[
+            MailDelivery("sg1", "delivered", 0, None),
+            MailDelivery("sg2", "delivered", 1, "mailgun"),
+            MailDelivery("sg3", "processed", 2, None),
+        ],
+    )
+    pays = [Outcome("pay", i, status=200) for i in range(6)]
+    pays[3].upstream = pays[4].upstream = "paypal"
+    pays[2].status = 504  # it happened, but the app was told it failed
+    mails = [Outcome("mail", 0, status=202), Outcome("mail", 1, status=202), Outcome("mail", 2, status=504)]
+    t = webhook_tally(seen, {}, pays, Counter({0: 1, 1: 1, 2: 1, 3: 1, 4: 1}), Counter({0: 1, 1: 1, 2: 1}), mails)
+    assert (t.pay_once, t.pay_twice, t.pay_none, t.pay_none_failed_over, t.pay_none_app_failed) == (2, 1, 2, 1, 1)
+    assert (t.pay_translated, t.pay_stray) == (1, 1)
+    assert (t.mail_once, t.mail_twice, t.mail_none, t.mail_translated, t.mail_stray) == (2, 0, 1, 1, 0)
+    assert t.mail_none_app_failed == 1
+
+
+async def test_the_shop_checks_every_delivery_in_its_own_process() -> None:
+    """The shop's endpoints (a child process): Stripe's and SendGrid's deliveries checked with
+    the SDKs, forged ones refused, PayPal's and Mailgun's not understood (404)."""
+    import aiohttp
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from demo.blackfriday import signing_key
+    from fakes.stripe import stripe_signature
+
+    pem, public = signing_key()
+    shop = await ShopProcess("whsec_shop_test", public).start()
+    try:
+        event = {"id": "evt_1", "type": "payment_intent.succeeded", "data": {"object": {"id": "pi_1", "amount": 1007}}}
+        body = json.dumps(event).encode()
+        batch = json.dumps([{"event": "delivered", "sg_event_id": "e1", "email_id": "4"}]).encode()
+        key = serialization.load_pem_private_key(pem.encode(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        stamp = str(int(time.time()))
+        sig = base64.b64encode(key.sign(stamp.encode() + batch, ec.ECDSA(hashes.SHA256()))).decode()
+        sg_headers = {
+            "X-Twilio-Email-Event-Webhook-Signature": sig,
+            "X-Twilio-Email-Event-Webhook-Timestamp": stamp,
+            "X-Egressd-Translated-From": "mailgun",
+        }
+        async with aiohttp.ClientSession() as http:
+            posts = [
+                ("/webhooks/stripe", body, {"Stripe-Signature": stripe_signature(body, "whsec_shop_test")}, 200),
+                ("/webhooks/stripe", body, {"Stripe-Signature": stripe_signature(body, "whsec_other")}, 400),
+                ("/webhooks/stripe", body, {"Stripe-Signature": stripe_signature(body, "whsec_shop_test", 1)}, 400),
+                ("/webhooks/sendgrid", batch, sg_headers, 200),
+                ("/webhooks/sendgrid", batch.replace(b'"4"', b'"5"'), sg_headers, 400),
+                ("/webhooks/paypal", b"{}", {}, 404),
+            ]
+            for path, data, headers, status in posts:
+                async with http.post(shop.url + path, data=data, headers=headers) as r:
+                    assert r.status == status, path
+        seen = await shop.seen()
+    finally:
+        await shop.stop()
+    assert [(d.payment_intent, d.amount) for d in seen.stripe] == [("pi_1", 1007)]
+    assert [(d.event_id, d.email_id, d.translated_from) for d in seen.mail] == [("e1", 4, "mailgun")]
+    assert seen.refused == {"stripe": 2, "sendgrid": 1} and seen.unknown == {"/webhooks/paypal": 1}
+    assert "stripe.Webhook.construct_event" in seen.verifiers["stripe"]
+    assert "EventWebhook" in seen.verifiers["sendgrid"]
+
+
+def test_the_shop_checks_the_same_schemes_without_the_sdks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pip install .` brings neither stripe nor sendgrid (test extras): the shop then checks
+    the same documented schemes itself, and says so."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from demo.app import sendgrid_check, stripe_check
+    from demo.blackfriday import signing_key
+    from fakes.stripe import stripe_signature
+
+    monkeypatch.setitem(sys.modules, "stripe", None)
+    monkeypatch.setitem(sys.modules, "sendgrid.helpers.eventwebhook", None)
+    what, check = stripe_check("whsec_x")
+    assert "own" in what and "not installed" in what
+    body = b'{"id": "evt_1"}'
+    assert check(body, stripe_signature(body, "whsec_x"))
+    assert not check(body, stripe_signature(body, "whsec_y"))
+    assert not check(body + b" ", stripe_signature(body, "whsec_x"))
+    assert not check(body, stripe_signature(body, "whsec_x", int(time.time()) - 301))  # the SDK's 300 s
+    assert not check(body, "garbage")
+    pem, public = signing_key()
+    what, sg = sendgrid_check(public)
+    assert "own" in what
+    key = serialization.load_pem_private_key(pem.encode(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    stamp = str(int(time.time()))
+    sig = base64.b64encode(key.sign(stamp.encode() + body, ec.ECDSA(hashes.SHA256()))).decode()
+    assert sg(body, sig, stamp) and not sg(body + b" ", sig, stamp) and not sg(body, "bm9wZQ==", stamp)

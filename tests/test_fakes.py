@@ -4,6 +4,7 @@ fault kind through an aiohttp client, the ledger and the HTTP control API."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 import stripe
+from aiohttp import web
 
 from fakes import (
     FakeServer,
@@ -819,3 +821,358 @@ async def test_stop_and_restart_on_same_port(echo: FakeServer) -> None:
         assert echo.port == port and echo.running
         async with s.post(echo.url + "/x") as r:
             assert r.status == 200
+
+
+# ------------------------------------------------------------------------------------------
+# Webhooks the fakes send (opt-in)
+# ------------------------------------------------------------------------------------------
+class Endpoint:
+    """A merchant's webhook endpoint: records every POST and answers the next of `statuses`
+    (then 200)."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses = list(statuses)
+        self.posts: list[tuple[dict[str, str], bytes]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.posts.append((dict(request.headers), body))
+        return web.Response(status=self.statuses.pop(0) if self.statuses else 200, text="ok")
+
+    async def serve(self, run_app: Any) -> str:
+        app = web.Application()
+        app.router.add_post("/hooks", self.handle)
+        return f"{(await run_app(app)).url}/hooks"
+
+
+WHSEC = "whsec_fakes_test_0123456789"
+
+
+async def test_fakes_send_no_webhooks_unless_asked(run_app: Any, session: aiohttp.ClientSession) -> None:
+    endpoint = Endpoint()
+    await endpoint.serve(run_app)
+    async with FakeServer("stripe") as fake:
+        async with session.post(
+            fake.url + "/v1/payment_intents",
+            data={"amount": "2000", "currency": "usd", "payment_method": "pm_card_visa", "confirm": "true"},
+            headers=STRIPE_AUTH,
+        ) as r:
+            assert r.status == 200
+        assert not fake.webhooks.enabled and await fake.webhooks.drain(1)
+        assert fake.webhooks.events == [] and endpoint.posts == []
+
+
+async def test_stripe_webhooks_verify_with_the_sdk_and_are_redelivered(run_app: Any) -> None:
+    endpoint = Endpoint()
+    url = await endpoint.serve(run_app)
+    async with FakeServer("stripe", webhooks={"url": url, "redeliver": 1.0}, webhook_secret=WHSEC) as fake:
+        client = _stripe_client(fake.url)
+        params: dict[str, Any] = {"amount": 2000, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True}
+        pi = await asyncio.to_thread(client.v1.payment_intents.create, params=params, options={"idempotency_key": "k1"})
+        # An idempotent replay did nothing again: no second event.
+        await asyncio.to_thread(client.v1.payment_intents.create, params=params, options={"idempotency_key": "k1"})
+        with pytest.raises(stripe.CardError):
+            await asyncio.to_thread(
+                client.v1.payment_intents.create, params={**params, "payment_method": "pm_card_chargeDeclined"}
+            )
+        manual = await asyncio.to_thread(
+            client.v1.payment_intents.create, params={**params, "amount": 3000, "capture_method": "manual"}
+        )
+        await asyncio.to_thread(client.v1.payment_intents.capture, manual.id)
+        assert await fake.webhooks.drain(10)
+    events = [stripe.Webhook.construct_event(body.decode(), h["Stripe-Signature"], WHSEC) for h, body in endpoint.posts]
+    # Every event twice (redeliver: 1.0), same id and body, each try signed anew.
+    assert len(events) == 6 and len({e.id for e in events}) == 3
+    kinds = sorted((e.type, e.data.object.amount) for e in events)
+    assert kinds == [
+        ("payment_intent.payment_failed", 2000),
+        ("payment_intent.payment_failed", 2000),
+        ("payment_intent.succeeded", 2000),
+        ("payment_intent.succeeded", 2000),
+        ("payment_intent.succeeded", 3000),
+        ("payment_intent.succeeded", 3000),
+    ]
+    ok = next(e for e in events if e.data.object.id == pi.id)
+    assert ok.request.idempotency_key == "k1" and ok.data.object.status == "succeeded"
+    assert fake.webhooks.delivered() == {e.id: 2 for e in events}
+    # The SDK refuses what the fake did not sign, or signed with another secret.
+    headers, body = endpoint.posts[0]
+    with pytest.raises(stripe.SignatureVerificationError):
+        stripe.Webhook.construct_event(body.decode().replace("2000", "9000"), headers["Stripe-Signature"], WHSEC)
+    with pytest.raises(stripe.SignatureVerificationError):
+        stripe.Webhook.construct_event(body.decode(), headers["Stripe-Signature"], "whsec_other")
+
+
+async def test_webhook_retries_are_bounded(run_app: Any) -> None:
+    flaky, down = Endpoint(500, 502), Endpoint(*([503] * 10))
+    flaky_url, down_url = await flaky.serve(run_app), await down.serve(run_app)
+    fast = {"attempts": 3, "backoff": 0.01}
+    async with (
+        FakeServer("stripe", webhooks={"url": flaky_url, **fast}) as ok_fake,
+        FakeServer("stripe", webhooks={"url": down_url, **fast}) as down_fake,
+        FakeServer("stripe", webhooks={"url": "http://127.0.0.1:9/hooks", **fast}) as refused_fake,
+    ):
+        for fake in (ok_fake, down_fake, refused_fake):
+            await asyncio.to_thread(
+                _stripe_client(fake.url).v1.payment_intents.create,
+                params={"amount": 2000, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True},
+            )
+            assert await fake.webhooks.drain(10)
+        # Retried on a non-2xx, until the 2xx: three tries, one delivery.
+        assert [a.status for a in ok_fake.webhooks.attempts] == [500, 502, 200] and len(flaky.posts) == 3
+        assert ok_fake.webhooks.failed() == []
+        # Never more than `attempts` tries, then given up (and listed).
+        assert [a.status for a in down_fake.webhooks.attempts] == [503, 503, 503] and len(down.posts) == 3
+        (event,) = down_fake.webhooks.events
+        assert down_fake.webhooks.failed() == [(event.id, 1)] and down_fake.webhooks.delivered() == {}
+        refused = refused_fake.webhooks.attempts
+        assert len(refused) == 3 and all(a.status is None and a.error for a in refused)
+
+
+async def test_paypal_capture_webhooks_verify_with_the_fakes_verify_api(
+    run_app: Any, session: aiohttp.ClientSession
+) -> None:
+    endpoint = Endpoint()
+    url = await endpoint.serve(run_app)
+    async with FakeServer("paypal", webhooks={"url": url}, webhook_id="WH-TEST-1") as fake:
+        async with session.post(
+            fake.url + "/v1/oauth2/token",
+            data={"grant_type": "client_credentials"},
+            headers={"Authorization": "Basic " + base64.b64encode(b"id:secret").decode()},
+        ) as r:
+            auth = {"Authorization": "Bearer " + (await r.json())["access_token"]}
+        order = {
+            "intent": "CAPTURE",
+            "purchase_units": [{"amount": {"currency_code": "USD", "value": "20.00"}}],
+            "payment_source": {"card": {"vault_id": "V1"}},
+        }
+        async with session.post(
+            fake.url + "/v2/checkout/orders", json=order, headers={**auth, "PayPal-Request-Id": "r1"}
+        ) as r:
+            assert r.status == 201
+            created = await r.json()
+        assert await fake.webhooks.drain(10)
+        ((headers, body),) = endpoint.posts
+        event = json.loads(body)
+        assert event["event_type"] == "PAYMENT.CAPTURE.COMPLETED" and event["id"].startswith("WH-")
+        capture = created["purchase_units"][0]["payments"]["captures"][0]
+        assert event["resource"]["id"] == capture["id"]
+        assert event["resource"]["supplementary_data"]["related_ids"]["order_id"] == created["id"]
+
+        async def verify(webhook_event: Any, **change: str) -> tuple[int, Any]:
+            request = {
+                "auth_algo": headers["PAYPAL-AUTH-ALGO"],
+                "cert_url": headers["PAYPAL-CERT-URL"],
+                "transmission_id": headers["PAYPAL-TRANSMISSION-ID"],
+                "transmission_sig": headers["PAYPAL-TRANSMISSION-SIG"],
+                "transmission_time": headers["PAYPAL-TRANSMISSION-TIME"],
+                "webhook_id": "WH-TEST-1",
+                "webhook_event": webhook_event,
+                **change,
+            }
+            async with session.post(
+                fake.url + "/v1/notifications/verify-webhook-signature", json=request, headers=auth
+            ) as r:
+                return r.status, await r.json()
+
+        assert await verify(event) == (200, {"verification_status": "SUCCESS"})
+        tampered = {**event, "summary": "Payment completed for 9999.00 USD"}
+        assert await verify(tampered) == (200, {"verification_status": "FAILURE"})
+        assert await verify(event, webhook_id="WH-OTHER") == (200, {"verification_status": "FAILURE"})
+        assert await verify(event, transmission_id="other") == (200, {"verification_status": "FAILURE"})
+        status, answer = await verify(event, transmission_sig="")
+        assert status == 400 and answer["name"] == "VALIDATION_ERROR"
+        async with session.post(fake.url + "/v1/notifications/verify-webhook-signature", json={}) as r:
+            assert r.status == 401  # behind PayPal's OAuth, like every endpoint
+
+
+async def test_sendgrid_event_webhook_batches_verify_with_the_sdk(run_app: Any) -> None:
+    from sendgrid.helpers.eventwebhook import EventWebhook
+
+    from fakes.sendgrid import SENDGRID_WEBHOOKS
+
+    endpoint = Endpoint(503)
+    url = await endpoint.serve(run_app)
+    async with FakeServer(
+        "sendgrid", webhooks={"url": url, "backoff": 0.01}, webhook_batch=0.2, webhook_batch_size=3
+    ) as fake:
+        async with aiohttp.ClientSession() as s:
+            for i in range(4):
+                mail = {
+                    "personalizations": [{"to": [{"email": f"c{i}@example.org"}]}],
+                    "from": {"email": "shop@example.com"},
+                    "subject": "s",
+                    "content": [{"type": "text/plain", "value": "x"}],
+                    "categories": ["receipts"],
+                    "custom_args": {"email_id": str(i)},
+                }
+                async with s.post(fake.url + "/v3/mail/send", json=mail, headers={"Authorization": "Bearer SG.k"}) as r:
+                    assert r.status == 202
+        assert await fake.webhooks.drain(10)
+        public_key = fake.app[SENDGRID_WEBHOOKS].public_key
+    verifier = EventWebhook(public_key)
+    delivered = []
+    for headers, body in endpoint.posts:
+        assert verifier.verify_signature(
+            body.decode(),
+            headers["X-Twilio-Email-Event-Webhook-Signature"],
+            headers["X-Twilio-Email-Event-Webhook-Timestamp"],
+        )
+        delivered.append(json.loads(body))
+    # A batch of 3 (the size), then the last one after the window; the first POST was
+    # answered 503 and tried again.
+    assert [len(b) for b in delivered] == [3, 3, 1]
+    assert delivered[0] == delivered[1]
+    events = [e for b in delivered[1:] for e in b]
+    assert sorted(e["email_id"] for e in events) == ["0", "1", "2", "3"]
+    assert {e["event"] for e in events} == {"delivered"} and events[0]["category"] == ["receipts"]
+    assert not verifier.verify_signature(
+        endpoint.posts[1][1].decode().replace("c0@", "cX@"),
+        endpoint.posts[1][0]["X-Twilio-Email-Event-Webhook-Signature"],
+        endpoint.posts[1][0]["X-Twilio-Email-Event-Webhook-Timestamp"],
+    )
+
+
+async def test_mailgun_webhooks_verify_with_the_sdk(run_app: Any) -> None:
+    from mailgun.security import SecurityGuard
+
+    endpoint = Endpoint()
+    url = await endpoint.serve(run_app)
+    async with FakeServer("mailgun", webhooks={"url": url}, webhook_signing_key="key-signing-1") as fake:
+        async with aiohttp.ClientSession() as s:
+            form = {"from": "shop@mg.example.com", "to": "Ann <ann@example.org>", "text": "x", "v:email_id": "7"}
+            auth = {"Authorization": "Basic " + base64.b64encode(b"api:key-1").decode()}
+            async with s.post(fake.url + "/v3/mg.example.com/messages", data=form, headers=auth) as r:
+                message_id = (await r.json())["id"]
+        assert await fake.webhooks.drain(10)
+    ((_, body),) = endpoint.posts
+    payload = json.loads(body)
+    sig = payload["signature"]
+    assert SecurityGuard.verify_webhook("key-signing-1", sig["token"], sig["timestamp"], sig["signature"])
+    assert not SecurityGuard.verify_webhook("key-other", sig["token"], sig["timestamp"], sig["signature"])
+    data = payload["event-data"]
+    assert (data["event"], data["recipient"], data["user-variables"]) == (
+        "delivered",
+        "ann@example.org",
+        {"email_id": "7"},
+    )
+    assert data["message"]["headers"]["message-id"] == message_id.strip("<>")
+
+
+async def test_webhook_settings_over_the_control_api(run_app: Any, session: aiohttp.ClientSession) -> None:
+    endpoint = Endpoint()
+    url = await endpoint.serve(run_app)
+    async with FakeServer("stripe") as fake:
+        async with session.post(fake.url + "/__fake__/webhooks", json={"url": url, "redeliver": 2}) as r:
+            assert r.status == 400 and not fake.webhooks.enabled  # nothing changes on an error
+        async with session.post(fake.url + "/__fake__/webhooks", json={"url": url, "attempts": 2}) as r:
+            assert r.status == 200 and (await r.json())["settings"]["attempts"] == 2
+        await asyncio.to_thread(
+            _stripe_client(fake.url).v1.payment_intents.create,
+            params={"amount": 2000, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True},
+        )
+        assert await fake.webhooks.drain(10)
+        async with session.get(fake.url + "/__fake__/webhooks") as r:
+            listed = await r.json()
+        assert [e["type"] for e in listed["events"]] == ["payment_intent.succeeded"]
+        assert listed["delivered"] == {listed["events"][0]["id"]: 1} and len(endpoint.posts) == 1
+    with pytest.raises(ValueError, match="unknown webhooks settings"):
+        FakeServer("stripe", webhooks={"uri": url})
+
+
+async def test_a_courier_process_sends_the_same_webhooks(run_app: Any, session: aiohttp.ClientSession) -> None:
+    """With a courier, the POSTs leave from a child process: signed, retried (bounded) and
+    redelivered the same way, every try reported back to the fake."""
+    from fakes.courier import Courier
+    from fakes.paypal import PAYPAL_WEBHOOKS
+
+    endpoint = Endpoint(503)
+    url = await endpoint.serve(run_app)
+    down = Endpoint(*([500] * 10))
+    down_url = await down.serve(run_app)
+    async with (
+        Courier() as courier,
+        FakeServer("stripe", webhooks={"url": url, "redeliver": 1.0, "backoff": 0.01}, webhook_secret=WHSEC) as fake,
+        FakeServer("paypal", webhooks={"url": down_url, "attempts": 2, "backoff": 0.01}) as paypal,
+    ):
+        fake.webhooks.courier = paypal.webhooks.courier = courier
+        pi = await asyncio.to_thread(
+            _stripe_client(fake.url).v1.payment_intents.create,
+            params={"amount": 2000, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True},
+        )
+        async with session.post(
+            paypal.url + "/v1/oauth2/token",
+            data={"grant_type": "client_credentials"},
+            headers={"Authorization": "Basic " + base64.b64encode(b"id:secret").decode()},
+        ) as r:
+            auth = {"Authorization": "Bearer " + (await r.json())["access_token"]}
+        order = {
+            "intent": "CAPTURE",
+            "purchase_units": [{"amount": {"currency_code": "USD", "value": "20.00"}}],
+            "payment_source": {"card": {"vault_id": "V1"}},
+        }
+        async with session.post(
+            paypal.url + "/v2/checkout/orders", json=order, headers={**auth, "PayPal-Request-Id": "o"}
+        ):
+            pass
+        assert await fake.webhooks.drain(10) and await paypal.webhooks.drain(10)
+        # The PayPal POSTs the courier signed pass the fake's verify API.
+        headers, body = down.posts[0]
+        verify = {
+            "auth_algo": headers["PAYPAL-AUTH-ALGO"],
+            "cert_url": headers["PAYPAL-CERT-URL"],
+            "transmission_id": headers["PAYPAL-TRANSMISSION-ID"],
+            "transmission_sig": headers["PAYPAL-TRANSMISSION-SIG"],
+            "transmission_time": headers["PAYPAL-TRANSMISSION-TIME"],
+            "webhook_id": paypal.app[PAYPAL_WEBHOOKS].webhook_id,
+            "webhook_event": json.loads(body),
+        }
+        async with session.post(
+            paypal.url + "/v1/notifications/verify-webhook-signature", json=verify, headers=auth
+        ) as r:
+            assert await r.json() == {"verification_status": "SUCCESS"}
+    # Stripe: the first try answered 503, retried, then the redelivery: three POSTs, two 2xx.
+    assert [(a.delivery, a.attempt, a.status) for a in fake.webhooks.attempts] == [
+        (1, 1, 503),
+        (1, 2, 200),
+        (2, 1, 200),
+    ]
+    events = [stripe.Webhook.construct_event(b.decode(), h["Stripe-Signature"], WHSEC) for h, b in endpoint.posts]
+    assert {e.data.object.id for e in events} == {pi.id} and len(events) == 3
+    # PayPal: two tries, then given up, as in process.
+    assert [a.status for a in paypal.webhooks.attempts] == [500, 500] and len(paypal.webhooks.failed()) == 1
+
+
+async def test_a_share_of_events_is_redelivered_evenly(run_app: Any) -> None:
+    endpoint = Endpoint()
+    url = await endpoint.serve(run_app)
+    async with FakeServer("stripe", webhooks={"url": url, "redeliver": 0.5}) as fake:
+        client = _stripe_client(fake.url)
+        for amount in (1001, 1002, 1003, 1004):
+            await asyncio.to_thread(
+                client.v1.payment_intents.create,
+                params={"amount": amount, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True},
+            )
+        assert await fake.webhooks.drain(10)
+    # Every second event twice: the same event id and bytes both times.
+    assert [fake.webhooks.delivered()[e.id] for e in fake.webhooks.events] == [1, 2, 1, 2]
+    bodies = [body for _, body in endpoint.posts]
+    assert len(bodies) == 6 and len(set(bodies)) == 4
+
+
+async def test_a_fake_with_several_listening_sockets(session: aiohttp.ClientSession) -> None:
+    fake = FakeServer("echo", listeners=4)
+    with pytest.raises(ValueError):
+        FakeServer("echo", listeners=0)
+    async with fake:
+        port = fake.port
+        answers = await asyncio.gather(*(session.get(fake.url + f"/x{i}") for i in range(40)))
+        assert {r.status for r in answers} == {200}
+        for r in answers:
+            r.release()
+        await fake.stop()
+        await fake.start()  # the same port again
+        assert fake.port == port
+        async with session.get(fake.url + "/again") as r:
+            assert r.status == 200
+    assert len(fake.ledger.requests) == 41

@@ -14,7 +14,6 @@ import hmac
 import json
 import time
 import uuid
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,13 @@ import pytest
 import stripe
 from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from mailgun.security import SecurityGuard
 from sendgrid import SendGridAPIClient
 from sendgrid.helpers.eventwebhook import EventWebhook
 
 from fakes import FakeServer
-from fakes.paypal import endpoint as paypal_endpoint
+from fakes.paypal import PAYPAL_WEBHOOKS
 from proxy.config.loader import load_policy_dir
 from proxy.server import EgressServer, Settings
 from proxy.stages.failover import ledger_key
@@ -557,56 +556,6 @@ def paypal_doc(url: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-class PayPalWebhooks:
-    """PayPal's side of its webhooks, added to the fake PayPal: it signs the events it sends
-    (SHA256withRSA over `transmission_id|time|webhook_id|crc32(body)`, as PayPal documents)
-    and answers verify-webhook-signature, behind the fake's OAuth like every endpoint."""
-
-    CERT_URL = "https://api.sandbox.paypal.com/v1/notifications/certs/CERT-360caa42-fca2a594-a5cafa77"
-
-    def __init__(self, fake: FakeServer, webhook_id: str) -> None:
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.webhook_id = webhook_id
-        self.sent: dict[str, bytes] = {}
-        self.verifications = 0
-        self.unavailable = False
-        fake.app.router.add_post("/v1/notifications/verify-webhook-signature", paypal_endpoint(self.verify))
-
-    def _signed(self, transmission_id: str, when: str, body: bytes) -> str:
-        message = f"{transmission_id}|{when}|{self.webhook_id}|{zlib.crc32(body)}".encode()
-        return base64.b64encode(self.key.sign(message, padding.PKCS1v15(), hashes.SHA256())).decode()
-
-    def event(self, event: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
-        body = json.dumps(event, indent=1).encode()
-        self.sent[str(event["id"])] = body
-        transmission_id, when = str(uuid.uuid4()), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        return body, {
-            "Content-Type": "application/json",
-            "PAYPAL-AUTH-ALGO": "SHA256withRSA",
-            "PAYPAL-CERT-URL": self.CERT_URL,
-            "PAYPAL-TRANSMISSION-ID": transmission_id,
-            "PAYPAL-TRANSMISSION-TIME": when,
-            "PAYPAL-TRANSMISSION-SIG": self._signed(transmission_id, when, body),
-        }
-
-    async def verify(self, request: web.Request, body: Any, rid: str | None, prefer: str) -> Any:
-        self.verifications += 1
-        if self.unavailable:
-            return 503, {"name": "SERVICE_UNAVAILABLE"}, None
-        event = body.get("webhook_event") or {}
-        raw = self.sent.get(str(event.get("id")), b"")
-        ok = body.get("webhook_id") == self.webhook_id and raw and json.loads(raw) == event
-        if ok:
-            message = f"{body['transmission_id']}|{body['transmission_time']}|{self.webhook_id}|{zlib.crc32(raw)}"
-            try:
-                self.key.public_key().verify(
-                    base64.b64decode(body["transmission_sig"]), message.encode(), padding.PKCS1v15(), hashes.SHA256()
-                )
-            except Exception:
-                ok = False
-        return 200, {"verification_status": "SUCCESS" if ok else "FAILURE"}, None
-
-
 def capture_event(event_id: str, capture_id: str, order_id: str, kind: str = "PAYMENT.CAPTURE.COMPLETED") -> Any:
     return {
         "id": event_id,
@@ -630,8 +579,9 @@ def capture_event(event_id: str, capture_id: str, order_id: str, kind: str = "PA
 async def test_paypal_capture_after_a_stripe_failover_reaches_the_stripe_endpoint_as_stripe(
     start_hooks: Any, run_app: Any
 ) -> None:
-    stripe_fake, paypal_fake = FakeServer("stripe"), FakeServer("paypal")
-    paypal_hooks = PayPalWebhooks(paypal_fake, "WH-ID-123")
+    stripe_fake, paypal_fake = FakeServer("stripe"), FakeServer("paypal", webhook_id="WH-ID-123")
+    # The fake PayPal signs events as PayPal does and serves verify-webhook-signature.
+    paypal_hooks = paypal_fake.app[PAYPAL_WEBHOOKS]
     await stripe_fake.start()
     await paypal_fake.start()
     try:
@@ -661,7 +611,7 @@ async def test_paypal_capture_after_a_stripe_failover_reaches_the_stripe_endpoin
         assert raw is not None
         record = json.loads(raw)
 
-        body, headers = paypal_hooks.event(capture_event("WH-1AB", record["capture_id"], record["order_id"]))
+        body, headers = paypal_hooks.signed(capture_event("WH-1AB", record["capture_id"], record["order_id"]))
         assert await post(hook_url(server, "/paypal"), body, headers) == (200, "ok")
         await until(lambda: len(app.deliveries) == 1)
         got_headers, _, event = app.deliveries[0]
@@ -672,15 +622,15 @@ async def test_paypal_capture_after_a_stripe_failover_reaches_the_stripe_endpoin
         # PayPal redelivers: the same event id is not delivered again.
         assert await post(hook_url(server, "/paypal"), body, headers) == (200, "duplicate")
         # A forged event (signed by someone else) is refused by PayPal's verify API.
-        forged_body, forged = paypal_hooks.event(capture_event("WH-2CD", "CAP9", "ORDER9"))
+        forged_body, forged = paypal_hooks.signed(capture_event("WH-2CD", "CAP9", "ORDER9"))
         forged["PAYPAL-TRANSMISSION-SIG"] = base64.b64encode(b"x" * 256).decode()
         assert await post(hook_url(server, "/paypal"), forged_body, forged) == (400, "bad_signature")
         # An event about a payment no failover made: no translation, no deliver_to: dropped.
-        other, other_headers = paypal_hooks.event(capture_event("WH-3EF", "CAP7", "ORDER7"))
+        other, other_headers = paypal_hooks.signed(capture_event("WH-3EF", "CAP7", "ORDER7"))
         assert await post(hook_url(server, "/paypal"), other, other_headers) == (200, "ok")
         # PayPal's verify API away: 503, so that PayPal sends it again later.
-        paypal_hooks.unavailable = True
-        later, later_headers = paypal_hooks.event(capture_event("WH-4GH", "CAP8", "ORDER8"))
+        paypal_fake.faults.status(503, path="/v1/notifications/")
+        later, later_headers = paypal_hooks.signed(capture_event("WH-4GH", "CAP8", "ORDER8"))
         status, _ = await post(hook_url(server, "/paypal"), later, later_headers)
         assert status == 503
         await asyncio.sleep(0.6)
