@@ -13,8 +13,13 @@ delivery worker (proxy/outbox/worker.py) calls later with the kept send.
   reaching the upstream (contract 7.8): every attempt ended in a connect error or a 429
   the plugin documents as "not processed", or none was made (the rate limiter refused
   it, with or without a queue; the circuit is open; the process is draining). A send
-  that may have reached the upstream is never kept: its answer (or egressd's 502/504)
+  that may have reached the upstream is not kept: its answer (or egressd's 502/504)
   goes to the app as without an outbox, since keeping it could send it twice.
+* `keep_in_doubt` (with `on_failure`, where the plugin can ask the provider): every send
+  is tagged with its outbox id before its first try; one whose outcome is ambiguous (a
+  5xx, a timeout after it was written), every try of which went to this upstream, is
+  stored in doubt and answered "accepted"; the worker asks the provider after
+  `probe_after` and resends only on a clear "not there". A provider 4xx goes to the app.
 
 The answer goes out only after `OutboxStore.add` returned (the row is committed, or in
 Redis). The body is read whole first, bounded by `limits.max_body` (413 before anything
