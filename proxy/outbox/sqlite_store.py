@@ -15,8 +15,6 @@ several processes sharing the data dir may pass the bound by what they add in th
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
@@ -34,7 +32,7 @@ from proxy.outbox.store import (
     decode_headers,
     encode_headers,
 )
-from proxy.state.sqlite import SQLiteState, _busy
+from proxy.state.sqlite import SQLiteState
 
 log = logging.getLogger("egressd.outbox")
 
@@ -114,34 +112,10 @@ class SQLiteOutbox:
 
     # -- plumbing ----------------------------------------------------------------------------
     async def _run(self, operation: str, fn: Callable[[], T]) -> T:
-        """`fn` (sync, on the loop thread); a database locked by another process is tried
-        again (yielding) for up to the store's lock timeout; then `OutboxUnavailable`."""
-        deadline = time.monotonic() + self.state.lock_timeout
-        delay = 0.002
-        while True:
-            try:
-                return fn()
-            except sqlite3.OperationalError as exc:
-                if not _busy(exc) or time.monotonic() + delay > deadline:
-                    self.state._failed(f"outbox {operation}", exc)
-                    raise OutboxUnavailable(f"data dir store: {exc}") from None
-            except sqlite3.Error as exc:
-                self.state._failed(f"outbox {operation}", exc)
-                raise OutboxUnavailable(f"data dir store: {exc}") from None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        return await self.state.run_locked(f"outbox {operation}", fn, OutboxUnavailable)
 
     def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(db)
-            db.execute("COMMIT")
-            return result
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
+        return self.state.transaction(fn)
 
     def _rows(self, db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[Entry]:
         """Entries matching `where`; a row that does not decode is moved aside (state

@@ -76,6 +76,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from proxy.clock import Clock
 from proxy.state.base import IdempotencyClaim, RecordsUnavailable, StoredResponse
@@ -83,6 +84,7 @@ from proxy.state.memory import MemoryState
 from proxy.state.redis import decode_response, encode_response
 
 log = logging.getLogger("egressd.state")
+T = TypeVar("T")
 
 DB_NAME = "egressd.db"
 SCHEMA_VERSION = 3  # 2: the outbox table; 3: webhook_events and webhook_ids
@@ -717,6 +719,39 @@ class SQLiteState(MemoryState):
             except sqlite3.Error as exc:
                 self._failed(operation, exc)
                 return
+            await asyncio.sleep(delay)  # real time: another process holds the lock
+            delay = min(delay * 2, 0.05)
+
+    # -- for the queues on this database (proxy/outbox, proxy/webhooks) ------------------
+    def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn(db)` inside one `BEGIN IMMEDIATE` transaction (rolled back if it raises)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+            db.execute("COMMIT")
+            return result
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    async def run_locked(self, operation: str, fn: Callable[[], T], unavailable: type[Exception]) -> T:
+        """`fn` on the loop thread; a database locked by another process is tried again
+        (yielding) for up to `lock_timeout` seconds. Then, or on any other database error,
+        the error is logged (`operation`) and `unavailable` is raised."""
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.002
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() + delay > deadline:
+                    self._failed(operation, exc)
+                    raise unavailable(f"data dir store: {exc}") from None
+            except sqlite3.Error as exc:
+                self._failed(operation, exc)
+                raise unavailable(f"data dir store: {exc}") from None
             await asyncio.sleep(delay)  # real time: another process holds the lock
             delay = min(delay * 2, 0.05)
 

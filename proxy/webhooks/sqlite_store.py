@@ -10,15 +10,12 @@ Several processes sharing the data dir therefore never both store one event id.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import sqlite3
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from proxy.state.sqlite import WEBHOOK_DONE, WEBHOOK_OPEN, SQLiteState, _busy
+from proxy.state.sqlite import WEBHOOK_DONE, WEBHOOK_OPEN, SQLiteState
 from proxy.webhooks.store import (
     KEEP_DEAD,
     KEEP_DONE,
@@ -98,34 +95,10 @@ class SQLiteWebhookStore:
         self.moved_aside = 0
 
     async def _run(self, operation: str, fn: Callable[[], T]) -> T:
-        """`fn` on the loop thread; a database locked by another process is tried again
-        (yielding) for up to the store's lock timeout, then `WebhooksUnavailable`."""
-        deadline = time.monotonic() + self.state.lock_timeout
-        delay = 0.002
-        while True:
-            try:
-                return fn()
-            except sqlite3.OperationalError as exc:
-                if not _busy(exc) or time.monotonic() + delay > deadline:
-                    self.state._failed(f"webhooks {operation}", exc)
-                    raise WebhooksUnavailable(f"data dir store: {exc}") from None
-            except sqlite3.Error as exc:
-                self.state._failed(f"webhooks {operation}", exc)
-                raise WebhooksUnavailable(f"data dir store: {exc}") from None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        return await self.state.run_locked(f"webhooks {operation}", fn, WebhooksUnavailable)
 
     def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(db)
-            db.execute("COMMIT")
-            return result
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
+        return self.state.transaction(fn)
 
     def _rows(self, db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[WebhookEntry]:
         """Entries matching `where`; a row that does not decode is moved aside (state
